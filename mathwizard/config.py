@@ -1,0 +1,354 @@
+"""Typed settings for every stage: defaults < YAML file (`--config`) < `.env` / environment (`MATHWIZARD_...`) < CLI.
+
+The stage models are plain values (no secrets), so the same models serve as Prefect flow parameters and the
+UI shows them as a form. Secrets live in `Secrets`, read at call time and never passed as parameters.
+Defaults reproduce the original scripts' recipe (see README, "Defaults").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from mathwizard.errors import ConfigError
+
+SplitName = Literal["train", "val", "test"]
+SPLITS: tuple[SplitName, ...] = ("train", "val", "test")
+
+# Output folder of each stage under a run folder, in pipeline order.
+STAGE_DIRS: dict[str, str] = {
+    "prepare": "01-prepare",
+    "teach": "02-teach",
+    "sft": "03-sft",
+    "pairs": "04-pairs",
+    "dpo": "05-dpo",
+    "eval": "06-eval",
+    "publish": "07-publish",
+}
+
+
+class _Stage(BaseModel):
+    """Stage settings: a typo in a recipe fails instead of being ignored."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---------------------------------------------------------------------------------------------- data
+class PrepareConfig(_Stage):
+    """Fetch MM_Math, clean every row and image, and split it stably."""
+
+    source: Literal["sample", "hub", "local"] = Field("sample", description="Where MM_Math comes from.")
+    hub_repo: str = Field("THU-KEG/MM_Math", description="Hub dataset id for source=hub.")
+    hub_revision: str | None = Field(None, description="Hub revision (branch, tag or commit) for source=hub.")
+    jsonl: str | None = Field(None, description="Path of the MM_Math jsonl/json file for source=local.")
+    images: str | None = Field(None, description="Image folder or zip/tar archive for source=local.")
+    max_image_size: int = Field(512, ge=16, le=8192, description="Longest image side in pixels after resizing.")
+    max_image_pixels: int = Field(
+        64_000_000, ge=1, description="Images with more pixels than this are rejected (decompression bombs)."
+    )
+    splits: tuple[float, float, float] = Field(
+        (0.90, 0.05, 0.05), description="Fractions for train, val and test; must sum to 1."
+    )
+    split_salt: str = Field(
+        "mathwizard-split-v1", description="Mixed into each row's content hash; changing it reshuffles every row."
+    )
+    workers: int | None = Field(None, ge=1, description="Processes for image cleaning (default: all CPU cores).")
+    limit: int | None = Field(None, ge=1, description="Use only the first N rows (for trials).")
+
+    @field_validator("splits", mode="before")
+    @classmethod
+    def _parse_splits(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                value = tuple(float(part) for part in value.split(","))
+            except ValueError:
+                raise ValueError(f"splits must be three numbers like 0.9,0.05,0.05, got {value!r}") from None
+        return value
+
+    @field_validator("splits")
+    @classmethod
+    def _check_splits(cls, value: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(part < 0 for part in value) or abs(sum(value) - 1.0) > 1e-6:
+            raise ValueError(f"splits must be three non-negative fractions summing to 1, got {value}")
+        return value
+
+
+# ------------------------------------------------------------------------------------------- teacher
+class TeacherConfig(_Stage):
+    """Rewrite every solution into numbered steps and a final-answer block."""
+
+    kind: Literal["auto", "rule", "openai"] = Field(
+        "auto", description="auto: openai when an API key is configured, else the offline rule teacher."
+    )
+    base_url: str | None = Field(None, description="OpenAI-compatible endpoint (default: OpenAI's).")
+    model: str = Field("gpt-4o-mini", description="Teacher model name at the endpoint (original: deepseek-chat).")
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="Sampling temperature (original: 0).")
+    max_tokens: int = Field(2048, ge=16, description="Most completion tokens per reply.")
+    concurrency: int = Field(16, ge=1, le=1024, description="Requests in flight at once.")
+    rpm: int | None = Field(500, ge=1, description="Requests per minute allowed by the API (None: no limit).")
+    tpm: int | None = Field(None, ge=1, description="Tokens per minute allowed by the API (None: no limit).")
+    timeout_s: float = Field(120.0, gt=0, description="Seconds before one request is abandoned and retried.")
+    request_retries: int = Field(6, ge=0, description="Retries of one request on 429, 5xx, timeouts, bad bodies.")
+    max_attempts: int = Field(3, ge=1, description="Asks per item when replies fail validation.")
+    max_failed_fraction: float = Field(
+        0.0, ge=0.0, le=1.0, description="Fraction of items that may fail before the stage fails."
+    )
+    split: Literal["train", "val", "test", "all"] = Field("all", description="Which split(s) to rewrite.")
+    limit: int | None = Field(None, ge=1, description="Rewrite only the first N items of each split.")
+    prompt_version: str = Field("v1", description="Prompt set under mathwizard/teacher/prompts/.")
+    chunk_size: int = Field(250, ge=1, description="Items per Prefect task.")
+
+
+# -------------------------------------------------------------------------------------------- models
+class ModelConfig(_Stage):
+    """The base model and how it is loaded."""
+
+    name: str = Field(
+        "tiny",
+        description="Hub id (google/gemma-3n-E2B-it), local directory, or 'tiny' (a random gemma-3n built offline).",
+    )
+    backend: Literal["auto", "hf", "unsloth"] = Field(
+        "auto", description="auto: Unsloth when CUDA and the gpu extra are present, else transformers+PEFT+TRL."
+    )
+    load_in_4bit: bool = Field(False, description="Load base weights in 4 bit (bitsandbytes; CUDA only).")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="auto: bfloat16 on CUDA, float32 on CPU."
+    )
+
+
+class LoRAConfig(_Stage):
+    """LoRA adapters over the vision and language towers (the original: attention + MLP, all-linear)."""
+
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: int = Field(16, ge=1, description="LoRA alpha.")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout.")
+    finetune_vision_layers: bool = Field(True, description="Adapt the vision tower.")
+    finetune_language_layers: bool = Field(True, description="Adapt the language model.")
+    finetune_attention_modules: bool = Field(True, description="Adapt attention projections.")
+    finetune_mlp_modules: bool = Field(True, description="Adapt MLP projections.")
+    target_modules: str | list[str] = Field("all-linear", description="PEFT target modules.")
+    modules_to_save: list[str] = Field(
+        default_factory=lambda: ["lm_head", "embed_tokens"], description="Modules trained in full and saved."
+    )
+
+
+class _Training(_Stage):
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler_type: str = Field("cosine", description="transformers scheduler name.")
+    warmup_steps: int = Field(5, ge=0, description="Linear warm-up steps.")
+    max_steps: int = Field(320, ge=1, description="Optimizer steps.")
+    per_device_train_batch_size: int = Field(4, ge=1, description="Examples per device per micro-batch.")
+    gradient_accumulation_steps: int = Field(8, ge=1, description="Micro-batches per optimizer step.")
+    max_length: int = Field(2048, ge=32, description="Longest tokenized example; longer ones are truncated.")
+    gradient_checkpointing: bool = Field(True, description="Trade compute for memory.")
+    seed: int = Field(42, description="Seed for data order and initialisation.")
+    logging_steps: int = Field(1, ge=1, description="Log metrics every N steps.")
+    save_steps: int = Field(50, ge=1, description="Checkpoint every N steps (resume point after a kill).")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept.")
+    eval_steps: int | None = Field(None, ge=1, description="Evaluate on val every N steps (None: at the end).")
+    save_merged: bool = Field(False, description="Also save the adapter merged into the base weights.")
+
+
+class SFTConfig(_Training):
+    """Supervised fine-tuning on the teacher's solutions (loss on the answer only)."""
+
+    lora: LoRAConfig = Field(default_factory=LoRAConfig)
+
+
+class PairsConfig(_Stage):
+    """Sample flawed answers from the SFT model to pair with the teacher's as DPO preferences."""
+
+    splits: list[SplitName] = Field(default_factory=lambda: ["train", "val"], description="Splits to build pairs for.")
+    temperature: float = Field(1.0, ge=0.0, description="Sampling temperature (original: 1.0).")
+    top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling (original: 0.95).")
+    max_new_tokens: int = Field(1024, ge=8, description="Most tokens per flawed answer (original: 1024).")
+    batch_size: int = Field(16, ge=1, description="Prompts per generate call (left-padded).")
+    max_attempts: int = Field(3, ge=1, description="Samples per item before it is excluded.")
+    chunk_size: int = Field(64, ge=1, description="Items per resumable chunk.")
+    fallback: Literal["none", "rule"] = Field(
+        "rule",
+        description="After max_attempts, 'rule' writes a deterministic flaw into the chosen answer (offline demo);"
+        " 'none' excludes the item.",
+    )
+    seed: int = Field(42, description="Seed for strategy choice and sampling.")
+    limit: int | None = Field(None, ge=1, description="Only the first N items of each split.")
+
+
+class DPOConfig(_Training):
+    """Direct preference optimisation of the SFT model on the pairs (images included)."""
+
+    lora: LoRAConfig = Field(default_factory=lambda: LoRAConfig(r=4, alpha=4, dropout=0.1))
+    learning_rate: float = Field(5e-6, gt=0, description="Peak learning rate (original: 5e-6).")
+    lr_scheduler_type: str = Field("linear", description="transformers scheduler name.")
+    max_steps: int = Field(100, ge=1, description="Optimizer steps (original: 100).")
+    per_device_train_batch_size: int = Field(2, ge=1, description="Pairs per device per micro-batch.")
+    gradient_accumulation_steps: int = Field(4, ge=1, description="Micro-batches per optimizer step.")
+    beta: float = Field(0.1, gt=0, description="DPO temperature beta.")
+    max_prompt_length: int = Field(1024, ge=16, description="Longest prompt part in tokens.")
+    save_steps: int = Field(25, ge=1, description="Checkpoint every N steps.")
+
+
+class EvalConfig(_Stage):
+    """Accuracy of boxed answers on the test split, overall and by difficulty."""
+
+    split: SplitName = Field("test", description="Split to evaluate on.")
+    batch_size: int = Field(16, ge=1, description="Prompts per generate call.")
+    max_new_tokens: int = Field(1024, ge=8, description="Most tokens per answer.")
+    limit: int | None = Field(None, ge=1, description="Evaluate only the first N problems.")
+    models: list[Literal["base", "sft", "dpo"]] = Field(
+        default_factory=lambda: ["base", "sft", "dpo"], description="Which stages' models the pipeline evaluates."
+    )
+
+
+# ----------------------------------------------------------------------------------------- publish
+class PublishConfig(_Stage):
+    """Where the model and datasets go: Hub repos, or a local folder standing in for the Hub."""
+
+    namespace: str = Field("math-wizard", description="Hub user or organisation owning the repos.")
+    model_repo: str | None = Field(None, description="Default: <namespace>/math-wizard-gemma-3n-dpo.")
+    sft_dataset_repo: str | None = Field(None, description="Default: <namespace>/math-wizard-sft.")
+    dpo_dataset_repo: str | None = Field(None, description="Default: <namespace>/math-wizard-dpo.")
+    target: str | None = Field(
+        None, description="Write the repos into this folder instead of uploading (default when no token)."
+    )
+    endpoint: str | None = Field(None, description="Hub endpoint (default: huggingface.co or HF_ENDPOINT).")
+    private: bool = Field(True, description="Create the repos private.")
+    push_merged: bool = Field(False, description="Also upload merged weights (needs sft/dpo save_merged).")
+    require_improvement: bool = Field(False, description="Refuse to publish a DPO model that scores below SFT.")
+
+
+# ------------------------------------------------------------------------------------------ pipeline
+class OrchestrationConfig(_Stage):
+    """How the pipeline flow dispatches its stages."""
+
+    gpu_deployments: dict[str, str] = Field(
+        default_factory=dict,
+        description="Stage -> deployment name ('sft': 'mathwizard-sft/cuda'); listed stages run on that work pool.",
+    )
+
+
+class Settings(BaseSettings):
+    """Everything one run needs; `MATHWIZARD_SFT__MAX_STEPS=10` overrides a nested field."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MATHWIZARD_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        extra="ignore",
+        nested_model_default_partial_update=True,
+    )
+
+    home: str = Field("mathwizard-home", description="Artifact root: a folder or fsspec URL (s3://bucket/path).")
+    run_name: str = Field("default", pattern=r"^[A-Za-z0-9._-]+$", description="Folder of this run under home/runs.")
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    sft: SFTConfig = Field(default_factory=SFTConfig)
+    pairs: PairsConfig = Field(default_factory=PairsConfig)
+    dpo: DPOConfig = Field(default_factory=DPOConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    publish: PublishConfig = Field(default_factory=PublishConfig)
+    orchestration: OrchestrationConfig = Field(default_factory=OrchestrationConfig)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings, dotenv_settings]
+        yaml_file = settings_cls.model_config.get("yaml_file")
+        if yaml_file:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
+        return tuple(sources)
+
+    @property
+    def run_dir(self) -> str:
+        """The run's folder (a local path or URL) under the artifact root."""
+        return f"{self.home.rstrip('/')}/runs/{self.run_name}"
+
+    def stage_dir(self, stage: str) -> str:
+        return f"{self.run_dir}/{STAGE_DIRS[stage]}"
+
+    @property
+    def cache_dir(self) -> str:
+        """Shared across runs, so a grown dataset only pays for its new rows."""
+        return f"{self.home.rstrip('/')}/cache"
+
+
+def _format_validation_error(exc: ValidationError, origin: str) -> str:
+    problems = "; ".join(f"{'.'.join(str(p) for p in err['loc']) or '(root)'}: {err['msg']}" for err in exc.errors())
+    return f"invalid settings ({origin}): {problems}"
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Build settings from defaults, an optional YAML file, `.env`, the environment and explicit overrides.
+
+    Args:
+        config_file: a YAML recipe such as `deployments/recipes/smoke.yaml`.
+        overrides: nested dicts or values that win over every other source (the CLI's flags).
+
+    Raises:
+        ConfigError: the file is missing or unreadable, or a value is invalid (the message names the field).
+    """
+    settings_cls: type[Settings] = Settings
+    origin = "defaults, .env and MATHWIZARD_* variables"
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(
+                f"config file {path} does not exist; pass a YAML recipe such as deployments/recipes/smoke.yaml"
+            )
+        settings_cls = type(
+            "FileSettings", (Settings,), {"model_config": {**Settings.model_config, "yaml_file": str(path)}}
+        )
+        origin = f"{path}, {origin}"
+    try:
+        return settings_cls(**_drop_none(overrides))
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, origin)) from None
+    except (OSError, ValueError) as exc:  # unreadable YAML
+        raise ConfigError(f"cannot read settings from {origin}: {exc}") from None
+
+
+def _drop_none(values: dict[str, Any]) -> dict[str, Any]:
+    """CLI flags left unset arrive as None and must not override lower sources."""
+    cleaned: dict[str, Any] = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            nested = _drop_none(value)
+            if nested:
+                cleaned[key] = nested
+        elif value is not None:
+            cleaned[key] = value
+    return cleaned
+
+
+# ------------------------------------------------------------------------------------------ secrets
+class Secrets(BaseSettings):
+    """API keys and tokens, read from the environment or `.env` when a call needs them; never logged or stored."""
+
+    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
+
+    teacher_api_key: SecretStr | None = Field(
+        None,
+        validation_alias=AliasChoices("MATHWIZARD_TEACHER_API_KEY", "MATHWIZARD_TEACHER__API_KEY", "OPENAI_API_KEY"),
+    )
+    hf_token: SecretStr | None = Field(
+        None, validation_alias=AliasChoices("MATHWIZARD_HF_TOKEN", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+    )
+
+
+def load_secrets() -> Secrets:
+    return Secrets()
