@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
@@ -318,8 +319,9 @@ def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Se
         return settings_cls(**_drop_none(overrides))
     except ValidationError as exc:
         raise ConfigError(_format_validation_error(exc, origin)) from None
-    except (OSError, ValueError) as exc:  # unreadable YAML
-        raise ConfigError(f"cannot read settings from {origin}: {exc}") from None
+    except (OSError, ValueError, yaml.YAMLError) as exc:  # unreadable YAML
+        reason = " ".join(str(exc).split())
+        raise ConfigError(f"cannot read settings from {origin}: {reason}") from None
 
 
 def _drop_none(values: dict[str, Any]) -> dict[str, Any]:
