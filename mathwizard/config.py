@@ -98,13 +98,15 @@ class TeacherConfig(_Stage):
     tpm: int | None = Field(None, ge=1, description="Tokens per minute allowed by the API (None: no limit).")
     timeout_s: float = Field(120.0, gt=0, description="Seconds before one request is abandoned and retried.")
     request_retries: int = Field(6, ge=0, description="Retries of one request on 429, 5xx, timeouts, bad bodies.")
+    backoff_s: float = Field(0.5, gt=0, description="First retry delay in seconds (as the openai SDK); then doubled.")
+    backoff_max_s: float = Field(60.0, gt=0, description="Longest retry delay in seconds (Retry-After may ask more).")
     max_attempts: int = Field(3, ge=1, description="Asks per item when replies fail validation.")
     max_failed_fraction: float = Field(
         0.0, ge=0.0, le=1.0, description="Fraction of items that may fail before the stage fails."
     )
     split: Literal["train", "val", "test", "all"] = Field("all", description="Which split(s) to rewrite.")
     limit: int | None = Field(None, ge=1, description="Rewrite only the first N items of each split.")
-    prompt_version: str = Field("v1", description="Prompt set under mathwizard/teacher/prompts/.")
+    prompt_version: str = Field("v1", description="Prompt set under mathwizard/prompts/; its texts key the cache.")
     chunk_size: int = Field(250, ge=1, description="Items per Prefect task.")
 
 
@@ -122,6 +124,13 @@ class ModelConfig(_Stage):
     load_in_4bit: bool = Field(False, description="Load base weights in 4 bit (bitsandbytes; CUDA only).")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="auto: bfloat16 on CUDA, float32 on CPU."
+    )
+    compile: Literal["eager", "modules", "unsloth"] = Field(
+        "eager",
+        description="Unsloth path: what torch.compile covers. eager: nothing (UNSLOTH_COMPILE_DISABLE=1, no compile"
+        " time); modules: Unsloth's compiled module forwards and loss, not whole decoder layers"
+        " (UNSLOTH_BLOCK_COMPILE=0); unsloth: Unsloth's default, which also compiles each decoder layer as a region"
+        " (see docs/gpu.md for its cost on gemma-3n). Read when unsloth is first imported in a process.",
     )
 
 
@@ -156,6 +165,16 @@ class _Training(_Stage):
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept.")
     eval_steps: int | None = Field(None, ge=1, description="Evaluate on val every N steps (None: at the end).")
     save_merged: bool = Field(False, description="Also save the adapter merged into the base weights.")
+    optim: str = Field("adamw_torch", description="transformers optimizer name (adamw_8bit on CUDA saves memory).")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    pad_to_multiple_of: int | None = Field(
+        None,
+        ge=1,
+        description="SFT on the Unsloth path: pad every batch to a multiple of this many tokens (= max_length: one"
+        " shape, so compiled kernels are built once). TRL's vision collators (hf SFT, DPO) cannot pad this way.",
+    )
+    limit: int | None = Field(None, ge=1, description="Train on only the first N examples (for trials).")
 
 
 class SFTConfig(_Training):
@@ -193,7 +212,12 @@ class DPOConfig(_Training):
     per_device_train_batch_size: int = Field(2, ge=1, description="Pairs per device per micro-batch.")
     gradient_accumulation_steps: int = Field(4, ge=1, description="Micro-batches per optimizer step.")
     beta: float = Field(0.1, gt=0, description="DPO temperature beta.")
-    max_prompt_length: int = Field(1024, ge=16, description="Longest prompt part in tokens.")
+    max_prompt_length: int = Field(
+        1024,
+        ge=16,
+        description="Pairs whose prompt (image tokens included) is longer are dropped and counted; TRL >= 1.0 has no"
+        " prompt truncation, and cutting a prompt would cut its image.",
+    )
     save_steps: int = Field(25, ge=1, description="Checkpoint every N steps.")
 
 
@@ -213,10 +237,18 @@ class EvalConfig(_Stage):
 class PublishConfig(_Stage):
     """Where the model and datasets go: Hub repos, or a local folder standing in for the Hub."""
 
-    namespace: str = Field("math-wizard", description="Hub user or organisation owning the repos.")
-    model_repo: str | None = Field(None, description="Default: <namespace>/math-wizard-gemma-3n-dpo.")
-    sft_dataset_repo: str | None = Field(None, description="Default: <namespace>/math-wizard-sft.")
-    dpo_dataset_repo: str | None = Field(None, description="Default: <namespace>/math-wizard-dpo.")
+    namespace: str = Field(
+        "math-wizard", pattern=r"^[\w.-]+$", description="Hub user or organisation owning the repos."
+    )
+    model_repo: str | None = Field(
+        None, pattern=r"^[\w.-]+/[\w.-]+$", description="Default: <namespace>/math-wizard-gemma-3n-dpo."
+    )
+    sft_dataset_repo: str | None = Field(
+        None, pattern=r"^[\w.-]+/[\w.-]+$", description="Default: <namespace>/math-wizard-sft."
+    )
+    dpo_dataset_repo: str | None = Field(
+        None, pattern=r"^[\w.-]+/[\w.-]+$", description="Default: <namespace>/math-wizard-dpo."
+    )
     target: str | None = Field(
         None, description="Write the repos into this folder instead of uploading (default when no token)."
     )
@@ -224,6 +256,25 @@ class PublishConfig(_Stage):
     private: bool = Field(True, description="Create the repos private.")
     push_merged: bool = Field(False, description="Also upload merged weights (needs sft/dpo save_merged).")
     require_improvement: bool = Field(False, description="Refuse to publish a DPO model that scores below SFT.")
+    include: list[Literal["model", "sft_dataset", "dpo_dataset"]] = Field(
+        default_factory=lambda: ["model", "sft_dataset", "dpo_dataset"], description="Which repos to publish."
+    )
+    delete_stale: bool = Field(
+        True, description="Delete files in a Hub repo that the run no longer produces (.gitattributes is kept)."
+    )
+    token_block: str | None = Field(
+        "hf-token", description="Prefect Secret block holding the Hub token (read by the Prefect task only)."
+    )
+    model_license: str = Field("gemma", description="Licence id of the model repo (the base model's: Gemma terms).")
+    data_license: str = Field("mit", description="Licence id of the dataset repos (MM_Math's: MIT).")
+
+    def repo_ids(self) -> dict[str, str]:
+        """Repo id of each publishable part, defaults derived from the namespace."""
+        return {
+            "model": self.model_repo or f"{self.namespace}/math-wizard-gemma-3n-dpo",
+            "sft_dataset": self.sft_dataset_repo or f"{self.namespace}/math-wizard-sft",
+            "dpo_dataset": self.dpo_dataset_repo or f"{self.namespace}/math-wizard-dpo",
+        }
 
 
 # ------------------------------------------------------------------------------------------ pipeline
@@ -234,6 +285,26 @@ class OrchestrationConfig(_Stage):
         default_factory=dict,
         description="Stage -> deployment name ('sft': 'mathwizard-sft/cuda'); listed stages run on that work pool.",
     )
+    poll_seconds: float = Field(5.0, gt=0, description="How often the pipeline checks a dispatched GPU stage.")
+    scratch: str | None = Field(
+        None, description="Local folder caching remote stage folders (default: <temp dir>/mathwizard-scratch)."
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec options for a remote artifact root, e.g. {'endpoint_url': ...}; never credentials"
+        " (those come from the environment, e.g. AWS_ACCESS_KEY_ID).",
+    )
+
+    @field_validator("gpu_deployments")
+    @classmethod
+    def _check_gpu_stages(cls, value: dict[str, str]) -> dict[str, str]:
+        unknown = sorted(set(value) - {"sft", "pairs", "dpo", "eval"})
+        if unknown:
+            raise ValueError(f"gpu_deployments names unknown stages {unknown}; use sft, pairs, dpo or eval")
+        bad = sorted(name for name in value.values() if name.count("/") != 1)
+        if bad:
+            raise ValueError(f"gpu_deployments values must look like 'flow-name/deployment-name', got {bad}")
+        return value
 
 
 class Settings(BaseSettings):

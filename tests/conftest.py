@@ -13,7 +13,12 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 for secret in ("OPENAI_API_KEY", "MATHWIZARD_TEACHER_API_KEY", "HF_TOKEN"):
     os.environ.pop(secret, None)
 
+# Prefect, transformers and datasets attach log handlers to the sys.stderr of their first import. Import them
+# here, against the real stderr, so a first import inside a CliRunner (whose stream closes) cannot break later tests.
+import datasets  # noqa: E402, F401
+import prefect.main  # noqa: E402, F401
 import pytest  # noqa: E402
+import transformers  # noqa: E402, F401
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -1,0 +1,36 @@
+"""The DPO flow: preference alignment of the SFT model on the pairs, images included.
+
+Usage: `mathwizard dpo` or `dpo_flow(settings=load_settings())`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+
+from flows.sft import publish_artifacts
+from mathwizard.config import Settings
+from mathwizard.stages import dpo as stage
+from mathwizard.training.metrics import DPO_PLOTS
+from tasks.common import unless_missing
+from tasks.dpo import dpo
+
+
+@flow(name="dpo", log_prints=True)
+def dpo_flow(
+    settings: Settings, sft: str | None = None, pairs: str | None = None, out: str | None = None
+) -> dict[str, Any]:
+    """Align the SFT model in `sft` (default: the run's 03-sft) on `pairs` (its 04-pairs) into `out` (its 05-dpo)."""
+    sft = sft or settings.stage_dir("sft")
+    pairs = pairs or settings.stage_dir("pairs")
+    out = out or settings.stage_dir("dpo")
+    cfg, model = settings.dpo, settings.model
+
+    stage.check_inputs(cfg, model, Path(sft), Path(pairs))  # one clear line before any training starts
+    fp = stage.expected_fingerprint(cfg, model, Path(sft), Path(pairs))
+    manifest = unless_missing(dpo, out, fp)(cfg, model, sft, pairs, out)
+
+    publish_artifacts("dpo", manifest, Path(out), DPO_PLOTS)
+    return manifest.model_dump(mode="json")

@@ -1,0 +1,54 @@
+"""The GPU stages as deployable flows for the `cuda` work pool: they take artifact locations, not objects.
+
+The pipeline dispatches them with `run_deployment("mathwizard-sft/cuda", ...)` (see `gpu_deployments` in the
+settings). Each pulls its inputs from the shared artifact root, runs the stage's own flow on local folders and pushes
+the output back, manifest last; the pipeline then reads that manifest from storage.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prefect import flow
+
+from flows.pipeline import stage_flow
+from mathwizard.config import Settings
+from mathwizard.remote import run_on_storage
+
+
+def _on_worker(
+    stage: str, settings: Settings, out: str, inputs: dict[str, str | None] | None, params: dict[str, Any] | None
+) -> dict[str, Any]:
+    return run_on_storage(stage, stage_flow(stage), settings, inputs or {}, out, **(params or {}))
+
+
+@flow(name="mathwizard-sft", log_prints=True)
+def sft_on_worker(
+    settings: Settings, out: str, inputs: dict[str, str | None] | None = None, params: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """SFT on this worker; inputs: {'data': <02-teach location>}."""
+    return _on_worker("sft", settings, out, inputs, params)
+
+
+@flow(name="mathwizard-pairs", log_prints=True)
+def pairs_on_worker(
+    settings: Settings, out: str, inputs: dict[str, str | None] | None = None, params: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """DPO pairs on this worker; inputs: {'sft': <03-sft location>, 'data': <02-teach location>}."""
+    return _on_worker("pairs", settings, out, inputs, params)
+
+
+@flow(name="mathwizard-dpo", log_prints=True)
+def dpo_on_worker(
+    settings: Settings, out: str, inputs: dict[str, str | None] | None = None, params: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """DPO on this worker; inputs: {'sft': <03-sft location>, 'pairs': <04-pairs location>}."""
+    return _on_worker("dpo", settings, out, inputs, params)
+
+
+@flow(name="mathwizard-eval", log_prints=True)
+def eval_on_worker(
+    settings: Settings, out: str, inputs: dict[str, str | None] | None = None, params: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """Evaluation on this worker; inputs: {'model': <stage folder or None for base>, 'data': ...}, params: label."""
+    return _on_worker("eval", settings, out, inputs, params)

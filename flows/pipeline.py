@@ -1,0 +1,209 @@
+"""The whole pipeline as one Prefect flow: prepare → teach → sft → pairs → dpo → eval (base, sft, dpo) → publish.
+
+Usage: `mathwizard run [--config deployments/recipes/smoke.yaml]`, or the `math-wizard/*` deployments of
+`deployments/prefect.yaml` from the UI. Each stage is a subflow that skips itself when its folder's manifest matches
+its inputs, so a re-run (or `prefect flow-run retry`) after any failure redoes only what is missing. Stages named in
+`settings.orchestration.gpu_deployments` run as deployments on the `cuda` work pool instead of in this process;
+they receive artifact locations and hand their manifests back through storage.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_table_artifact
+from prefect.deployments import run_deployment
+from pydantic import BaseModel, Field
+
+from mathwizard import storage
+from mathwizard.config import Settings, load_settings
+from mathwizard.errors import ConfigError, MathWizardError
+from mathwizard.remote import run_on_storage
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class PipelineParams(BaseModel):
+    """What the UI form asks for: a recipe, where artifacts go, and any overrides of the recipe's values."""
+
+    recipe: str | None = Field(
+        None, description="YAML recipe, relative to the repository (deployments/recipes/smoke.yaml); none: defaults."
+    )
+    home: str | None = Field(None, description="Artifact root: a folder or fsspec URL (default: the recipe's/env's).")
+    run_name: str | None = Field(None, description="Run folder under <home>/runs (default: the recipe's).")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="Nested values that win over the recipe, e.g. {'sft': {'max_steps': 10}}."
+    )
+
+    def settings(self) -> Settings:
+        """The run's settings: defaults < recipe < .env/environment of this worker < home/run_name/overrides."""
+        recipe = None
+        if self.recipe:
+            recipe = Path(self.recipe)
+            if not recipe.is_absolute() and not recipe.exists():
+                recipe = REPO / recipe  # a worker may start in another directory
+        return load_settings(recipe, home=self.home, run_name=self.run_name, **self.overrides)
+
+
+def resolve(params: PipelineParams | None, settings: Settings | None) -> Settings:
+    if settings is not None and params is not None and params != PipelineParams():
+        raise ConfigError("pass either settings or params to the pipeline, not both")
+    return settings if settings is not None else (params or PipelineParams()).settings()
+
+
+# ------------------------------------------------------------------------------------------------- stages
+def stage_flow(stage: str) -> Callable[..., dict[str, Any]]:
+    """The stage's own flow, imported when first needed (stage modules pull in heavy libraries)."""
+    if stage == "prepare":
+        from flows.prepare import prepare_flow as fn
+    elif stage == "teach":
+        from flows.teach import teach_flow as fn
+    elif stage == "sft":
+        from flows.sft import sft_flow as fn
+    elif stage == "pairs":
+        from flows.pairs import pairs_flow as fn
+    elif stage == "dpo":
+        from flows.dpo import dpo_flow as fn
+    elif stage == "eval":
+        from flows.evaluate import eval_flow as fn
+    elif stage == "publish":
+        from flows.publish import publish_flow as fn
+    else:
+        raise ConfigError(f"unknown stage {stage!r}")
+    return fn
+
+
+def run_stage(
+    stage: str, settings: Settings, out: str, inputs: dict[str, str | None] | None = None, **params: Any
+) -> dict[str, Any]:
+    """Run one stage here (pulling and pushing remote folders) or, when configured, on its GPU deployment."""
+    logger = get_run_logger()
+    inputs = inputs or {}
+    deployment = settings.orchestration.gpu_deployments.get(stage)
+    name = f"{stage} ({params['label']})" if "label" in params else stage
+    where = f"deployment {deployment}" if deployment else "this flow run"
+    logger.info("stage %s: starting on %s → %s", name, where, out)
+    started = time.perf_counter()
+    if deployment:
+        manifest = dispatch(deployment, stage, settings, out, inputs, params)
+    else:
+        manifest = run_on_storage(stage, stage_flow(stage), settings, inputs, out, **params)
+    logger.info(
+        "stage %s: done in %.1f s (fingerprint %s)", name, time.perf_counter() - started, manifest["fingerprint"][:12]
+    )
+    manifest["where"] = where
+    return manifest
+
+
+def dispatch(
+    deployment: str, stage: str, settings: Settings, out: str, inputs: dict[str, str | None], params: dict[str, Any]
+) -> dict[str, Any]:
+    """Run the stage as a deployment (a subflow in the UI) and read its manifest from storage when it finishes.
+
+    Only locations travel: the worker pulls the inputs and pushes the output itself, so the manifest is read from
+    `out`, which therefore must be on storage both machines see (a URL, or a shared folder).
+    """
+    run = run_deployment(
+        deployment,
+        parameters={
+            # The scratch folder is the worker's own (its environment or default), not this machine's.
+            "settings": settings.model_dump(mode="json", exclude={"orchestration": {"scratch"}}),
+            "out": out,
+            "inputs": inputs,
+            "params": params,
+        },
+        poll_interval=settings.orchestration.poll_seconds,
+        flow_run_name=f"{stage}-{params['label']}" if "label" in params else None,
+    )
+    state = run.state
+    if state is None or not state.is_completed():
+        name = state.name if state else "unknown"
+        raise MathWizardError(
+            f"{stage} on deployment {deployment} ended {name} (flow run {run.id}): {state.message if state else ''}"
+        )
+    manifest = storage.remote_manifest(out, settings.orchestration.storage_options)
+    if manifest is None:
+        raise MathWizardError(
+            f"{stage} on {deployment} completed but {out} holds no manifest: the worker cannot write there; "
+            "put the artifact root (MATHWIZARD_HOME) on storage both machines share"
+        )
+    return manifest.model_dump(mode="json")
+
+
+# -------------------------------------------------------------------------------------------------- flows
+@flow(name="math-wizard", log_prints=True)
+def math_wizard(params: PipelineParams | None = None, settings: Settings | None = None) -> dict[str, Any]:
+    """Every stage in order; returns each stage's manifest fingerprint (eval: per model)."""
+    s = resolve(params, settings)
+    logger = get_run_logger()
+    logger.info("run %s under %s", s.run_name, s.home)
+    prepared, taught = s.stage_dir("prepare"), s.stage_dir("teach")
+    sft, pairs, dpo = s.stage_dir("sft"), s.stage_dir("pairs"), s.stage_dir("dpo")
+
+    done = {"prepare": run_stage("prepare", s, prepared)}
+    done["teach"] = run_stage("teach", s, taught, {"data": prepared})
+    done["sft"] = run_stage("sft", s, sft, {"data": taught})
+    done["pairs"] = run_stage("pairs", s, pairs, {"sft": sft, "data": taught})
+    done["dpo"] = run_stage("dpo", s, dpo, {"sft": sft, "pairs": pairs})
+    models = {"base": None, "sft": sft, "dpo": dpo}
+    for label in s.eval.models:
+        out = f"{s.stage_dir('eval')}/{label}"
+        done[f"eval-{label}"] = run_stage("eval", s, out, {"model": models[label], "data": taught}, label=label)
+    done["publish"] = run_stage("publish", s, s.stage_dir("publish"), {"run_dir": s.run_dir})
+    return summary(done)
+
+
+@flow(name="math-wizard-teacher", log_prints=True)
+def teacher_only(params: PipelineParams | None = None, settings: Settings | None = None) -> dict[str, Any]:
+    """prepare → teach only: refresh the distilled dataset (e.g. after the source grew) without touching models."""
+    s = resolve(params, settings)
+    done = {"prepare": run_stage("prepare", s, s.stage_dir("prepare"))}
+    done["teach"] = run_stage("teach", s, s.stage_dir("teach"), {"data": s.stage_dir("prepare")})
+    return summary(done)
+
+
+def summary(done: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """What a run returns, also shown as a table artifact: per stage its fingerprint, counts and seconds."""
+    create_table_artifact(
+        table=[
+            {
+                "stage": stage,
+                "ran on": m.get("where", ""),
+                "seconds": m.get("seconds", 0.0),
+                "fingerprint": m["fingerprint"][:12],
+                "counts": ", ".join(f"{k} {v}" for k, v in m.get("counts", {}).items()),
+            }
+            for stage, m in done.items()
+        ],
+        key="pipeline-stages",
+        description="Stages of this run (seconds: the stage's work when it ran; a skipped stage shows the earlier run)",
+    )
+    return {
+        stage: {"fingerprint": m["fingerprint"], "counts": m.get("counts", {}), "seconds": m.get("seconds", 0.0)}
+        for stage, m in done.items()
+    }
+
+
+def remote_result_storage(settings: Settings) -> Any:
+    """With a remote artifact root, a saved RemoteFileSystem block for Prefect results under `<home>/prefect-results`.
+
+    Prefect keeps task results (our manifests) there, so a retried run on any worker finds them. Returns None for a
+    local root (PREFECT_LOCAL_STORAGE_PATH covers it). Workers pick the block up via
+    PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK=remote-file-system/<name>; an in-process run passes it to with_options.
+    """
+    if not storage.is_remote(settings.home):
+        return None
+    from prefect.filesystems import RemoteFileSystem
+
+    block = RemoteFileSystem(
+        basepath=storage.join(settings.home, "prefect-results"), settings=dict(settings.orchestration.storage_options)
+    )
+    block.save(RESULT_BLOCK, overwrite=True)
+    return block
+
+
+RESULT_BLOCK = "mathwizard-results"

@@ -1,0 +1,396 @@
+"""Validate every MM_Math row and figure; rows that fail go to a quarantine file with a reason, never silently.
+
+Images are decoded safely (decompression-bomb guard before decoding, truncated and corrupt files caught),
+converted to RGB from any PIL mode, shrunk to `max_size` on the longest side and re-encoded as PNG. That work
+dominates the stage, so it runs in worker processes; the result does not depend on the number of workers.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import multiprocessing
+import os
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+REQUIRED_FIELDS = ("question", "file_name", "solution", "year", "difficult", "knowledge")
+# Older revisions of MM_Math (MM_Math.json + image.tar) named the figure field differently.
+LEGACY_FIELDS = (("image_file_name", "file_name"), ("image", "file_name"))
+_SERIAL_BELOW = 16  # a pool costs more than it saves for a handful of images
+
+
+class Reason(StrEnum):
+    """Quarantine reason codes (stable: they are counted in manifests and dashboards)."""
+
+    MALFORMED_JSON = "malformed_json"
+    NOT_AN_OBJECT = "not_an_object"
+    MISSING_FIELD = "missing_field"
+    BLANK_FIELD = "blank_field"
+    DUPLICATE = "duplicate"
+    DUPLICATE_ID = "duplicate_id"
+    UNSAFE_PATH = "unsafe_path"
+    MISSING_IMAGE = "missing_image"
+    IMAGE_CORRUPT = "image_corrupt"
+    IMAGE_TRUNCATED = "image_truncated"
+    IMAGE_TOO_LARGE = "image_too_large"
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """One quarantined row: where it was in the input, which figure, and why."""
+
+    line: int
+    file_name: str | None
+    reason: Reason
+    detail: str = ""
+
+    def to_json(self) -> str:
+        record = asdict(self)
+        record["reason"] = str(self.reason)
+        return json.dumps(record, ensure_ascii=False)
+
+
+class RowError(Exception):
+    """A row or image failed validation; carries the quarantine reason."""
+
+    def __init__(self, reason: Reason, detail: str = "") -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+# ----------------------------------------------------------------------------------------- records
+def read_records(path: Path, limit: int | None = None) -> Iterator[tuple[int, dict[str, Any] | Rejection]]:
+    """(line number, row or rejection) for every record of a jsonl file or a json list.
+
+    Blank lines are skipped (they are not rows). For a json list, `line` is the 1-based record index.
+    A json file that does not parse at all is a DataError: there are no rows to quarantine.
+    """
+    from mathwizard.errors import DataError
+
+    count = 0
+    if path.suffix.lower() == ".json":
+        try:
+            data = json.loads(path.read_bytes())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise DataError(f"{path} is not valid JSON ({exc}); expected a list of MM_Math rows") from None
+        if isinstance(data, dict):  # {"data": [...]} or {"rows": [...]}
+            data = next((v for v in data.values() if isinstance(v, list)), None)
+        if not isinstance(data, list):
+            raise DataError(f"{path} holds no list of rows; expected a JSON list of MM_Math rows")
+        for index, item in enumerate(data, start=1):
+            if limit is not None and count >= limit:
+                return
+            count += 1
+            if isinstance(item, dict):
+                yield index, item
+            else:
+                yield index, Rejection(index, None, Reason.NOT_AN_OBJECT, type(item).__name__)
+        return
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            if limit is not None and count >= limit:
+                return
+            count += 1
+            try:
+                item = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError:
+                yield number, Rejection(number, None, Reason.MALFORMED_JSON, "not UTF-8")
+                continue
+            except ValueError as exc:
+                yield number, Rejection(number, None, Reason.MALFORMED_JSON, str(exc)[:120])
+                continue
+            if not isinstance(item, dict):
+                yield number, Rejection(number, None, Reason.NOT_AN_OBJECT, type(item).__name__)
+                continue
+            yield number, item
+
+
+def _as_text(value: Any) -> str | None:
+    """Field values as text: numbers (a grade given as 8) and lists of strings (knowledge points) are accepted."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int | float):
+        return str(value)
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return "; ".join(v.strip() for v in value)
+    return None
+
+
+def normalize_row(raw: dict[str, Any]) -> dict[str, str]:
+    """The six MM_Math fields as stripped strings, legacy names mapped; raises RowError for a missing/blank one."""
+    row = dict(raw)
+    for old, new in LEGACY_FIELDS:
+        if new not in row and isinstance(row.get(old), str):
+            row[new] = row[old]
+    out: dict[str, str] = {}
+    for name in REQUIRED_FIELDS:
+        if name not in row or row[name] is None:
+            raise RowError(Reason.MISSING_FIELD, name)
+        text = _as_text(row[name])
+        if text is None:
+            raise RowError(Reason.MISSING_FIELD, f"{name} is a {type(row[name]).__name__}, not text")
+        if not text.strip():
+            raise RowError(Reason.BLANK_FIELD, name)
+        # Keep LaTeX exactly (inner whitespace can matter); only trim the ends.
+        out[name] = text.strip()
+    return out
+
+
+def resolve_image(root: Path, file_name: str) -> Path:
+    """The figure's path inside `root`; raises RowError when the name could reach outside it or is missing.
+
+    Rejected: absolute paths, drive letters, `..`, NUL bytes, and any link along the way (a link could point
+    anywhere, and a later swap of its target would change the data behind the fingerprint).
+    """
+    name = file_name.replace("\\", "/")
+    pure = PurePosixPath(name)
+    if "\x00" in name or pure.is_absolute() or (len(name) > 1 and name[1] == ":"):
+        raise RowError(Reason.UNSAFE_PATH, "absolute path")
+    if ".." in pure.parts:
+        raise RowError(Reason.UNSAFE_PATH, "'..' in path")
+    current = root
+    for part in pure.parts:
+        current = current / part
+        try:
+            mode = current.lstat().st_mode
+        except FileNotFoundError:
+            raise RowError(Reason.MISSING_IMAGE, "no such file") from None
+        except OSError as exc:
+            raise RowError(Reason.MISSING_IMAGE, exc.strerror or type(exc).__name__) from None
+        if (mode & 0o170000) == 0o120000:  # S_IFLNK
+            raise RowError(Reason.UNSAFE_PATH, "symbolic link")
+    if not current.is_file():
+        raise RowError(Reason.MISSING_IMAGE, "not a regular file")
+    if not current.resolve().is_relative_to(root.resolve()):
+        raise RowError(Reason.UNSAFE_PATH, "resolves outside the image folder")
+    return current
+
+
+# ------------------------------------------------------------------------------------------ images
+@dataclass(frozen=True)
+class ImageResult:
+    """What the image worker returns: PNG bytes, or the reason the figure was rejected."""
+
+    png: bytes | None
+    reason: Reason | None = None
+    detail: str = ""
+    original_size: tuple[int, int] = (0, 0)
+    size: tuple[int, int] = (0, 0)
+
+
+def to_rgb(img: Any) -> Any:
+    """Any PIL mode to RGB: transparency over white, 16/32-bit and float greys scaled to 8 bits, CMYK converted."""
+    from PIL import Image
+
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    if img.mode.startswith("I") or img.mode == "F":
+        import numpy as np
+
+        values = np.asarray(img, dtype=np.float64)
+        low, high = float(values.min()), float(values.max())
+        if img.mode.startswith("I;16") or (low >= 0 and 255 < high <= 65535):
+            values = values / 257.0  # 16-bit range to 8 bits
+        elif low < 0 or high > 255:
+            values = (values - low) * (255.0 / (high - low or 1.0))  # unknown range: stretch
+        return Image.fromarray(np.clip(values + 0.5, 0, 255).astype(np.uint8), "L").convert("RGB")
+    return img.convert("RGB")
+
+
+def clean_image(path: str, max_size: int, max_pixels: int) -> ImageResult:
+    """Decode, check, convert and shrink one figure; never raises for a bad file (it returns the reason)."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels  # PIL refuses to even open > 2x this; we reject > 1x below
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                width, height = img.size
+                if width * height > max_pixels:
+                    return ImageResult(None, Reason.IMAGE_TOO_LARGE, f"{width}x{height} pixels > {max_pixels}")
+                if img.format == "JPEG" and max(width, height) > max_size:
+                    # Let libjpeg decode at 1/2, 1/4 or 1/8 scale (never below the target): much faster.
+                    scale = max_size / max(width, height)
+                    img.draft(None, (max(1, round(width * scale)), max(1, round(height * scale))))
+                img.load()
+                img = ImageOps.exif_transpose(img) or img
+                rgb = to_rgb(img)
+                if max(rgb.size) > max_size:
+                    scale = max_size / max(rgb.size)
+                    target = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
+                    rgb = rgb.resize(target, Image.Resampling.LANCZOS, reducing_gap=3.0)
+                buffer = io.BytesIO()
+                rgb.save(buffer, format="PNG")
+                return ImageResult(buffer.getvalue(), original_size=(width, height), size=rgb.size)
+    except Image.DecompressionBombError as exc:
+        return ImageResult(None, Reason.IMAGE_TOO_LARGE, str(exc)[:120])
+    except UnidentifiedImageError:
+        return ImageResult(None, Reason.IMAGE_CORRUPT, "not a recognised image format")
+    except OSError as exc:
+        if "truncated" in str(exc).lower():
+            return ImageResult(None, Reason.IMAGE_TRUNCATED, str(exc)[:120])
+        return ImageResult(None, Reason.IMAGE_CORRUPT, str(exc)[:120] or type(exc).__name__)
+    except (ValueError, SyntaxError, TypeError, IndexError, KeyError, MemoryError, EOFError) as exc:
+        # PIL's decoders raise these for malformed headers and chunks.
+        return ImageResult(None, Reason.IMAGE_CORRUPT, f"{type(exc).__name__}: {str(exc)[:100]}")
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
+def _clean_image_args(args: tuple[str, int, int]) -> ImageResult:
+    return clean_image(*args)
+
+
+def default_workers() -> int:
+    return os.cpu_count() or 1
+
+
+def _pool_context() -> multiprocessing.context.BaseContext:
+    # forkserver: children start from a clean server process, never from a parent that runs Prefect's
+    # threads (forking those can deadlock); spawn where forkserver does not exist.
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+
+
+def clean_images(
+    paths: Sequence[str], max_size: int, max_pixels: int, workers: int | None = None
+) -> Iterator[ImageResult]:
+    """Results for `paths`, in order, from `workers` processes (default: every core).
+
+    Chunks of images go to each worker, so the per-image cost of inter-process messages stays small.
+    """
+    workers = workers or default_workers()
+    jobs = [(p, max_size, max_pixels) for p in paths]
+    if workers <= 1 or len(jobs) < _SERIAL_BELOW:
+        yield from map(_clean_image_args, jobs)
+        return
+    chunksize = max(1, min(32, len(jobs) // (workers * 8)))
+    with ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context()) as pool:
+        yield from pool.map(_clean_image_args, jobs, chunksize=chunksize)
+
+
+def clean_images_serial(paths: Iterable[str], max_size: int, max_pixels: int) -> list[ImageResult]:
+    """The original approach: one process, one image after another (the benchmark's baseline)."""
+    return [clean_image(p, max_size, max_pixels) for p in paths]
+
+
+# ------------------------------------------------------------------------------------------ dataset
+@dataclass
+class CleanReport:
+    """Counts of one cleaning pass (they go to the manifest)."""
+
+    rows_in: int = 0
+    kept: int = 0
+    resized: int = 0
+    by_reason: dict[str, int] | None = None
+
+    @property
+    def quarantined(self) -> int:
+        return sum((self.by_reason or {}).values())
+
+
+def clean_dataset(
+    records: Path,
+    images: Path,
+    out_parquet: Path,
+    quarantine: Path,
+    *,
+    salt: str,
+    max_size: int,
+    max_pixels: int,
+    limit: int | None = None,
+    workers: int | None = None,
+    batch_rows: int = 128,
+) -> CleanReport:
+    """Validate every row of `records` against the figures in `images`; write the kept rows and the rejections.
+
+    Kept rows go to `out_parquet` (the prepared columns, figures as PNG bytes) in input order, written in
+    batches so memory stays flat on the full dataset; rejected rows go to `quarantine` (jsonl, by line).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from mathwizard.data.splits import arrow_schema, row_id
+
+    report = CleanReport()
+    rejected: list[Rejection] = []
+    pending: list[tuple[int, dict[str, str], Path]] = []
+    seen: dict[str, tuple[int, tuple[str, ...]]] = {}
+    for line, item in read_records(records, limit):
+        report.rows_in += 1
+        if isinstance(item, Rejection):
+            rejected.append(item)
+            continue
+        name = item.get("file_name", item.get("image_file_name"))
+        name = name if isinstance(name, str) else None
+        try:
+            row = normalize_row(item)
+            row["id"] = row_id(row["question"], row["file_name"], salt)
+            content = tuple(row[f] for f in REQUIRED_FIELDS)
+            if row["id"] in seen:
+                first, first_content = seen[row["id"]]
+                if first_content == content:
+                    raise RowError(Reason.DUPLICATE, f"same as line {first}")
+                raise RowError(Reason.DUPLICATE_ID, f"same question and figure as line {first}, other fields differ")
+            seen[row["id"]] = (line, content)
+            path = resolve_image(images, row["file_name"])
+        except RowError as exc:
+            rejected.append(Rejection(line, name, exc.reason, exc.detail))
+            continue
+        pending.append((line, row, path))
+
+    schema = arrow_schema()
+    columns = [f.name for f in schema]
+    batch: list[dict[str, Any]] = []
+    out_parquet.parent.mkdir(parents=True, exist_ok=True)
+    with pq.ParquetWriter(out_parquet, schema) as writer:
+        results = clean_images([str(p) for _, _, p in pending], max_size, max_pixels, workers)
+        for (line, row, _), result in zip(pending, results, strict=True):
+            if result.png is None:
+                rejected.append(Rejection(line, row["file_name"], result.reason or Reason.IMAGE_CORRUPT, result.detail))
+                continue
+            report.kept += 1
+            report.resized += result.size != result.original_size
+            batch.append({**row, "image": {"bytes": result.png, "path": None}})
+            if len(batch) >= batch_rows:
+                writer.write_table(pa.Table.from_pylist(batch, schema=schema).select(columns))
+                batch.clear()
+        if batch:
+            writer.write_table(pa.Table.from_pylist(batch, schema=schema))
+
+    rejected.sort(key=lambda r: r.line)
+    quarantine.parent.mkdir(parents=True, exist_ok=True)
+    quarantine.write_text("".join(r.to_json() + "\n" for r in rejected), encoding="utf-8")
+    report.by_reason = {}
+    for r in rejected:
+        report.by_reason[str(r.reason)] = report.by_reason.get(str(r.reason), 0) + 1
+    log.info(
+        "cleaned %s: %d rows in, %d kept, %d quarantined %s",
+        records.name,
+        report.rows_in,
+        report.kept,
+        report.quarantined,
+        report.by_reason,
+    )
+    return report

@@ -1,0 +1,333 @@
+"""Batched generation from a vision-language model, shared by flawed-answer sampling, evaluation and `ask`.
+
+Many chat prompts (system text + one image + user text) go through one `model.generate` call, left-padded, so a
+GPU samples a whole batch in about the time of one answer; the original sampled one example at a time.
+Requests are sorted by length before batching, so similar lengths share a batch and little compute goes to padding.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from mathwizard.errors import DataError, ModelError
+
+if TYPE_CHECKING:
+    from mathwizard.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+ImageLike = Any  # PIL.Image.Image, PNG/JPEG bytes, or a datasets Image struct {"bytes": ..., "path": ...}
+
+
+@dataclass(frozen=True)
+class Request:
+    """One chat prompt: optional system text, the figure, and the user's text."""
+
+    text: str
+    image: ImageLike
+    system: str | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A decoded answer and the number of tokens generated for it (up to and including its end-of-turn token)."""
+
+    text: str
+    tokens: int
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample; temperature 0 means greedy decoding."""
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+class Generator(Protocol):
+    """Anything that turns requests into completions, in order (a model, or a fake in tests)."""
+
+    def __call__(self, requests: Sequence[Request], params: SamplingParams) -> list[Completion]: ...
+
+
+# ------------------------------------------------------------------------------------------------ images
+def to_pil(image: ImageLike) -> Any:
+    """An RGB PIL image from a PIL image, encoded bytes or a datasets Image struct."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return image if image.mode == "RGB" else image.convert("RGB")
+    if isinstance(image, dict):
+        if image.get("bytes"):
+            image = image["bytes"]
+        elif image.get("path"):
+            image = Path(image["path"]).read_bytes()
+        else:
+            raise DataError("image struct has neither bytes nor path")
+    if isinstance(image, bytes | bytearray):
+        with Image.open(io.BytesIO(image)) as opened:
+            return opened.convert("RGB")
+    raise DataError(f"cannot use {type(image).__name__} as an image")
+
+
+def chat_messages(request: Request) -> list[dict[str, Any]]:
+    """The chat turns for one request; gemma-3n's template merges the system text into the first user turn."""
+    messages: list[dict[str, Any]] = []
+    if request.system:
+        messages.append({"role": "system", "content": [{"type": "text", "text": request.system}]})
+    messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": request.text}]})
+    return messages
+
+
+# ------------------------------------------------------------------------------------------------ model
+def model_location(name_or_dir: str | Path) -> str:
+    """What to load for `name_or_dir`: a stage folder (03-sft, 05-dpo) means its `adapter/`; anything else as is."""
+    path = Path(name_or_dir)
+    if (path / "adapter").is_dir():
+        return str(path / "adapter")
+    return str(name_or_dir)
+
+
+def _eos_ids(model: Any, processor: Any) -> set[int]:
+    eos = getattr(model.generation_config, "eos_token_id", None)
+    ids = set(eos if isinstance(eos, list | tuple) else [eos] if eos is not None else [])
+    tokenizer = processor.tokenizer
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    if isinstance(end_of_turn, int) and end_of_turn != tokenizer.unk_token_id:
+        ids.add(end_of_turn)
+    return ids
+
+
+def generate_batch(
+    model: Any, processor: Any, requests: Sequence[Request], params: SamplingParams, *, streamer: Any = None
+) -> list[Completion]:
+    """One `model.generate` call over all `requests` (left padding); a streamer needs a single request."""
+    import torch
+
+    if not requests:
+        return []
+    if streamer is not None and len(requests) != 1:
+        raise ValueError("a streamer can follow only one request at a time")
+    tokenizer = processor.tokenizer
+    # Decoder-only generation appends to the right end of every row, so the padding must sit on the left.
+    tokenizer.padding_side = "left"
+    texts = [
+        processor.apply_chat_template(chat_messages(r), add_generation_prompt=True, tokenize=False) for r in requests
+    ]
+    images = [[to_pil(r.image)] for r in requests]
+    inputs = processor(text=texts, images=images, padding=True, return_tensors="pt")
+    inputs = inputs.to(model.device, dtype=model.dtype)
+    eos_ids = _eos_ids(model, processor)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(eos_ids))
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": params.max_new_tokens,
+        "do_sample": not params.greedy,
+        "eos_token_id": sorted(eos_ids),
+        "pad_token_id": pad_id,
+    }
+    if params.greedy:
+        # Clear sampling defaults a checkpoint may carry, so greedy decoding stays greedy without warnings.
+        kwargs.update(temperature=None, top_p=None, top_k=None)
+    else:
+        # top_k stays the checkpoint's own (gemma-3n: 64), as in the original sampling script.
+        kwargs.update(temperature=params.temperature, top_p=params.top_p)
+    if params.seed is not None:
+        torch.manual_seed(params.seed)
+    with torch.inference_mode():
+        output = model.generate(**inputs, **kwargs, streamer=streamer)
+    new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()
+    completions = []
+    for row in new_tokens:
+        length = next((i + 1 for i, token in enumerate(row) if token in eos_ids), len(row))
+        text = tokenizer.decode(row[:length], skip_special_tokens=True)
+        completions.append(Completion(text=text.strip(), tokens=length))
+    return completions
+
+
+@dataclass
+class ModelGenerator:
+    """A loaded model + processor that answers requests in batches of `batch_size` prompts per generate call."""
+
+    model: Any
+    processor: Any
+    batch_size: int = 16
+    name: str = ""
+    generate_calls: int = field(default=0, init=False)
+    generated_tokens: int = field(default=0, init=False)
+    seconds: float = field(default=0.0, init=False)
+
+    def __call__(self, requests: Sequence[Request], params: SamplingParams) -> list[Completion]:
+        # Similar lengths share a batch (less padding); results go back in the caller's order.
+        order = sorted(range(len(requests)), key=lambda i: len(requests[i].text) + len(requests[i].system or ""))
+        results: list[Completion | None] = [None] * len(requests)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            seed = None if params.seed is None else params.seed + start
+            batch_params = SamplingParams(params.max_new_tokens, params.temperature, params.top_p, seed)
+            started = time.perf_counter()
+            completions = generate_batch(self.model, self.processor, [requests[i] for i in batch], batch_params)
+            self.seconds += time.perf_counter() - started
+            self.generate_calls += 1
+            self.generated_tokens += sum(c.tokens for c in completions)
+            for i, completion in zip(batch, completions, strict=True):
+                results[i] = completion
+        return [c for c in results if c is not None]
+
+    def stream(self, request: Request, params: SamplingParams, on_text: Callable[[str], None]) -> Completion:
+        """Answer one request, handing text to `on_text` as soon as whole words are decoded."""
+        streamer = _callback_streamer(self.processor.tokenizer, on_text)
+        started = time.perf_counter()
+        (completion,) = generate_batch(self.model, self.processor, [request], params, streamer=streamer)
+        self.seconds += time.perf_counter() - started
+        self.generate_calls += 1
+        self.generated_tokens += completion.tokens
+        return completion
+
+
+def _callback_streamer(tokenizer: Any, on_text: Callable[[str], None]) -> Any:
+    from transformers import TextStreamer
+
+    class _CallbackStreamer(TextStreamer):
+        def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+            if text:
+                on_text(text)
+
+    return _CallbackStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """Which model to load and how; a stage folder is identified by its manifest's fingerprint, not its path."""
+
+    location: str
+    backend: str = "auto"
+    dtype: str = "auto"
+    load_in_4bit: bool = False
+    stage: str | None = None
+    fingerprint: str | None = None
+    compile: str | None = None  # Unsloth's compile scope (model.compile); how it runs, not what it answers
+
+    def identity(self) -> dict[str, Any]:
+        """What decides this model's outputs, for the fingerprints of the stages that generate with it."""
+        source: dict[str, Any] = {"stage": self.stage, "fingerprint": self.fingerprint}
+        if not self.fingerprint:
+            source = {"name": self.location}
+            if self.location == "tiny":  # the built model changes with the builder's version
+                from mathwizard.models.tiny import TINY_VERSION
+
+                source["tiny_version"] = TINY_VERSION
+        return {**source, "backend": self.backend, "dtype": self.dtype, "load_in_4bit": self.load_in_4bit}
+
+    def load(self, batch_size: int = 16) -> ModelGenerator:
+        if self.compile is not None:
+            from mathwizard.models.backend import configure_compile
+
+            configure_compile(self.compile)
+        return load_generator(
+            self.location, backend=self.backend, dtype=self.dtype, load_in_4bit=self.load_in_4bit, batch_size=batch_size
+        )
+
+
+def model_ref(model: ModelConfig | str | Path, stage_folder: str | Path | None = None) -> ModelRef:
+    """Resolve the model a stage generates with.
+
+    `model` is either the settings' `ModelConfig` (backend, dtype, 4-bit; its `name` is loaded unless
+    `stage_folder` is given) or a location: 'tiny', a Hub id, a model dir, or a stage folder (03-sft, 05-dpo)
+    whose `adapter/` is loaded.
+    """
+    from mathwizard.config import ModelConfig
+    from mathwizard.manifest import read_manifest
+
+    if isinstance(model, ModelConfig):
+        settings = {
+            "backend": model.backend,
+            "dtype": model.dtype,
+            "load_in_4bit": model.load_in_4bit,
+            "compile": model.compile,
+        }
+        target: str | Path = stage_folder if stage_folder is not None else model.name
+    else:
+        settings = {}
+        target = stage_folder if stage_folder is not None else model
+    manifest = read_manifest(Path(target)) if Path(target).is_dir() else None
+    return ModelRef(
+        location=model_location(target),
+        stage=manifest.stage if manifest else None,
+        fingerprint=manifest.fingerprint if manifest else None,
+        **settings,
+    )
+
+
+def load_generator(
+    name_or_dir: str | Path,
+    *,
+    backend: str = "auto",
+    dtype: str = "auto",
+    load_in_4bit: bool = False,
+    batch_size: int = 16,
+) -> ModelGenerator:
+    """Load a model for inference (a Hub id, a model dir, `tiny`, or a stage folder / its adapter) in eval mode.
+
+    Raises:
+        ModelError: the model cannot be found or loaded.
+    """
+    from mathwizard.models import load_model
+
+    location = model_location(name_or_dir)
+    try:
+        model, processor = load_model(location, backend, for_training=False, dtype=dtype, load_in_4bit=load_in_4bit)
+    except ModelError:
+        raise
+    except (OSError, ValueError) as exc:
+        reason = " ".join(str(exc).split())[:300]
+        raise ModelError(f"cannot load model {location!r}: {reason}") from None
+    model.eval()
+    log.info("loaded %s for generation on %s", location, model.device)
+    return ModelGenerator(model=model, processor=processor, batch_size=batch_size, name=str(name_or_dir))
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+def split_path(folder: str | Path, split: str) -> Path:
+    """The parquet file of `split` in a teach (`<split>.parquet`) or prepare (`<split>-00000-of-00001.parquet`) folder.
+
+    Raises:
+        DataError: the folder holds neither.
+    """
+    folder = Path(folder)
+    for candidate in (folder / f"{split}.parquet", *sorted(folder.glob(f"{split}-*.parquet"))):
+        if candidate.is_file():
+            return candidate
+    raise DataError(
+        f"{folder} has no {split}.parquet or {split}-00000-of-00001.parquet; pass a teach or prepare stage folder"
+    )
+
+
+def read_split(folder: str | Path, split: str, columns: Sequence[str], limit: int | None = None) -> Any:
+    """The split's `columns` as a pyarrow Table (first `limit` rows); images stay encoded until a batch needs them.
+
+    Raises:
+        DataError: the file is missing or lacks a column.
+    """
+    import pyarrow.parquet as pq
+
+    path = split_path(folder, split)
+    available = pq.read_schema(path).names
+    missing = [c for c in columns if c not in available]
+    if missing:
+        raise DataError(f"{path} lacks column(s) {', '.join(missing)}; it has {', '.join(available)}")
+    table = pq.read_table(path, columns=list(columns))
+    return table.slice(0, limit) if limit is not None else table

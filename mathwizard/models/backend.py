@@ -1,0 +1,310 @@
+"""The one place that switches between Unsloth (CUDA) and transformers + PEFT + TRL (any device).
+
+Both backends take the same settings (`ModelConfig`, `LoRAConfig`, the stage configs). Unsloth patches
+transformers and TRL when it is imported, so it must come first: `activate("unsloth")` imports it, and the
+stages call `activate` before they import trl or transformers. Nothing here imports Unsloth on the `hf` path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from typing import TYPE_CHECKING, Any, Literal
+
+from mathwizard.errors import ConfigError, ModelError
+
+if TYPE_CHECKING:
+    from mathwizard.config import LoRAConfig
+
+log = logging.getLogger(__name__)
+
+Backend = Literal["hf", "unsloth"]
+BACKENDS = ("auto", "hf", "unsloth")
+
+# How module names tell towers and kinds of layers apart (gemma-3n: vision_tower/embed_vision,
+# language_model, audio_tower; self_attn.{q,k,v,o}_proj and mlp.{gate,up,down}_proj).
+_VISION_TAGS = ("vision", "image", "visual", "patch")
+_LANGUAGE_TAGS = ("language", "text")
+_AUDIO_TAGS = ("audio",)
+_ATTENTION_TAGS = ("self_attn", "attention", "attn")
+_MLP_TAGS = ("mlp", "feed_forward", "ffn", "dense")
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def unsloth_installed() -> bool:
+    return importlib.util.find_spec("unsloth") is not None
+
+
+def resolve_backend(backend: str = "auto") -> Backend:
+    """'auto' -> 'unsloth' when a CUDA GPU and Unsloth are present, else 'hf'.
+
+    Raises:
+        ConfigError: an unknown backend name.
+        ModelError: 'unsloth' asked for without CUDA or without the package.
+    """
+    if backend not in BACKENDS:
+        raise ConfigError(f"model.backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    if backend == "hf":
+        return "hf"
+    cuda = cuda_available()
+    if backend == "unsloth":
+        if not cuda:
+            raise ModelError("--backend unsloth needs a CUDA GPU and none is visible; use --backend hf (or auto)")
+        if not unsloth_installed():
+            raise ModelError("--backend unsloth needs the unsloth package: pip install 'mathwizard[gpu]'")
+        return "unsloth"
+    return "unsloth" if cuda and unsloth_installed() else "hf"
+
+
+# What `model.compile` sets before Unsloth is imported (unsloth_zoo reads UNSLOTH_COMPILE_DISABLE at import;
+# unsloth/models/_block_compile.py reads UNSLOTH_BLOCK_COMPILE when a model is patched).
+COMPILE_ENV: dict[str, dict[str, str | None]] = {
+    "eager": {"UNSLOTH_COMPILE_DISABLE": "1", "UNSLOTH_BLOCK_COMPILE": "0"},
+    "modules": {"UNSLOTH_COMPILE_DISABLE": None, "UNSLOTH_BLOCK_COMPILE": "0"},
+    "unsloth": {"UNSLOTH_COMPILE_DISABLE": None, "UNSLOTH_BLOCK_COMPILE": None},
+}
+_compile_mode: str | None = None
+
+
+def configure_compile(mode: str) -> None:
+    """Set Unsloth's compile switches for `mode` (eager | modules | unsloth); call before `activate`.
+
+    Unsloth reads them when it is imported, so a process keeps the mode its first unsloth import saw.
+    """
+    global _compile_mode
+    import os
+    import sys
+
+    if mode not in COMPILE_ENV:
+        raise ConfigError(f"model.compile must be one of {', '.join(COMPILE_ENV)}, got {mode!r}")
+    if "unsloth" in sys.modules and _compile_mode not in (None, mode):
+        log.warning("unsloth was imported with model.compile=%s; %s applies in a new process only", _compile_mode, mode)
+        return
+    for name, value in COMPILE_ENV[mode].items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    _compile_mode = mode
+
+
+def activate(backend: Backend) -> None:
+    """Import Unsloth before transformers/TRL on its path (it patches them at import); a no-op for 'hf'."""
+    if backend != "unsloth":
+        return
+    import sys
+
+    if "unsloth" not in sys.modules:
+        if "transformers" in sys.modules:
+            log.warning("transformers was imported before unsloth; Unsloth's patches may be incomplete")
+        if _compile_mode is None:  # nobody chose: the settings' default, so every entry point bounds compile alike
+            from mathwizard.config import ModelConfig
+
+            configure_compile(ModelConfig.model_fields["compile"].default)
+    import unsloth  # noqa: F401
+
+
+def torch_dtype(dtype: str) -> Any:
+    """'auto' -> bfloat16 on CUDA, float32 on CPU (CPU bf16 kernels are slow and imprecise)."""
+    import torch
+
+    if dtype == "auto":
+        return torch.bfloat16 if cuda_available() else torch.float32
+    try:
+        return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
+    except KeyError:
+        raise ConfigError(f"model.dtype must be auto, bfloat16, float16 or float32, got {dtype!r}") from None
+
+
+# ------------------------------------------------------------------------------------------- loading
+def load_pretrained(
+    path: str, backend: Backend, *, for_training: bool, dtype: str, load_in_4bit: bool, max_seq_length: int
+) -> tuple[Any, Any]:
+    """Base model + processor from a local folder or a Hub id (local HF cache when offline)."""
+    from mathwizard.models.tiny import register_timm_architectures
+
+    activate(backend)
+    register_timm_architectures()
+    torch_type = torch_dtype(dtype)
+    if backend == "unsloth":
+        from unsloth import FastVisionModel
+
+        model, processor = FastVisionModel.from_pretrained(
+            model_name=path,
+            max_seq_length=max_seq_length,
+            dtype=torch_type,
+            load_in_4bit=load_in_4bit,
+            full_finetuning=False,
+            use_gradient_checkpointing="unsloth" if for_training else False,
+        )
+        if not for_training:
+            FastVisionModel.for_inference(model)
+        return model, processor
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    kwargs: dict[str, Any] = {"dtype": torch_type}
+    if load_in_4bit:
+        if not cuda_available():
+            raise ModelError("model.load_in_4bit needs a CUDA GPU (bitsandbytes); set it to false on this machine")
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch_type,
+            llm_int8_skip_modules=["vision_tower", "audio_tower", "embed_vision", "embed_audio", "lm_head"],
+        )
+    if cuda_available():
+        kwargs["device_map"] = {"": 0}
+    model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    processor = AutoProcessor.from_pretrained(path)
+    model.train(for_training)
+    return model, processor
+
+
+def attach_adapter(model: Any, adapter_dir: str, backend: Backend, *, for_training: bool, merge: bool) -> Any:
+    """Put a saved LoRA adapter on `model`; merged into the weights when `merge` (faster generation, no PEFT)."""
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(model, adapter_dir, is_trainable=for_training)
+    if merge:
+        return peft_model.merge_and_unload()
+    if not for_training:
+        peft_model.eval()
+    return peft_model
+
+
+# ---------------------------------------------------------------------------------------------- LoRA
+def lora_target_modules(model: Any, lora: LoRAConfig) -> list[str]:
+    """Full names of the Linear layers LoRA adapts, from the vision/language/attention/MLP switches.
+
+    The same selection Unsloth's `get_peft_model` makes: a layer is adapted when it sits in an enabled tower
+    (vision or language; audio never) and in an enabled kind of block (attention or MLP), and its name is in
+    `target_modules` ("all-linear": every Linear). gemma-3n's MobileNetV5 vision tower is convolutional, so
+    with "all-linear" the vision switch adds nothing there.
+    """
+    import torch
+
+    if not (lora.finetune_vision_layers or lora.finetune_language_layers):
+        raise ConfigError("lora: enable finetune_vision_layers or finetune_language_layers (both are false)")
+    if not (lora.finetune_attention_modules or lora.finetune_mlp_modules):
+        raise ConfigError("lora: enable finetune_attention_modules or finetune_mlp_modules (both are false)")
+    wanted = None if lora.target_modules == "all-linear" else set(_as_list(lora.target_modules))
+    selected = []
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or name.endswith("lm_head"):
+            continue
+        lowered = name.lower()
+        if wanted is not None and name.rsplit(".", 1)[-1] not in wanted:
+            continue
+        if any(tag in lowered for tag in _AUDIO_TAGS):
+            continue
+        in_vision = any(tag in lowered for tag in _VISION_TAGS)
+        in_language = not in_vision and any(tag in lowered for tag in _LANGUAGE_TAGS)
+        if not ((in_vision and lora.finetune_vision_layers) or (in_language and lora.finetune_language_layers)):
+            continue
+        is_attention = any(tag in lowered for tag in _ATTENTION_TAGS)
+        is_mlp = any(tag in lowered for tag in _MLP_TAGS)
+        if (is_attention and lora.finetune_attention_modules) or (is_mlp and lora.finetune_mlp_modules):
+            selected.append(name)
+    if not selected:
+        raise ConfigError(f"lora.target_modules={lora.target_modules!r} matches no layer of this model")
+    return selected
+
+
+def _as_list(value: str | list[str]) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def add_lora(model: Any, lora: LoRAConfig, backend: Backend, *, seed: int, gradient_checkpointing: bool) -> Any:
+    """A trainable LoRA model over `model` with the configured switches, rank, alpha and dropout."""
+    if backend == "unsloth":
+        from unsloth import FastVisionModel
+
+        model = FastVisionModel.get_peft_model(
+            model,
+            finetune_vision_layers=lora.finetune_vision_layers,
+            finetune_language_layers=lora.finetune_language_layers,
+            finetune_attention_modules=lora.finetune_attention_modules,
+            finetune_mlp_modules=lora.finetune_mlp_modules,
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            bias="none",
+            random_state=seed,
+            target_modules=lora.target_modules,
+            modules_to_save=list(lora.modules_to_save) or None,
+            use_gradient_checkpointing="unsloth" if gradient_checkpointing else False,
+        )
+        FastVisionModel.for_training(model)
+        return model
+
+    import torch
+    from peft import get_peft_model
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # LoRA A matrices are random: same seed, same start
+        peft_model = get_peft_model(model, lora_config(model, lora))
+    if gradient_checkpointing:
+        peft_model.enable_input_require_grads()
+    return peft_model
+
+
+def lora_config(model: Any, lora: LoRAConfig) -> Any:
+    """The PEFT LoraConfig for `model` (hf path): rank, alpha, dropout, selected layers, modules trained in full."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        bias="none",
+        target_modules=lora_target_modules(model, lora),
+        modules_to_save=list(lora.modules_to_save) or None,
+        task_type="CAUSAL_LM",
+        # gemma-3n ties lm_head to embed_tokens: train one shared copy, so the merged model stays tied.
+        ensure_weight_tying=bool(getattr(model.config.get_text_config(), "tie_word_embeddings", False)),
+    )
+
+
+# ----------------------------------------------------------------------------------------- training
+def sft_collator(model: Any, processor: Any, backend: Backend, *, max_length: int, pad_to_multiple_of: int | None):
+    """Unsloth's vision collator (prompt/completion: loss on the completion); None lets TRL pick its own."""
+    if backend != "unsloth":
+        return None
+    from unsloth.trainer import UnslothVisionDataCollator
+
+    return UnslothVisionDataCollator(
+        model,
+        processor,
+        max_seq_length=max_length,
+        completion_only_loss=True,
+        pad_to_multiple_of=pad_to_multiple_of,
+        resize="max",  # the processor resizes to the model's input size itself
+    )
+
+
+def patch_dpo(backend: Backend) -> None:
+    """Unsloth's faster DPO trainer patches TRL's DPOTrainer in place; must run before DPOTrainer is built."""
+    if backend == "unsloth":
+        from unsloth import PatchDPOTrainer
+
+        PatchDPOTrainer()
+
+
+def save_merged(model: Any, processor: Any, out: str, backend: Backend) -> None:
+    """Write the adapter merged into the base weights (16-bit on GPU) with the processor."""
+    if backend == "unsloth":
+        model.save_pretrained_merged(out, processor, save_method="merged_16bit")
+        return
+    # Merged in place: the adapter is saved already and this is the model's last use (no second copy in memory).
+    merged = model.merge_and_unload()
+    merged.save_pretrained(out)
+    processor.save_pretrained(out)

@@ -1,0 +1,304 @@
+"""The two dataset repos (SFT and DPO) in the parquet layout `datasets.load_dataset(repo)` reads, with their cards.
+
+Layout: `data/<split>-00000-of-00001.parquet` (the stage's parquet, byte for byte) and a README.md whose YAML
+declares `configs` (split -> file) and `dataset_info` (features, so `image` loads as an Image even when the
+parquet carries no `datasets` metadata) followed by the card: source, how it was made, schema, licence.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from huggingface_hub import DatasetCard, DatasetCardData
+
+from mathwizard.config import PublishConfig
+from mathwizard.errors import DataError
+from mathwizard.publish.layout import copy_file, fmt, md_table, size_category, write_card
+from mathwizard.publish.lineage import (
+    MM_MATH_LICENSE,
+    MM_MATH_PAPER,
+    MM_MATH_PAPER_URL,
+    PAIRS_SPLITS,
+    TEACH_SPLITS,
+    RunInfo,
+    column_counts,
+    count_lines,
+    failure_summary,
+    find,
+    parquet_rows,
+)
+
+log = logging.getLogger(__name__)
+
+DatasetKind = Literal["sft", "dpo"]
+
+COLUMN_DOCS = {
+    "id": "Stable content hash of the MM_Math problem (the same id in both datasets).",
+    "question": "The problem statement (LaTeX), as in MM_Math.",
+    "solution": "The teacher's rewrite: `### Solution` with numbered steps, then `### Final Answer` with one"
+    " `\\boxed{}`.",
+    "image": "The problem's figure: PNG, RGB, longest side resized down to the prepare stage's limit.",
+    "difficult": "Difficulty given by MM_Math (easy, medium, hard).",
+    "source_solution": "MM_Math's original LaTeX solution.",
+    "teacher_model": "The model that rewrote the solution.",
+    "prompt_version": "The teacher prompt set used (mathwizard/prompts/<version>).",
+    "year": "School grade given by MM_Math.",
+    "knowledge": "Knowledge points given by MM_Math.",
+    "file_name": "The figure's file name in MM_Math.",
+    "chosen": "Preferred answer: the teacher's solution.",
+    "rejected": "Dispreferred answer: a deliberately flawed solution sampled from the SFT model, same format.",
+    "strategy": "The flaw the SFT model was asked for: calculation_error, misapplied_concept or broken_process.",
+    "source": "Who wrote the rejected answer: model (the SFT model) or rule (the deterministic fallback).",
+}
+
+
+@dataclass
+class DatasetSpec:
+    """Which stage folder feeds a dataset repo, and how to describe it."""
+
+    kind: DatasetKind
+    stage: str
+    splits: tuple[str, ...]
+    title: str
+    summary: str
+
+
+SPECS: dict[DatasetKind, DatasetSpec] = {
+    "sft": DatasetSpec(
+        "sft",
+        "teach",
+        TEACH_SPLITS,
+        "Math Wizard SFT: MM_Math geometry problems with step-by-step teacher solutions",
+        "Multimodal geometry problems from MM_Math (question + figure) paired with a clear, numbered solution"
+        " written by a teacher LLM from the original solution. Used for supervised fine-tuning.",
+    ),
+    "dpo": DatasetSpec(
+        "dpo",
+        "pairs",
+        PAIRS_SPLITS,
+        "Math Wizard DPO: preference pairs on MM_Math geometry problems",
+        "Preference pairs for direct preference optimisation: for each problem (question + figure) the teacher's"
+        " solution is `chosen` and a subtly flawed answer sampled from the SFT model is `rejected`.",
+    ),
+}
+
+
+def source_files(info: RunInfo, kind: DatasetKind) -> dict[str, Path]:
+    """The stage's parquet per split (only those that exist); DataError when the stage produced none."""
+    spec = SPECS[kind]
+    info.require(spec.stage)
+    folder = info.folder(spec.stage)
+    found = {split: folder / f"{split}.parquet" for split in spec.splits if (folder / f"{split}.parquet").is_file()}
+    if "train" not in found:
+        raise DataError(f"{folder}/train.parquet is missing; re-run `mathwizard {spec.stage}`")
+    return found
+
+
+def build_dataset_repo(info: RunInfo, kind: DatasetKind, repo_id: str, folder: Path, cfg: PublishConfig) -> None:
+    """Write the repo folder for the `kind` dataset: data files and README.md."""
+    files = source_files(info, kind)
+    rows = {split: parquet_rows(path) for split, path in files.items()}
+    for split, path in files.items():
+        copy_file(path, folder / "data" / f"{split}-00000-of-00001.parquet")
+    features = _features(files["train"])
+    write_card(dataset_card(info, kind, repo_id, cfg, rows=rows, features=features, files=files), folder)
+    log.info("dataset repo %s laid out in %s (%s rows)", repo_id, folder, sum(rows.values()))
+
+
+def dataset_card(
+    info: RunInfo,
+    kind: DatasetKind,
+    repo_id: str,
+    cfg: PublishConfig,
+    *,
+    rows: dict[str, int],
+    features: object,
+    files: dict[str, Path],
+) -> DatasetCard:
+    """The card: YAML metadata (licence, configs, dataset_info) and a body built only from what the run recorded."""
+    from datasets import SplitDict, SplitInfo
+    from datasets.info import DatasetInfo, DatasetInfosDict
+    from datasets.utils.metadata import MetadataConfigs
+
+    spec = SPECS[kind]
+    data = DatasetCardData(
+        license=cfg.data_license,
+        pretty_name=spec.title,
+        task_categories=["image-text-to-text"],
+        tags=["math", "geometry", "multimodal", "mm-math", kind, "mathwizard"],
+        size_categories=[size_category(sum(rows.values()))],
+    )
+    data_files = [{"split": split, "path": f"data/{split}-*"} for split in rows]
+    MetadataConfigs({"default": {"data_files": data_files}}).to_dataset_card_data(data)
+    splits = SplitDict({split: SplitInfo(split, num_examples=n) for split, n in rows.items()})
+    DatasetInfosDict({"default": DatasetInfo(features=features, splits=splits)}).to_dataset_card_data(data)
+
+    sections = [
+        f"# {spec.title}",
+        spec.summary,
+        _source_section(info),
+        _how_made_section(info, kind, files),
+        "## Splits\n\n" + md_table(["split", "rows"], [(s, f"{n:,}") for s, n in rows.items()]),
+        _schema_section(features),
+        _usage_section(repo_id),
+        _licence_section(info, cfg),
+    ]
+    body = "\n\n".join(s for s in sections if s) + "\n"
+    return DatasetCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+
+
+# ---------------------------------------------------------------------------------------- sections
+def _source_section(info: RunInfo) -> str:
+    source = info.source()
+    return (
+        "## Source\n\n"
+        f"- Dataset: [{source['repo']}](https://huggingface.co/datasets/{source['repo']}), "
+        f"licence {MM_MATH_LICENSE}; paper: MM-MATH, [{MM_MATH_PAPER}]({MM_MATH_PAPER_URL}).\n"
+        f"- Fetched as: {source['kind']}; revision: {source['revision']}."
+    )
+
+
+def _how_made_section(info: RunInfo, kind: DatasetKind, files: dict[str, Path]) -> str:
+    prepare = info.config("prepare")
+    lines = ["## How it was made", "", "Built by the Math Wizard pipeline (`mathwizard run`):", ""]
+    size = find(prepare, "max_image_size")
+    splits = find(prepare, "splits")
+    salt = find(prepare, "split_salt")
+    prep = "1. `prepare`: rows with a missing or unreadable figure are quarantined; figures converted to RGB PNG"
+    prep += f" and resized to at most {size} px on the longest side" if size else ""
+    if splits:
+        prep += f"; split train/val/test {fmt(splits)} by a salted content hash ({salt or 'salt not recorded'})"
+    prep += "."
+    prepared = _split_counts(info, "prepare")
+    if prepared:
+        prep += f" Rows: {prepared}"
+        prep += f"; quarantined {count_lines(info.folder('prepare') / 'quarantine.jsonl'):,}."
+    lines.append(prep)
+
+    teacher = info.teacher()
+    models = fmt(teacher["models"]) or "not recorded"
+    versions = fmt(teacher["prompt_versions"]) or "not recorded"
+    if teacher["kind"] == "rule":  # the offline demo teacher: a deterministic reformatting, no model
+        teach = f"2. `teach`: the offline rule-based teacher (`{models}`, prompt version `{versions}`) reformatted"
+    else:
+        teach = f"2. `teach`: teacher model `{models}` (prompt version `{versions}`"
+        teach += f", temperature {teacher['temperature']})" if teacher["temperature"] is not None else ")"
+        teach += " rewrote"
+    teach += " each source solution into numbered steps and a final `\\boxed{}` answer."
+    failures, reasons = failure_summary(info.folder("teach") / "failures.jsonl")
+    teach += f" Items whose replies still failed validation after retries were excluded: {failures:,}"
+    teach += f" ({_reasons(reasons)})." if reasons else "."
+    lines.append(teach)
+
+    if kind == "dpo":
+        pairs = info.config("pairs")
+        sampling = ", ".join(
+            f"{key} {find(pairs, key)}"
+            for key in ("temperature", "top_p", "max_new_tokens")
+            if find(pairs, key) is not None
+        )
+        strategies: dict[str, int] = {}
+        for path in files.values():
+            for name, n in column_counts(path, "strategy").items():
+                strategies[name] = strategies.get(name, 0) + n
+        step = "3. `sft` then `pairs`: the SFT model was asked for a subtly flawed answer in the same format"
+        step += f" ({sampling})" if sampling else ""
+        step += " under one of three strategies"
+        step += f" ({', '.join(f'{k}: {v:,}' for k, v in sorted(strategies.items()))})" if strategies else ""
+        step += "; `chosen` is the teacher's solution, `rejected` the flawed answer."
+        step += _rule_fallback(info)
+        failed, why = failure_summary(info.folder("pairs") / "failures.jsonl")
+        step += f" Items without a usable flawed answer were excluded: {failed:,}"
+        step += f" ({_reasons(why)})." if why else "."
+        lines.append(step)
+
+    counted = _recorded_counts(info, "teach" if kind == "sft" else "pairs")
+    if counted:
+        lines += ["", f"Counts recorded by the stage: {counted}."]
+    return "\n".join(lines)
+
+
+def _schema_section(features: object) -> str:
+    rows = [(name, _dtype(feature), COLUMN_DOCS.get(name, "")) for name, feature in features.items()]  # type: ignore[attr-defined]
+    return "## Schema\n\n" + md_table(["column", "type", "description"], rows)
+
+
+def _usage_section(repo_id: str) -> str:
+    return (
+        "## Usage\n\n"
+        "```python\n"
+        "from datasets import load_dataset\n\n"
+        f'ds = load_dataset("{repo_id}")\n'
+        'row = ds["train"][0]\n'
+        'row["image"]  # a PIL image\n'
+        "```"
+    )
+
+
+def _licence_section(info: RunInfo, cfg: PublishConfig) -> str:
+    models = fmt(info.teacher()["models"]) or "the teacher model"
+    return (
+        "## Licence\n\n"
+        f"{cfg.data_license.upper()}, following MM_Math ({MM_MATH_LICENSE}). The rewritten solutions were generated"
+        f" by {models}; check that provider's terms for your use."
+    )
+
+
+# ----------------------------------------------------------------------------------------- helpers
+def _features(path: Path) -> object:
+    """The parquet's `datasets` features; an image struct without metadata becomes an Image feature."""
+    import pyarrow.parquet as pq
+    from datasets import Features, Image
+
+    features = Features.from_arrow_schema(pq.read_schema(path))
+    for name, feature in list(features.items()):
+        if isinstance(feature, dict) and set(feature) == {"bytes", "path"}:
+            features[name] = Image()
+    if "image" not in features:
+        raise DataError(f"{path} has no image column; re-run the stage that wrote it")
+    return features
+
+
+def _dtype(feature: object) -> str:
+    from datasets import Image, Value
+
+    if isinstance(feature, Image):
+        return "image"
+    if isinstance(feature, Value):
+        return feature.dtype
+    return type(feature).__name__
+
+
+def _split_counts(info: RunInfo, stage: str) -> str:
+    folder = info.folder(stage)
+    found = []
+    for split in TEACH_SPLITS:
+        for name in (f"{split}-00000-of-00001.parquet", f"{split}.parquet"):
+            if (folder / name).is_file():
+                found.append(f"{split} {parquet_rows(folder / name):,}")
+                break
+    return ", ".join(found)
+
+
+def _recorded_counts(info: RunInfo, stage: str) -> str:
+    return ", ".join(f"{key} {value:,}" for key, value in sorted(info.counts(stage).items()))
+
+
+def _rule_fallback(info: RunInfo) -> str:
+    """How many rejected answers the rule fallback wrote (when the model gave no usable flawed answer)."""
+    counts = info.counts("pairs")
+    if not counts.get("from_rule"):
+        return ""
+    return (
+        f" {counts['from_rule']:,} of the rejected answers were written by the rule fallback (a deterministic flaw"
+        f" in the chosen answer) because the model gave no usable one; {counts.get('from_model', 0):,} come from"
+        " the model."
+    )
+
+
+def _reasons(reasons: Sequence[tuple[str, int]]) -> str:
+    return "; ".join(f"{text} ×{n}" for text, n in reasons)

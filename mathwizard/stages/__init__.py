@@ -1,0 +1,1 @@
+"""One module per pipeline stage: `STAGE`, `VERSION`, `expected_fingerprint(...)` and `run(...) -> Manifest`."""

@@ -1,0 +1,324 @@
+"""Direct preference optimisation of the SFT model on the pairs, with the figure in every prompt.
+
+Usage: `mathwizard dpo --model <run>/03-sft --pairs <run>/04-pairs --out <run>/05-dpo`.
+
+How the SFT model becomes the starting point: the base model is loaded, the SFT adapter is put on it and
+merged into the weights in memory, and a new LoRA adapter with DPO's own rank/alpha/dropout is trained on
+top. The reference model is that merged SFT model itself (TRL disables the new adapter to compute it, so no
+second copy is held). The saved `adapter/` therefore names the SFT adapter folder as its base, and
+`load_model` rebuilds the chain: base -> SFT merged -> DPO adapter. `merged/` (when asked) is all three in one.
+
+The images really reach the model: rows carry `images`, so TRL picks its vision preference collator and the
+batch holds `pixel_values` (the original pinned a TRL that did not recognise gemma-3n and trained on text only).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mathwizard.config import DPOConfig, ModelConfig
+from mathwizard.errors import DataError
+from mathwizard.manifest import (
+    Manifest,
+    file_sha256,
+    fingerprint,
+    read_manifest,
+    require_manifest,
+    reusable,
+    stage_output,
+)
+
+log = logging.getLogger(__name__)
+
+STAGE = "dpo"
+VERSION = 1  # bump when output semantics change; part of the fingerprint
+
+
+def sft_adapter(sft: Path) -> Path:
+    """The adapter folder of an SFT stage folder (`<sft>/adapter`), or `sft` itself when it is an adapter folder.
+
+    Raises:
+        ModelError: neither holds an adapter.
+    """
+    from mathwizard.errors import ModelError
+    from mathwizard.models import is_adapter_dir
+
+    sft = Path(sft)
+    for candidate in (sft / "adapter", sft):
+        if is_adapter_dir(candidate):
+            return candidate
+    if not sft.exists():
+        raise ModelError(f"SFT model path {sft} does not exist; pass the SFT stage folder (e.g. <run>/03-sft)")
+    raise ModelError(f"{sft} holds no adapter (adapter_config.json); run `mathwizard sft` first or pass its folder")
+
+
+def _sft_identity(sft: Path) -> dict[str, str]:
+    """The SFT model's identity: its stage manifest's fingerprint, else a checksum of the adapter weights."""
+    adapter = sft_adapter(sft)
+    for folder in (Path(sft), adapter.parent):
+        manifest = read_manifest(folder)
+        if manifest is not None and manifest.stage == "sft":
+            return {"sft": manifest.fingerprint}
+    weights = sorted(adapter.glob("adapter_model.*"))
+    return {"sft_adapter": file_sha256(weights[0]) if weights else str(adapter.resolve())}
+
+
+def expected_fingerprint(cfg: DPOConfig, model: ModelConfig, sft: Path | None, pairs: Path) -> str:
+    """Settings, the model (SFT fingerprint, or the base's identity), the training prompt and the pairs' fingerprint."""
+    from mathwizard.prompts import load_prompt
+    from mathwizard.stages.sft import _model_identity
+
+    pairs_manifest = require_manifest(Path(pairs), "pairs")
+    upstream = {pairs_manifest.stage: pairs_manifest.fingerprint}
+    if sft is not None:
+        upstream.update(_sft_identity(Path(sft)))
+    identity = _model_identity(model) if sft is None else model.model_dump(mode="json", exclude={"name"})
+    return fingerprint(STAGE, VERSION, cfg, upstream, model=identity, prompt=load_prompt("tutor_system"))
+
+
+def check_inputs(cfg: DPOConfig, model: ModelConfig, sft: Path | None, pairs: Path) -> None:
+    """Fail fast, in one line: backend, SFT adapter (or base model) and the pairs folder.
+
+    Raises:
+        ModelError: the backend cannot run here, or the SFT folder holds no adapter.
+        DataError: the pairs folder is unfinished.
+    """
+    from mathwizard.models import resolve_backend, resolve_model_path
+
+    resolve_backend(model.backend)
+    if sft is not None:
+        sft_adapter(Path(sft))
+    elif model.name != "tiny":
+        resolve_model_path(model.name)
+    require_manifest(Path(pairs), "pairs")
+
+
+def _trl_args(
+    cfg: DPOConfig,
+    output_dir: Path,
+    *,
+    backend: str = "hf",
+    device: str = "cpu",
+    dtype: str = "float32",
+    has_eval: bool = True,
+) -> Any:
+    """Our DPO settings as `trl.DPOConfig` (pure: no model, no data)."""
+    import trl
+
+    from mathwizard.training.args import common_args
+
+    return trl.DPOConfig(
+        **common_args(cfg, output_dir, backend=backend, device=device, dtype=dtype, has_eval=has_eval),
+        beta=cfg.beta,
+        max_length=cfg.max_length,
+        truncation_mode="keep_start",  # the only mode TRL allows with images: the prompt (and image) stay whole
+        # TRL's vision preference collator cannot pad to a multiple (it raises), on either backend.
+        pad_to_multiple_of=None,
+        precompute_ref_log_probs=False,
+    )
+
+
+def _records(rows: Any, processor: Any, max_prompt_length: int) -> tuple[Any, int]:
+    from mathwizard.training.data import dpo_records, prompt_lengths
+
+    records = dpo_records(rows)
+    lengths = prompt_lengths(records, processor)
+    keep = [i for i, n in enumerate(lengths) if n <= max_prompt_length]
+    dropped = len(records) - len(keep)
+    if dropped:
+        log.warning("dropping %d pair(s) whose prompt is longer than max_prompt_length=%d", dropped, max_prompt_length)
+        records = records.select(keep)
+    return records, dropped
+
+
+def build_trainer(
+    cfg: DPOConfig,
+    model: ModelConfig,
+    sft: Path | None,
+    pairs: Path,
+    out: Path,
+    *,
+    callbacks: Sequence[Any] = (),
+) -> tuple[Any, dict[str, Any]]:
+    """The DPOTrainer (SFT merged + new LoRA, reference = adapter disabled) and facts for the manifest.
+
+    Raises:
+        DataError: train pairs missing or empty (or all longer than max_prompt_length).
+        ModelError: the model cannot be loaded or the backend cannot run here.
+    """
+    import torch
+
+    from mathwizard.models import backend as backends
+    from mathwizard.models import load_model, resolve_backend
+    from mathwizard.training import data as training_data
+    from mathwizard.training.metrics import metrics_callback
+    from mathwizard.training.runner import CHECKPOINTS_DIR, METRICS_FILE, runtime
+
+    backend = resolve_backend(model.backend)
+    backends.configure_compile(model.compile)  # read by Unsloth at import: bounds compile time (docs/gpu.md)
+    backends.activate(backend)  # Unsloth must patch transformers/TRL before they are imported
+    backends.patch_dpo(backend)
+    train_rows = training_data.read_split(pairs, "train", training_data.DPO_COLUMNS, limit=cfg.limit)
+    val_rows = training_data.read_split(pairs, "val", training_data.DPO_COLUMNS, required=False)
+    device, dtype = runtime(model)
+
+    import trl
+
+    source = str(sft_adapter(Path(sft))) if sft is not None else model.name
+    merged, processor = load_model(
+        source,
+        backend,
+        for_training=True,
+        dtype=model.dtype,
+        load_in_4bit=model.load_in_4bit,
+        max_seq_length=cfg.max_length,
+        merge_adapter=True,  # the SFT weights become the policy's start and the reference
+    )
+    train_ds, dropped_train = _records(train_rows, processor, cfg.max_prompt_length)
+    if len(train_ds) == 0:
+        raise DataError(f"every train pair in {pairs} is longer than dpo.max_prompt_length={cfg.max_prompt_length}")
+    val_ds, dropped_val = _records(val_rows, processor, cfg.max_prompt_length) if val_rows is not None else (None, 0)
+    if val_ds is not None and len(val_ds) == 0:
+        val_ds = None
+
+    if backend == "unsloth":
+        policy = backends.add_lora(
+            merged, cfg.lora, backend, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing
+        )
+        peft_config = None
+    else:
+        # TRL wraps the model itself; with ref_model=None it computes reference log-probs with the adapter off.
+        policy, peft_config = merged, backends.lora_config(merged, cfg.lora)
+    args = _trl_args(
+        cfg, Path(out) / CHECKPOINTS_DIR, backend=backend, device=device, dtype=dtype, has_eval=val_ds is not None
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)  # the new LoRA's random A matrices
+        trainer = trl.DPOTrainer(
+            model=policy,
+            ref_model=None,
+            args=args,
+            train_dataset=train_ds,
+            eval_dataset=val_ds,
+            processing_class=processor,
+            peft_config=peft_config,
+            callbacks=[metrics_callback(Path(out) / METRICS_FILE), *callbacks],
+        )
+    facts = {
+        "backend": backend,
+        "device": device,
+        "dtype": dtype,
+        "train_rows": len(train_ds),
+        "val_rows": len(val_ds) if val_ds is not None else 0,
+        "dropped_long_prompts": dropped_train + dropped_val,
+    }
+    return trainer, facts
+
+
+def run(
+    cfg: DPOConfig,
+    model: ModelConfig,
+    sft: Path | None,
+    pairs: Path,
+    out: Path,
+    *,
+    callbacks: Sequence[Any] = (),
+) -> Manifest:
+    """Align the SFT model with DPO on `pairs/train.parquet` (evaluated on `val.parquet`), writing under `out`.
+
+    Args:
+        cfg: DPO, training and LoRA settings (defaults: the original recipe).
+        model: backend, dtype and 4-bit loading (its `name` is the base only when `sft` is None).
+        sft: the SFT stage folder (or its adapter folder); None runs DPO on `model.name` directly.
+        pairs: the pairs stage folder.
+        out: this stage's folder.
+        callbacks: extra TrainerCallbacks (tests use one to interrupt a run).
+
+    Returns:
+        The manifest (also `out/manifest.json`); extra holds base_model, backend, settings and the final metrics.
+
+    Raises:
+        DataError: the pairs folder is unfinished or its train split is empty.
+        ModelError: the SFT folder holds no adapter, or `--backend unsloth` without CUDA.
+    """
+    from mathwizard.training.checkpoints import prepare_checkpoints
+    from mathwizard.training.metrics import DPO_PLOTS, last_value
+    from mathwizard.training.runner import (
+        CHECKPOINTS_DIR,
+        base_model_id,
+        final_evaluation,
+        record_outputs,
+        save_adapter,
+        save_merged,
+        train,
+        trainable_parameters,
+    )
+
+    pairs, out = Path(pairs), Path(out)
+    sft = Path(sft) if sft is not None else None
+    check_inputs(cfg, model, sft, pairs)
+    fp = expected_fingerprint(cfg, model, sft, pairs)
+    if (done := reusable(out, fp)) is not None:
+        return done
+    pairs_manifest = require_manifest(pairs, "pairs")
+    upstream = {pairs_manifest.stage: pairs_manifest.fingerprint}
+    if sft is not None:
+        upstream.update(_sft_identity(sft))
+    config = {"dpo": cfg, "model": model}
+    with stage_output(out, stage=STAGE, version=VERSION, fingerprint=fp, config=config, upstream=upstream) as record:
+        prepare_checkpoints(out / CHECKPOINTS_DIR, fp)
+        trainer, facts = build_trainer(cfg, model, sft, pairs, out, callbacks=callbacks)
+        trainable, total = trainable_parameters(trainer.model)
+        result, resumed_from = train(trainer, out / CHECKPOINTS_DIR)
+        eval_metrics = final_evaluation(trainer)
+
+        base_model = str(sft_adapter(sft).resolve()) if sft is not None else base_model_id(model.name)
+        root_model = _root_model(base_model)
+        save_adapter(
+            trainer.model,
+            trainer.processing_class,
+            out,
+            base_model=base_model,
+            backend=facts["backend"],
+            root_model=root_model,
+        )
+        if cfg.save_merged:
+            save_merged(trainer.model, trainer.processing_class, out, facts["backend"])
+        records = record_outputs(record, out, DPO_PLOTS)
+
+        record.count(
+            train=facts["train_rows"],
+            val=facts["val_rows"],
+            dropped_long_prompts=facts["dropped_long_prompts"],
+            steps=trainer.state.global_step,
+        )
+        record.manifest.extra.update(
+            base_model=root_model,
+            sft_adapter=base_model if sft is not None else None,
+            backend=facts["backend"],
+            device=facts["device"],
+            dtype=facts["dtype"],
+            train_settings=cfg.model_dump(mode="json"),
+            trainable_parameters=trainable,
+            total_parameters=total,
+            resumed_from_step=resumed_from,
+            global_step=trainer.state.global_step,
+            train_loss=result.training_loss,
+            final_loss=last_value(records, "loss"),
+            **{f"final_{k.replace('/', '_')}": last_value(records, k) for k, _ in DPO_PLOTS if k != "loss"},
+            eval_loss=eval_metrics.get("eval_loss"),
+        )
+    return record.manifest
+
+
+def _root_model(base: str) -> str:
+    """The model at the bottom of an adapter chain (what a DPO adapter on an SFT adapter was built from)."""
+    from mathwizard.models import adapter_base, is_adapter_dir
+
+    seen = 0
+    while is_adapter_dir(base) and seen < 8:
+        base, seen = adapter_base(Path(base)), seen + 1
+    return base

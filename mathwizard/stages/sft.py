@@ -1,0 +1,219 @@
+"""Supervised fine-tuning: image + question -> the teacher's solution, LoRA, loss on the answer only.
+
+Usage: `mathwizard sft --data <run>/02-teach --out <run>/03-sft [--model tiny] [--backend auto|hf|unsloth]`.
+Writes `adapter/` (PEFT adapter + processor + base-model pointer, loadable by `mathwizard.models.load_model`),
+`merged/` when asked, `checkpoints/` (a killed run restarted with the same settings continues from the last one),
+`metrics.jsonl`, `loss.png` and the manifest.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mathwizard.config import ModelConfig, SFTConfig
+from mathwizard.manifest import Manifest, fingerprint, require_manifest, reusable, stage_output
+
+log = logging.getLogger(__name__)
+
+STAGE = "sft"
+VERSION = 1  # bump when output semantics change; part of the fingerprint
+
+
+def _model_identity(model: ModelConfig) -> dict[str, Any]:
+    from mathwizard.models.tiny import TINY_VERSION
+
+    identity: dict[str, Any] = model.model_dump(mode="json")
+    if model.name == "tiny":
+        identity["tiny_version"] = TINY_VERSION
+    return identity
+
+
+def expected_fingerprint(cfg: SFTConfig, model: ModelConfig, data: Path) -> str:
+    """Settings, the base model's identity, the training prompt and the teach output's fingerprint."""
+    from mathwizard.prompts import load_prompt
+
+    teach = require_manifest(Path(data), "teach")
+    return fingerprint(
+        STAGE,
+        VERSION,
+        cfg,
+        {teach.stage: teach.fingerprint},
+        model=_model_identity(model),
+        prompt=load_prompt("tutor_system"),
+    )
+
+
+def check_inputs(cfg: SFTConfig, model: ModelConfig, data: Path) -> None:
+    """Fail fast, in one line, before anything heavy starts.
+
+    Raises:
+        ModelError: the backend cannot run here or the model path does not exist.
+        DataError: the teach folder is unfinished.
+    """
+    from mathwizard.models import resolve_backend, resolve_model_path
+
+    resolve_backend(model.backend)
+    if model.name != "tiny":
+        resolve_model_path(model.name)
+    require_manifest(Path(data), "teach")
+
+
+def _trl_args(
+    cfg: SFTConfig,
+    output_dir: Path,
+    *,
+    backend: str = "hf",
+    device: str = "cpu",
+    dtype: str = "float32",
+    has_eval: bool = True,
+) -> Any:
+    """Our SFT settings as `trl.SFTConfig` (pure: no model, no data)."""
+    import trl
+
+    from mathwizard.training.args import common_args
+
+    return trl.SFTConfig(
+        **common_args(cfg, output_dir, backend=backend, device=device, dtype=dtype, has_eval=has_eval),
+        max_length=cfg.max_length,
+        packing=False,
+        completion_only_loss=True,  # the loss covers the solution, not the prompt or the image tokens
+        # TRL's vision prompt-completion collator cannot pad to a multiple; Unsloth's collator gets it instead.
+        pad_to_multiple_of=None,
+        dataset_kwargs={"skip_prepare_dataset": True},  # images are processed batch by batch by the collator
+    )
+
+
+def build_trainer(
+    cfg: SFTConfig, model: ModelConfig, data: Path, out: Path, *, callbacks: Sequence[Any] = ()
+) -> tuple[Any, dict[str, Any]]:
+    """The SFTTrainer over `data` writing checkpoints under `out`, and facts for the manifest.
+
+    Raises:
+        DataError: train split missing or empty, a column missing.
+        ModelError: the model cannot be loaded or the backend cannot run here.
+    """
+    from mathwizard.models import backend as backends
+    from mathwizard.models import load_model, resolve_backend
+    from mathwizard.training import data as training_data
+    from mathwizard.training.metrics import metrics_callback
+    from mathwizard.training.runner import CHECKPOINTS_DIR, METRICS_FILE, runtime
+
+    backend = resolve_backend(model.backend)
+    backends.configure_compile(model.compile)  # read by Unsloth at import: bounds compile time (docs/gpu.md)
+    backends.activate(backend)  # Unsloth must patch transformers/TRL before they are imported
+    train_rows = training_data.read_split(data, "train", training_data.SFT_COLUMNS, limit=cfg.limit)
+    val_rows = training_data.read_split(data, "val", training_data.SFT_COLUMNS, required=False)
+    device, dtype = runtime(model)
+    if cfg.pad_to_multiple_of and backend == "hf":
+        log.warning("sft.pad_to_multiple_of applies to the Unsloth collator only; TRL's vision collator ignores it")
+
+    import trl
+
+    base, processor = load_model(
+        model.name,
+        backend,
+        for_training=True,
+        dtype=model.dtype,
+        load_in_4bit=model.load_in_4bit,
+        max_seq_length=cfg.max_length,
+    )
+    peft_model = backends.add_lora(
+        base, cfg.lora, backend, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing
+    )
+    train_ds = training_data.sft_records(train_rows)
+    val_ds = training_data.sft_records(val_rows) if val_rows is not None else None
+    args = _trl_args(
+        cfg, Path(out) / CHECKPOINTS_DIR, backend=backend, device=device, dtype=dtype, has_eval=val_ds is not None
+    )
+    trainer = trl.SFTTrainer(
+        model=peft_model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=val_ds,
+        processing_class=processor,
+        data_collator=backends.sft_collator(
+            peft_model, processor, backend, max_length=cfg.max_length, pad_to_multiple_of=cfg.pad_to_multiple_of
+        ),
+        callbacks=[metrics_callback(Path(out) / METRICS_FILE), *callbacks],
+    )
+    facts = {
+        "backend": backend,
+        "device": device,
+        "dtype": dtype,
+        "train_rows": len(train_ds),
+        "val_rows": len(val_ds) if val_ds is not None else 0,
+    }
+    return trainer, facts
+
+
+def run(cfg: SFTConfig, model: ModelConfig, data: Path, out: Path, *, callbacks: Sequence[Any] = ()) -> Manifest:
+    """Train LoRA adapters on `data/train.parquet` (evaluated on `val.parquet`) and write them under `out`.
+
+    Args:
+        cfg: training and LoRA settings (defaults: the original recipe).
+        model: base model and backend.
+        data: the teach stage folder.
+        out: this stage's folder.
+        callbacks: extra TrainerCallbacks (tests use one to interrupt a run).
+
+    Returns:
+        The manifest (also `out/manifest.json`); extra holds base_model, backend, settings and the final losses.
+
+    Raises:
+        DataError: the teach folder is unfinished or its train split is empty.
+        ModelError: the model cannot be loaded, or `--backend unsloth` without CUDA.
+    """
+    from mathwizard.training.checkpoints import prepare_checkpoints
+    from mathwizard.training.metrics import SFT_PLOTS, last_value
+    from mathwizard.training.runner import (
+        CHECKPOINTS_DIR,
+        base_model_id,
+        final_evaluation,
+        record_outputs,
+        save_adapter,
+        save_merged,
+        train,
+        trainable_parameters,
+    )
+
+    data, out = Path(data), Path(out)
+    check_inputs(cfg, model, data)
+    fp = expected_fingerprint(cfg, model, data)
+    if (done := reusable(out, fp)) is not None:
+        return done
+    teach = require_manifest(data, "teach")
+    config = {"sft": cfg, "model": model}
+    with stage_output(
+        out, stage=STAGE, version=VERSION, fingerprint=fp, config=config, upstream={teach.stage: teach.fingerprint}
+    ) as record:
+        prepare_checkpoints(out / CHECKPOINTS_DIR, fp)
+        trainer, facts = build_trainer(cfg, model, data, out, callbacks=callbacks)
+        trainable, total = trainable_parameters(trainer.model)
+        result, resumed_from = train(trainer, out / CHECKPOINTS_DIR)
+        eval_metrics = final_evaluation(trainer)
+
+        base_model = base_model_id(model.name)
+        save_adapter(trainer.model, trainer.processing_class, out, base_model=base_model, backend=facts["backend"])
+        if cfg.save_merged:
+            save_merged(trainer.model, trainer.processing_class, out, facts["backend"])
+        records = record_outputs(record, out, SFT_PLOTS)
+
+        record.count(train=facts["train_rows"], val=facts["val_rows"], steps=trainer.state.global_step)
+        record.manifest.extra.update(
+            base_model=base_model,
+            backend=facts["backend"],
+            device=facts["device"],
+            dtype=facts["dtype"],
+            train_settings=cfg.model_dump(mode="json"),
+            trainable_parameters=trainable,
+            total_parameters=total,
+            resumed_from_step=resumed_from,
+            global_step=trainer.state.global_step,
+            train_loss=result.training_loss,
+            final_loss=last_value(records, "loss"),
+            eval_loss=eval_metrics.get("eval_loss"),
+        )
+    return record.manifest

@@ -1,0 +1,538 @@
+"""An OpenAI-compatible chat-completions server for tests and benchmarks, with injectable latency and faults.
+
+Its "model" answers correctly: it finds the `<reference_solution>` in the prompt and applies the rule teacher.
+Faults are drawn at random (`faults={"503": 0.05}`), queued (`fail_next(3, "503")`), held for a while
+(`fail_for(2.0, "503")`) or started after some good replies (`fail_after(20, "503")`: an outage mid-run).
+Transport faults (429, 5xx, 4xx, drop, non_json, bad_json, bad_completion) reply at once, as real gateways do;
+answer faults (wrong_answer, missing_answer, refusal, length) and normal replies
+take `latency` seconds; `slow` waits `slow_s` seconds (longer than the client's timeout) before answering.
+
+Usage:
+    with OpenAITestServer(latency=0.05, faults={"503": 0.1}) as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="test")
+        ...
+        server.requests  # chat-completion requests received, faults included
+
+    python -m mathwizard.testing.openai_server --port 8000 --latency 0.2 --fault 503=0.05 --fault drop=0.02
+    (then `RemoteTestServer("http://127.0.0.1:8000")` controls it; `spawn_test_server()` does both)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import random
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from collections import Counter, deque
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from mathwizard.answers import final_answer
+from mathwizard.teacher.rule import RuleError, rewrite
+
+TRANSPORT_FAULTS = (
+    "429",
+    "500",
+    "502",
+    "503",
+    "400",
+    "401",
+    "403",
+    "404",
+    "drop",
+    "non_json",
+    "bad_json",
+    "bad_completion",
+)
+ANSWER_FAULTS = ("wrong_answer", "missing_answer", "refusal", "length", "slow")
+FAULTS = TRANSPORT_FAULTS + ANSWER_FAULTS
+_SOURCE = re.compile(r"<reference_solution>\s*(.*?)\s*</reference_solution>", re.DOTALL)
+
+
+class FaultPlan:
+    """What the server does next; shared by its handler threads (every method takes the lock)."""
+
+    def __init__(
+        self,
+        *,
+        latency: float = 0.0,
+        faults: dict[str, float] | None = None,
+        retry_after: float | None = 1.0,
+        slow_s: float = 5.0,
+        api_key: str | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.lock = threading.Lock()
+        self.latency = latency
+        self.faults: dict[str, float] = {}
+        self.retry_after = retry_after
+        self.slow_s = slow_s
+        self.api_key = api_key
+        self._rng = random.Random(seed)
+        self._queue: deque[str] = deque()
+        self._window: tuple[float, str] | None = None
+        self._after: list = []  # [requests still fine, fault, how many to fail (None: until cleared)]
+        self.requests = 0
+        self.outcomes: Counter[str] = Counter()
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.configure(faults=faults or {})
+
+    def configure(self, **options: Any) -> None:
+        with self.lock:
+            for name, value in options.items():
+                if name == "faults":
+                    unknown = set(value) - set(FAULTS)
+                    if unknown:
+                        raise ValueError(f"unknown faults {sorted(unknown)}; known: {', '.join(FAULTS)}")
+                    if sum(value.values()) > 1.0:
+                        raise ValueError("fault probabilities must sum to at most 1")
+                    self.faults = dict(value)
+                elif name in ("latency", "retry_after", "slow_s", "api_key"):
+                    setattr(self, name, value)
+                elif name == "seed":
+                    self._rng = random.Random(value)
+                else:
+                    raise ValueError(f"unknown option {name!r}")
+
+    def fail_next(self, n: int, fault: str = "503") -> None:
+        _check_fault(fault)
+        with self.lock:
+            self._queue.extend([fault] * n)
+
+    def fail_for(self, seconds: float, fault: str = "503") -> None:
+        _check_fault(fault)
+        with self.lock:
+            self._window = (time.monotonic() + seconds, fault)
+
+    def fail_after(self, ok: int, fault: str = "503", n: int | None = None) -> None:
+        """Answer the next `ok` requests normally, then fail `n` of them (None: every one until `clear`)."""
+        _check_fault(fault)
+        with self.lock:
+            self._after = [ok, fault, n]
+
+    def clear(self) -> None:
+        """No more faults of any kind."""
+        with self.lock:
+            self.faults, self._window, self._after = {}, None, []
+            self._queue.clear()
+
+    def reset_counts(self) -> None:
+        with self.lock:
+            self.requests = 0
+            self.outcomes.clear()
+            self.max_in_flight = self.in_flight
+
+    def enter(self) -> None:
+        with self.lock:
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+
+    def leave(self) -> None:
+        with self.lock:
+            self.in_flight -= 1
+
+    def next_fault(self) -> str | None:
+        """Counts the request and picks its fault: the queue first, then the window, then chance."""
+        with self.lock:
+            self.requests += 1
+            if self._queue:
+                return self._queue.popleft()
+            if self._after:
+                if self._after[0] > 0:
+                    self._after[0] -= 1
+                    return None
+                fault, left = self._after[1], self._after[2]
+                if left is None or left > 0:
+                    if left is not None:
+                        self._after[2] = left - 1
+                    return fault
+                self._after = []
+            if self._window is not None:
+                until, fault = self._window
+                if time.monotonic() < until:
+                    return fault
+                self._window = None
+            roll = self._rng.random()
+            for fault, probability in self.faults.items():
+                roll -= probability
+                if roll < 0:
+                    return fault
+            return None
+
+    def record(self, outcome: str) -> None:
+        with self.lock:
+            self.outcomes[outcome] += 1
+
+    def stats(self) -> dict[str, Any]:
+        with self.lock:
+            return {"requests": self.requests, "outcomes": dict(self.outcomes), "max_in_flight": self.max_in_flight}
+
+
+def _check_fault(fault: str) -> None:
+    if fault not in FAULTS:
+        raise ValueError(f"unknown fault {fault!r}; known: {', '.join(FAULTS)}")
+
+
+def answer(messages: list[dict[str, Any]]) -> str:
+    """The model: the rule teacher's rewrite of the reference solution found in the first user message that has one."""
+    for message in messages:
+        content = message.get("content")
+        if message.get("role") == "user" and isinstance(content, str) and (match := _SOURCE.search(content)):
+            try:
+                return rewrite(match.group(1))
+            except RuleError:
+                break
+    return "### Solution\n1. The prompt holds no reference solution with a final answer.\n### Final Answer\n"
+
+
+def _spoil(text: str, fault: str) -> tuple[str, str]:
+    """A wrong reply of kind `fault` derived from the right one; returns (text, finish_reason)."""
+    if fault == "wrong_answer":
+        right = final_answer(text) or ""
+        return text.replace(f"\\boxed{{{right}}}", f"\\boxed{{{right}+1}}"), "stop"
+    if fault == "missing_answer":
+        return text.split("### Final Answer")[0].rstrip(), "stop"
+    if fault == "refusal":
+        return "I can't help with that request.", "stop"
+    if fault == "length":
+        return text[: max(1, len(text) // 2)], "length"
+    return text, "stop"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as the openai client expects
+    disable_nagle_algorithm = True  # headers and body go out as two writes; Nagle would hold the body ~40 ms
+    server: _Server
+
+    def log_message(self, format: str, *args: Any) -> None:  # quiet
+        return
+
+    # ---------------------------------------------------------------------------------------- helpers
+    def _body(self) -> bytes:
+        length = int(self.headers.get("Content-Length") or 0)
+        return self.rfile.read(length) if length else b""
+
+    def _send(self, status: int, body: bytes, content_type: str = "application/json", headers: dict | None = None):
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(body)
+            self.wfile.flush()
+        except OSError:  # the client gave up (timeout) and closed the connection
+            self.close_connection = True
+
+    def _json(self, status: int, data: Any, headers: dict | None = None) -> None:
+        self._send(status, json.dumps(data).encode(), headers=headers)
+
+    def _error(self, status: int, message: str, kind: str, headers: dict | None = None) -> None:
+        self._json(status, {"error": {"message": message, "type": kind, "param": None, "code": None}}, headers)
+
+    # ---------------------------------------------------------------------------------------- routes
+    def do_GET(self) -> None:
+        plan = self.server.plan
+        if self.path.rstrip("/") == "/_control/stats":
+            self._json(200, plan.stats())
+        elif self.path.rstrip("/").endswith("/models"):
+            self._json(200, {"object": "list", "data": [{"id": "test-teacher", "object": "model"}]})
+        else:
+            self._error(404, f"no route {self.path}", "not_found")
+
+    def do_POST(self) -> None:
+        body = self._body()
+        if self.path.startswith("/_control/"):
+            self._control(self.path.removeprefix("/_control/").strip("/"), body)
+        elif self.path.rstrip("/").endswith("/chat/completions"):
+            self.server.plan.enter()
+            try:
+                self._completion(body)
+            finally:
+                self.server.plan.leave()
+        else:
+            self._error(404, f"no route {self.path}", "not_found")
+
+    def _control(self, action: str, body: bytes) -> None:
+        plan = self.server.plan
+        args = json.loads(body or b"{}")
+        try:
+            if action == "configure":
+                plan.configure(**args)
+            elif action == "fail_next":
+                plan.fail_next(int(args["n"]), args.get("fault", "503"))
+            elif action == "fail_for":
+                plan.fail_for(float(args["seconds"]), args.get("fault", "503"))
+            elif action == "fail_after":
+                n = args.get("n")
+                plan.fail_after(int(args["ok"]), args.get("fault", "503"), None if n is None else int(n))
+            elif action == "clear":
+                plan.clear()
+            elif action == "reset":
+                plan.reset_counts()
+            else:
+                raise ValueError(f"unknown control action {action!r}")
+        except (ValueError, KeyError, TypeError) as exc:
+            self._error(400, str(exc), "invalid_request_error")
+            return
+        self._json(200, {"ok": True, **plan.stats()})
+
+    def _completion(self, body: bytes) -> None:
+        plan = self.server.plan
+        fault = plan.next_fault()
+        given = (self.headers.get("Authorization") or "").removeprefix("Bearer ").strip()
+        if plan.api_key is not None and given != plan.api_key:
+            fault = "401"
+        if fault in TRANSPORT_FAULTS:
+            plan.record(fault)
+            self._transport_fault(fault, given)
+            return
+        try:
+            request = json.loads(body)
+            messages = request["messages"]
+        except (ValueError, KeyError, TypeError):
+            plan.record("400")
+            self._error(400, "the body must be JSON with a 'messages' list", "invalid_request_error")
+            return
+        time.sleep(plan.slow_s if fault == "slow" else plan.latency)
+        text, finish = _spoil(answer(messages), fault) if fault else (answer(messages), "stop")
+        plan.record(fault or "ok")
+        prompt_chars = sum(len(str(m.get("content", ""))) for m in messages)
+        self._json(
+            200,
+            {
+                "id": f"chatcmpl-{uuid.uuid4().hex[:12]}",
+                "object": "chat.completion",
+                "created": int(time.time()),
+                "model": request.get("model", "test-teacher"),
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+                "usage": {
+                    "prompt_tokens": prompt_chars // 4,
+                    "completion_tokens": len(text) // 4,
+                    "total_tokens": prompt_chars // 4 + len(text) // 4,
+                },
+            },
+        )
+
+    def _transport_fault(self, fault: str, given_key: str) -> None:
+        plan = self.server.plan
+        if fault == "429":
+            headers = {} if plan.retry_after is None else {"Retry-After": f"{plan.retry_after:g}"}
+            self._error(429, "Rate limit reached for requests; please try again later.", "requests", headers)
+        elif fault in ("500", "502", "503"):
+            self._error(int(fault), HTTPStatus(int(fault)).phrase, "server_error")
+        elif fault == "401":
+            # Like some real servers, echo the key we were given: the client must scrub it.
+            self._error(401, f"Incorrect API key provided: {given_key}.", "invalid_request_error")
+        elif fault in ("400", "403", "404"):
+            self._error(int(fault), f"{HTTPStatus(int(fault)).phrase} (injected)", "invalid_request_error")
+        elif fault == "drop":
+            self.close_connection = True
+            with contextlib.suppress(OSError):
+                self.connection.shutdown(socket.SHUT_RDWR)
+        elif fault == "non_json":
+            self._send(200, b"<html><body>502 Bad Gateway</body></html>", content_type="text/html")
+        elif fault == "bad_json":
+            self._send(200, b'{"id": "chatcmpl-1", "choices": [')
+        elif fault == "bad_completion":
+            self._json(200, {"id": "chatcmpl-1", "object": "chat.completion", "model": "test-teacher"})
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 256  # many clients connect at once at the start of a run
+    plan: FaultPlan
+
+
+class OpenAITestServer:
+    """The server in a background thread of this process; `base_url` ends in `/v1` like OpenAI's."""
+
+    def __init__(self, *, host: str = "127.0.0.1", port: int = 0, **plan: Any) -> None:
+        self.plan = FaultPlan(**plan)
+        self._server = _Server((host, port), _Handler)
+        self._server.plan = self.plan
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    @property
+    def requests(self) -> int:
+        """Chat-completion requests received so far, faulted ones included."""
+        return self.plan.stats()["requests"]
+
+    @property
+    def outcomes(self) -> dict[str, int]:
+        """Requests by what the server did: ok, or the fault's name."""
+        return self.plan.stats()["outcomes"]
+
+    @property
+    def max_in_flight(self) -> int:
+        """The most chat-completion requests the server was handling at once."""
+        return self.plan.stats()["max_in_flight"]
+
+    def configure(self, **options: Any) -> None:
+        self.plan.configure(**options)
+
+    def fail_next(self, n: int, fault: str = "503") -> None:
+        self.plan.fail_next(n, fault)
+
+    def fail_for(self, seconds: float, fault: str = "503") -> None:
+        self.plan.fail_for(seconds, fault)
+
+    def fail_after(self, ok: int, fault: str = "503", n: int | None = None) -> None:
+        self.plan.fail_after(ok, fault, n)
+
+    def clear(self) -> None:
+        self.plan.clear()
+
+    def reset_counts(self) -> None:
+        self.plan.reset_counts()
+
+    def start(self) -> OpenAITestServer:
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, args=(0.05,), name="openai-test-server", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def __enter__(self) -> OpenAITestServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class RemoteTestServer:
+    """Controls a server running elsewhere (another process) through its `/_control` routes."""
+
+    def __init__(self, url: str, process: subprocess.Popen | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.process = process
+
+    @property
+    def base_url(self) -> str:
+        return f"{self.url}/v1"
+
+    def _post(self, action: str, **args: Any) -> dict[str, Any]:
+        request = urllib.request.Request(
+            f"{self.url}/_control/{action}", data=json.dumps(args).encode(), method="POST",
+            headers={"Content-Type": "application/json"},
+        )  # fmt: skip
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+    def stats(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"{self.url}/_control/stats", timeout=10) as response:
+            return json.loads(response.read())
+
+    @property
+    def requests(self) -> int:
+        return self.stats()["requests"]
+
+    @property
+    def outcomes(self) -> dict[str, int]:
+        return self.stats()["outcomes"]
+
+    @property
+    def max_in_flight(self) -> int:
+        return self.stats()["max_in_flight"]
+
+    def configure(self, **options: Any) -> None:
+        self._post("configure", **options)
+
+    def fail_next(self, n: int, fault: str = "503") -> None:
+        self._post("fail_next", n=n, fault=fault)
+
+    def fail_for(self, seconds: float, fault: str = "503") -> None:
+        self._post("fail_for", seconds=seconds, fault=fault)
+
+    def fail_after(self, ok: int, fault: str = "503", n: int | None = None) -> None:
+        self._post("fail_after", ok=ok, fault=fault, n=n)
+
+    def clear(self) -> None:
+        self._post("clear")
+
+    def reset_counts(self) -> None:
+        self._post("reset")
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def __enter__(self) -> RemoteTestServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def spawn_test_server(*, port: int = 0, **plan: Any) -> RemoteTestServer:
+    """Start the server in a subprocess (so it does not compete for this process's GIL) and return its control."""
+    args = [sys.executable, "-m", "mathwizard.testing.openai_server", "--port", str(port)]
+    for name, value in plan.items():
+        if name == "faults":
+            args += [arg for fault, p in value.items() for arg in ("--fault", f"{fault}={p}")]
+        elif value is not None:
+            args += [f"--{name.replace('_', '-')}", str(value)]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+    line = process.stdout.readline() if process.stdout else ""
+    if not line.startswith("listening on "):
+        process.kill()
+        raise RuntimeError(f"the test server did not start: {line!r}")
+    return RemoteTestServer(line.split()[-1].removesuffix("/v1"), process)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds per normal reply")
+    parser.add_argument("--fault", action="append", default=[], metavar="NAME=P", help=f"one of {', '.join(FAULTS)}")
+    parser.add_argument("--retry-after", type=float, default=1.0, help="Retry-After seconds sent with 429")
+    parser.add_argument("--slow-s", type=float, default=5.0, help="seconds a 'slow' reply takes")
+    parser.add_argument("--api-key", default=None, help="answer 401 unless this key is sent")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    faults = {name: float(p) for name, p in (item.split("=", 1) for item in args.fault)}
+    server = OpenAITestServer(
+        host=args.host, port=args.port, latency=args.latency, faults=faults, retry_after=args.retry_after,
+        slow_s=args.slow_s, api_key=args.api_key, seed=args.seed,
+    )  # fmt: skip
+    print(f"listening on {server.base_url}", flush=True)
+    try:
+        server._server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server._server.server_close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,57 @@
+"""Resume from the last complete checkpoint, and never from one made with other settings.
+
+The Trainer writes a checkpoint's `trainer_state.json` last, so a folder without it is the remains of a kill
+mid-save: it is removed. A `fingerprint.txt` beside the checkpoints records which settings made them; when a
+run starts with other settings, the old checkpoints are discarded instead of resumed into the wrong schedule.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+from pathlib import Path
+
+from mathwizard.manifest import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+FINGERPRINT_FILE = "fingerprint.txt"
+
+
+def checkpoint_step(path: Path) -> int | None:
+    match = _CHECKPOINT.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def prepare_checkpoints(folder: Path, fingerprint: str) -> None:
+    """Create `folder`; empty it when its checkpoints were made with another fingerprint."""
+    folder = Path(folder)
+    stamp = folder / FINGERPRINT_FILE
+    if folder.is_dir() and any(folder.iterdir()):
+        previous = stamp.read_text(encoding="utf-8").strip() if stamp.is_file() else None
+        if previous != fingerprint:
+            log.warning("discarding checkpoints in %s: they were made with other settings", folder)
+            shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(stamp, fingerprint + "\n")
+
+
+def last_checkpoint(folder: Path) -> Path | None:
+    """The newest complete `checkpoint-N` under `folder` (incomplete ones are deleted), or None."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    found = sorted(
+        (p for p in folder.iterdir() if p.is_dir() and checkpoint_step(p) is not None),
+        key=lambda p: checkpoint_step(p) or 0,
+    )
+    complete = []
+    for path in found:
+        if (path / "trainer_state.json").is_file():
+            complete.append(path)
+        else:
+            log.warning("removing incomplete checkpoint %s (interrupted while saving)", path)
+            shutil.rmtree(path, ignore_errors=True)
+    return complete[-1] if complete else None

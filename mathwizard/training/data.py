@@ -1,0 +1,137 @@
+"""Stage parquet files -> the conversational vision formats TRL trains on.
+
+SFT rows become `{"images": [PIL], "prompt": [system, user(image + question)], "completion": [assistant]}`:
+TRL then picks its vision collator and puts the loss on the completion only. DPO rows become the same prompt
+with `"chosen"` / `"rejected"` assistant turns. The prompt is the one the pairs, eval and ask stages generate
+from (`mathwizard.generation.chat_messages` with the `tutor_system` prompt), so training and use agree.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from mathwizard.errors import DataError
+
+log = logging.getLogger(__name__)
+
+SFT_COLUMNS = ("question", "solution", "image")
+DPO_COLUMNS = ("question", "chosen", "rejected", "image")
+
+
+def read_split(folder: Path, split: str, columns: Sequence[str], *, required: bool = True, limit: int | None = None):
+    """`folder/<split>.parquet` as a datasets.Dataset (images stay encoded until a batch needs them).
+
+    Raises:
+        DataError: the file is missing (when required), lacks a column, or has no rows (when required).
+    """
+    import datasets
+
+    path = Path(folder) / f"{split}.parquet"
+    if not path.is_file():
+        if required:
+            raise DataError(f"{path} does not exist; point the stage at a finished upstream folder")
+        return None
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from None
+    ds = datasets.Dataset(table)  # in memory: no copy in the datasets cache
+    missing = [c for c in columns if c not in ds.column_names]
+    if missing:
+        raise DataError(f"{path} lacks column(s) {', '.join(missing)} (has: {', '.join(ds.column_names)})")
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    if len(ds) == 0:
+        if required:
+            raise DataError(f"{path} has no rows; nothing to train on (check the upstream stage's report)")
+        return None
+    if not isinstance(ds.features["image"], datasets.Image):
+        ds = ds.cast_column("image", datasets.Image())
+    return ds
+
+
+def tutor_prompt(question: str, system: str | None = None) -> list[dict[str, Any]]:
+    """The prompt turns: tutor instructions (system, merged into the user turn by the template), image, question."""
+    from mathwizard.generation import Request, chat_messages
+    from mathwizard.prompts import load_prompt
+
+    return chat_messages(Request(text=question, image=None, system=system or load_prompt("tutor_system")))
+
+
+def assistant(text: str) -> list[dict[str, Any]]:
+    return [{"role": "assistant", "content": [{"type": "text", "text": text}]}]
+
+
+def _rgb(image: Any) -> Any:
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+def sft_records(ds, system: str | None = None):
+    """SFT rows in TRL's vision prompt-completion format."""
+    import datasets
+
+    def convert(row: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "images": [_rgb(row["image"])],
+            "prompt": tutor_prompt(row["question"], system),
+            "completion": assistant(row["solution"]),
+        }
+
+    features = datasets.Features(
+        {
+            "images": datasets.Sequence(datasets.Image()),
+            "prompt": _messages_feature(),
+            "completion": _messages_feature(),
+        }
+    )
+    return ds.map(convert, remove_columns=ds.column_names, features=features, keep_in_memory=True)
+
+
+def dpo_records(ds, system: str | None = None):
+    """Preference rows in TRL's vision DPO format (the image reaches the model through `images`)."""
+    import datasets
+
+    def convert(row: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "images": [_rgb(row["image"])],
+            "prompt": tutor_prompt(row["question"], system),
+            "chosen": assistant(row["chosen"]),
+            "rejected": assistant(row["rejected"]),
+        }
+
+    features = datasets.Features(
+        {
+            "images": datasets.Sequence(datasets.Image()),
+            "prompt": _messages_feature(),
+            "chosen": _messages_feature(),
+            "rejected": _messages_feature(),
+        }
+    )
+    return ds.map(convert, remove_columns=ds.column_names, features=features, keep_in_memory=True)
+
+
+def prompt_lengths(records, processor) -> list[int]:
+    """Tokens of each record's rendered prompt, with its image expanded to the soft tokens the model sees."""
+    lengths = []
+    tokenizer = processor.tokenizer
+    for prompt in records["prompt"]:
+        text = processor.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
+        text = text.replace(processor.image_token, processor.full_image_sequence)
+        lengths.append(len(tokenizer(text, add_special_tokens=False)["input_ids"]))
+    return lengths
+
+
+def _messages_feature():
+    import datasets
+
+    return datasets.List(
+        {
+            "role": datasets.Value("string"),
+            "content": datasets.List({"type": datasets.Value("string"), "text": datasets.Value("string")}),
+        }
+    )

@@ -1,0 +1,117 @@
+"""Steps the SFT and DPO stages run alike: pick device and dtype, train with resume, save the adapter and plots."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from mathwizard.config import ModelConfig
+from mathwizard.manifest import StageRecord
+from mathwizard.training.checkpoints import checkpoint_step, last_checkpoint
+from mathwizard.training.metrics import plot_metrics, read_metrics
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+ADAPTER_DIR = "adapter"
+MERGED_DIR = "merged"
+CHECKPOINTS_DIR = "checkpoints"
+
+
+def runtime(model: ModelConfig) -> tuple[str, str]:
+    """('cuda' | 'cpu', dtype name the weights load in); one torch thread for the tiny model on a CPU."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = model.dtype if model.dtype != "auto" else ("bfloat16" if device == "cuda" else "float32")
+    if device == "cpu" and model.name == "tiny":
+        torch.set_num_threads(1)  # a tiny model on a busy CPU runs 10-100x faster on one thread
+    return device, dtype
+
+
+def base_model_id(name: str) -> str:
+    """How an adapter names its base: 'tiny' and Hub ids as they are, local folders as absolute paths."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if name != "tiny" and path.is_dir() else name
+
+
+def train(trainer: Any, checkpoints: Path) -> tuple[Any, int | None]:
+    """trainer.train(), continuing from the last complete checkpoint when an earlier run was interrupted."""
+    resume = last_checkpoint(checkpoints)
+    if resume is not None:
+        log.info("resuming from %s", resume)
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    return result, checkpoint_step(resume) if resume else None
+
+
+def final_evaluation(trainer: Any) -> dict[str, Any]:
+    """Validation metrics at the last step: the periodic evaluation's when it just ran, else a fresh one."""
+    if trainer.eval_dataset is None:
+        return {}
+    step = trainer.state.global_step
+    for entry in reversed(trainer.state.log_history):
+        if entry.get("step") == step and "eval_loss" in entry:
+            return {k: v for k, v in entry.items() if k.startswith("eval_")}
+    return trainer.evaluate()  # logged by the Trainer, so it lands in metrics.jsonl too
+
+
+def _replace_dir(tmp: Path, target: Path) -> None:
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+
+
+def save_adapter(model: Any, processor: Any, out: Path, *, base_model: str, backend: str, **extra: Any) -> Path:
+    """`out/adapter/`: PEFT adapter, processor and the pointer to its base model (written whole or not at all)."""
+    from mathwizard.models import write_adapter_pointer
+
+    target = Path(out) / ADAPTER_DIR
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".adapter-"))
+    try:
+        model.save_pretrained(str(tmp))
+        processor.save_pretrained(str(tmp))
+        write_adapter_pointer(tmp, base_model, backend, **extra)
+        _replace_dir(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def save_merged(model: Any, processor: Any, out: Path, backend: str) -> Path:
+    """`out/merged/`: the adapter merged into the base weights, a standalone model folder."""
+    from mathwizard.models.backend import save_merged as write_merged
+
+    target = Path(out) / MERGED_DIR
+    tmp = Path(tempfile.mkdtemp(dir=out, prefix=".merged-"))
+    try:
+        write_merged(model, processor, str(tmp), backend)
+        _replace_dir(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def record_outputs(record: StageRecord, out: Path, plots: tuple[tuple[str, str], ...]) -> list[dict[str, Any]]:
+    """Draw the plots from metrics.jsonl and list the stage's files (not checkpoints) in the manifest."""
+    records = read_metrics(out / METRICS_FILE)
+    plot_metrics(records, plots, out)
+    record.add_file(METRICS_FILE, rows=len(records))
+    for _, filename in plots:
+        record.add_file(filename)
+    for folder in (ADAPTER_DIR, MERGED_DIR):
+        if (out / folder).is_dir():
+            for path in sorted((out / folder).rglob("*")):
+                if path.is_file():
+                    record.add_file(str(path.relative_to(out)))
+    return records
+
+
+def trainable_parameters(model: Any) -> tuple[int, int]:
+    """(trainable, total) parameter counts."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return trainable, total

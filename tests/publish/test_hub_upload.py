@@ -1,0 +1,275 @@
+"""The real upload path against a recording Hub on 127.0.0.1: what is sent, idempotence, errors, the token."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from mathwizard.config import PublishConfig
+from mathwizard.errors import PublishError, TransientError, is_transient
+from mathwizard.manifest import read_manifest
+from mathwizard.publish.hub import git_blob_id, resolve_token
+from mathwizard.stages import publish
+from tests.publish.conftest import TOKEN
+from tests.publish.fakehub import FakeHub
+
+MODEL, SFT, DPO = "acme/math-wizard-gemma-3n-dpo", "acme/math-wizard-sft", "acme/math-wizard-dpo"
+MODEL_FILES = {
+    "README.md",
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "mathwizard_adapter.json",
+    "tokenizer_config.json",
+    "eval/base.json",
+    "eval/sft.json",
+    "eval/dpo.json",
+    "plots/sft_loss.png",
+    *(f"plots/dpo_{n}.png" for n in ("loss", "rewards_accuracies", "rewards_chosen", "rewards_rejected")),
+    "plots/dpo_rewards_margins.png",
+    *(f"sft-adapter/{n}" for n in ("adapter_config.json", "adapter_model.safetensors", "mathwizard_adapter.json")),
+    "sft-adapter/tokenizer_config.json",
+}  # 5 adapter files + 3 eval reports + 6 plots + 4 SFT adapter files = 18
+SFT_FILES = {"README.md", *(f"data/{s}-00000-of-00001.parquet" for s in ("train", "val", "test"))}
+DPO_FILES = {"README.md", *(f"data/{s}-00000-of-00001.parquet" for s in ("train", "val"))}
+
+
+def _cfg(hub: FakeHub, **overrides) -> PublishConfig:
+    return PublishConfig(namespace="acme", endpoint=hub.url, **overrides)
+
+
+def _committed_paths(commit) -> dict[str, str]:
+    """path -> operation key of one recorded NDJSON commit (header line excluded)."""
+    lines = commit.ndjson()
+    assert lines[0]["key"] == "header"
+    return {line["value"]["path"]: line["key"] for line in lines[1:]}
+
+
+def _repo_of(commit) -> str:
+    return commit.path.split("/commit/")[0].split("/", 3)[3]
+
+
+def test_upload_creates_repos_and_commits_every_file_with_the_token_header(
+    run_dir: Path, tmp_path: Path, fake_hub: FakeHub, monkeypatch: pytest.MonkeyPatch, caplog, capsys
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    caplog.set_level(logging.DEBUG)
+    out = tmp_path / "07-publish"
+
+    manifest = publish.run(_cfg(fake_hub, private=True), run_dir, out)
+
+    creates = [r.json() for r in fake_hub.calls("POST", r"^/api/repos/create$")]
+    assert creates == [
+        {"name": "math-wizard-gemma-3n-dpo", "organization": "acme", "visibility": "private", "type": "model"},
+        {"name": "math-wizard-sft", "organization": "acme", "visibility": "private", "type": "dataset"},
+        {"name": "math-wizard-dpo", "organization": "acme", "visibility": "private", "type": "dataset"},
+    ]
+    assert all(fake_hub.repo(t, r).private for t, r in [("model", MODEL), ("dataset", SFT), ("dataset", DPO)])
+    # The token travels as a header on every request, and nowhere else.
+    assert fake_hub.requests and all(r.headers["authorization"] == f"Bearer {TOKEN}" for r in fake_hub.requests)
+    assert not any(TOKEN.encode() in r.body for r in fake_hub.requests)
+
+    commits = fake_hub.commits()
+    assert [_repo_of(c) for c in commits] == [MODEL, SFT, DPO]  # one commit per repo
+    assert set(_committed_paths(commits[0])) == MODEL_FILES and len(MODEL_FILES) == 18
+    assert set(_committed_paths(commits[1])) == SFT_FILES
+    assert set(_committed_paths(commits[2])) == DPO_FILES
+    assert commits[0].path == "/api/models/acme/math-wizard-gemma-3n-dpo/commit/main"
+    assert commits[1].path == "/api/datasets/acme/math-wizard-sft/commit/main"
+
+    # What the Hub now holds is exactly what was laid out locally, cards included.
+    model_dir = out / "models" / MODEL
+    remote = fake_hub.repo("model", MODEL).files
+    assert remote["README.md"] == (model_dir / "README.md").read_bytes()
+    assert "| DPO | 10 | 50.0% | 100.0% |" in remote["README.md"].decode()
+    assert set(remote) == MODEL_FILES | {".gitattributes"}
+    assert (
+        fake_hub.repo("dataset", SFT).files["data/train-00000-of-00001.parquet"]
+        == (run_dir / "02-teach" / "train.parquet").read_bytes()
+    )
+
+    repos = manifest.extra["repos"]
+    assert manifest.extra["destination"] == "hub" and manifest.extra["endpoint"] == fake_hub.url
+    assert [r["url"] for r in repos] == [
+        f"{fake_hub.url}/{MODEL}",
+        f"{fake_hub.url}/datasets/{SFT}",
+        f"{fake_hub.url}/datasets/{DPO}",
+    ]
+    assert all(r["commit"] for r in repos)
+    assert manifest.counts["commits"] == 3 and manifest.counts["uploaded"] == 18 + 4 + 3
+
+    # Never written or logged: not in any file under tmp_path (run, stage folder, manifest), logs or output.
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert len(written) > 60
+    assert not [p for p in written if TOKEN.encode() in p.read_bytes()]
+    captured = capsys.readouterr()
+    assert TOKEN not in caplog.text and TOKEN not in captured.out + captured.err
+    assert "committed" in caplog.text  # the logs were captured at all
+
+
+def test_rerun_with_nothing_new_sends_no_commit(
+    run_dir: Path, tmp_path: Path, fake_hub: FakeHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    cfg = _cfg(fake_hub)
+    first = publish.run(cfg, run_dir, tmp_path / "a")
+    sent = len(fake_hub.requests)
+
+    # Same stage folder: the manifest matches, so nothing is even asked.
+    again = publish.run(cfg, run_dir, tmp_path / "a")
+    assert len(fake_hub.requests) == sent and again.created_at == first.created_at
+
+    # A fresh stage folder (e.g. another machine): the remote trees are compared and found identical.
+    fresh = publish.run(cfg, run_dir, tmp_path / "b")
+    new = fake_hub.requests[sent:]
+    assert [(r.method, r.path.split("/")[-2]) for r in new if "/tree/" in r.path] == [("GET", "tree")] * 3
+    assert not [r for r in new if "/commit/" in r.path or "/preupload/" in r.path]
+    assert [r["commit"] for r in fresh.extra["repos"]] == [None, None, None]
+    assert fresh.counts["commits"] == 0 and fresh.counts["uploaded"] == 0
+    assert [len(fake_hub.repo(t, r).commits) for t, r in [("model", MODEL), ("dataset", SFT), ("dataset", DPO)]] == [
+        2,
+        2,
+        2,
+    ]  # the Hub's initial commit + ours, each
+
+
+def test_a_changed_report_commits_only_the_files_it_changes(
+    run_dir: Path, tmp_path: Path, fake_hub: FakeHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    cfg = _cfg(fake_hub)
+    publish.run(cfg, run_dir, tmp_path / "a")
+    report = run_dir / "06-eval" / "dpo" / "report.json"
+    data = json.loads(report.read_text())
+    report.write_text(json.dumps({**data, "accuracy": 0.6}))
+    fake_hub.repo("model", MODEL).files["old-notes.txt"] = b"from an earlier run"
+    before = len(fake_hub.commits())
+
+    manifest = publish.run(cfg, run_dir, tmp_path / "b")
+
+    commits = fake_hub.commits()[before:]
+    assert len(commits) == 1 and _repo_of(commits[0]) == MODEL
+    expected = {"README.md": "file", "eval/dpo.json": "file", "old-notes.txt": "deletedFile"}
+    assert _committed_paths(commits[0]) == expected
+    assert "| DPO | 10 | 60.0% |" in fake_hub.repo("model", MODEL).files["README.md"].decode()
+    model = manifest.extra["repos"][0]
+    assert model["uploaded"] == ["README.md", "eval/dpo.json"] and model["deleted"] == ["old-notes.txt"]
+
+
+def test_stale_remote_files_are_kept_when_delete_stale_is_off(
+    run_dir: Path, tmp_path: Path, fake_hub: FakeHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    publish.run(_cfg(fake_hub), run_dir, tmp_path / "a")
+    fake_hub.repo("model", MODEL).files["notes.txt"] = b"added on the Hub by hand"
+    before = len(fake_hub.commits())
+
+    publish.run(_cfg(fake_hub, delete_stale=False), run_dir, tmp_path / "b")
+
+    assert len(fake_hub.commits()) == before
+    assert "notes.txt" in fake_hub.repo("model", MODEL).files
+
+
+def test_hub_5xx_is_transient_and_the_retry_only_sends_what_is_missing(
+    run_dir: Path, tmp_path: Path, fake_hub: FakeHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    out = tmp_path / "07-publish"
+    fake_hub.fail_next(r"/api/datasets/acme/math-wizard-dpo/commit/", 503)
+
+    with pytest.raises(TransientError, match=r"failed on dataset repo acme/math-wizard-dpo \(503\)") as failed:
+        publish.run(_cfg(fake_hub), run_dir, out)
+    assert is_transient(failed.value)
+    assert read_manifest(out) is None  # not marked done
+    assert [_repo_of(c) for c in fake_hub.commits()] == [MODEL, SFT, DPO]  # the last one was refused
+
+    manifest = publish.run(_cfg(fake_hub), run_dir, out)  # what Prefect's retry does
+
+    assert [_repo_of(c) for c in fake_hub.commits()] == [MODEL, SFT, DPO, DPO]
+    assert [r["commit"] is not None for r in manifest.extra["repos"]] == [False, False, True]
+
+
+def test_a_refused_token_is_a_permanent_one_line_error(
+    run_dir: Path, tmp_path: Path, fake_hub: FakeHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wrong = "hf_NotTheRightToken000000000000000000"
+    monkeypatch.setenv("HF_TOKEN", wrong)
+
+    with pytest.raises(PublishError) as refused:
+        publish.run(_cfg(fake_hub), run_dir, tmp_path / "out")
+
+    message = str(refused.value)
+    assert "refused model repo acme/math-wizard-gemma-3n-dpo (401)" in message and "write access" in message
+    assert "\n" not in message and wrong not in message and not is_transient(refused.value)
+    assert fake_hub.commits() == []
+
+
+def test_an_unreachable_hub_is_transient(run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    with FakeHub() as hub:
+        closed = hub.url  # the port is free again once the server is gone
+    cfg = PublishConfig(namespace="acme", endpoint=closed)
+
+    with pytest.raises(TransientError, match="cannot reach the Hub"):
+        publish.run(cfg, run_dir, tmp_path / "out")
+
+
+def test_the_hf_login_token_is_used(
+    run_dir: Path, tmp_path: Path, fake_hub: FakeHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import huggingface_hub.constants
+
+    login = Path(huggingface_hub.constants.HF_TOKEN_PATH)
+    login.parent.mkdir(parents=True)
+    login.write_text(TOKEN)
+
+    manifest = publish.run(_cfg(fake_hub), run_dir, tmp_path / "out")
+
+    assert manifest.extra["destination"] == "hub" and len(fake_hub.commits()) == 3
+
+
+def test_token_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
+    assert resolve_token() is None  # no env, no .env, no login (conftest)
+    login = Path(huggingface_hub.constants.HF_TOKEN_PATH)
+    login.parent.mkdir(parents=True)
+    login.write_text("hf_login")
+    assert resolve_token() == "hf_login"
+    monkeypatch.setenv("HF_TOKEN", "hf_env")
+    assert resolve_token() == "hf_env"
+    monkeypatch.setenv("MATHWIZARD_HF_TOKEN", "hf_mathwizard")
+    assert resolve_token() == "hf_mathwizard"
+    assert resolve_token("hf_block") == "hf_block"  # a Prefect Secret block, passed by the task
+
+
+def test_a_target_folder_wins_over_a_token(
+    run_dir: Path, tmp_path: Path, fake_hub: FakeHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    target = tmp_path / "hub-folder"
+
+    manifest = publish.run(_cfg(fake_hub, target=str(target)), run_dir, tmp_path / "out")
+
+    assert fake_hub.requests == [] and manifest.extra["destination"] == "local"
+    assert (target / "models" / MODEL / "README.md").is_file()
+    assert (target / "datasets" / DPO / "data" / "val-00000-of-00001.parquet").is_file()
+
+
+def test_offline_mode_keeps_everything_local(run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_TOKEN", TOKEN)  # HF_HUB_OFFLINE=1 comes from tests/conftest.py
+
+    manifest = publish.run(PublishConfig(namespace="acme", endpoint="http://127.0.0.1:9"), run_dir, tmp_path / "out")
+
+    assert manifest.extra["destination"] == "local" and "commits" not in manifest.counts
+
+
+def test_git_blob_id_matches_git(tmp_path: Path) -> None:
+    path = tmp_path / "hello.txt"
+    path.write_bytes(b"hello\n")
+    assert git_blob_id(path) == "ce013625030ba8dba906f756967f9e9ca394464a"  # `git hash-object hello.txt`

@@ -1,0 +1,217 @@
+"""The DPO stage on the tiny model: CLI end to end, the image really reaches the loss, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+# Prefect's logging setup (on `import prefect.main`) and transformers/datasets bind their log handlers to the
+# sys.stderr of the moment; done inside a CliRunner call, that stream is closed afterwards and every later CLI
+# call in the session fails with "I/O operation on closed file". Importing them at collection avoids it.
+import datasets
+import prefect.main  # noqa: F401
+import pytest
+import transformers  # noqa: F401
+
+from mathwizard.config import DPOConfig, ModelConfig, SFTConfig
+from mathwizard.errors import DataError, ModelError
+from mathwizard.manifest import read_manifest
+from tests.training.builders import (
+    Interrupted,
+    interrupt_at,
+    pairs_folder,
+    png,
+    teach_folder,
+    trainable_snapshot,
+    use_session_model_cache,
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _models_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
+    use_session_model_cache(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def sft_dir(tmp_path_factory: pytest.TempPathFactory, _models_dir: None) -> Path:
+    """A finished 03-sft folder (2 steps on the tiny model)."""
+    from mathwizard.stages import sft
+
+    root = tmp_path_factory.mktemp("dpo-upstream")
+    teach = teach_folder(root / "02-teach", n_train=4, n_val=0)
+    cfg = SFTConfig(max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=1, max_length=512)
+    sft.run(cfg, ModelConfig(), teach, root / "03-sft")
+    return root / "03-sft"
+
+
+def small(**overrides) -> DPOConfig:
+    values = dict(
+        max_steps=4,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=1,
+        save_steps=2,
+        max_length=512,
+        warmup_steps=0,
+    )
+    return DPOConfig(**{**values, **overrides})
+
+
+def test_cli_dpo_end_to_end(tmp_path: Path, sft_dir: Path, prefect_harness: None) -> None:
+    import torch
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from mathwizard.cli import app
+    from mathwizard.models import load_model
+
+    pairs = pairs_folder(tmp_path / "04-pairs", n_train=6, n_val=2)
+    out = tmp_path / "05-dpo"
+    args = ["dpo", "--home", str(tmp_path / "home"), "--model", str(sft_dir), "--pairs", str(pairs), "--out", str(out)]
+    args += ["--max-steps", "3", "--batch-size", "2", "--grad-accum", "1", "--max-length", "512", "--save-merged"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+
+    manifest = read_manifest(out)
+    assert manifest is not None and manifest.stage == "dpo"
+    assert manifest.counts == {"train": 6, "val": 2, "dropped_long_prompts": 0, "steps": 3}
+    assert manifest.upstream == {"pairs": read_manifest(pairs).fingerprint, "sft": read_manifest(sft_dir).fingerprint}
+    extra = manifest.extra
+    assert (extra["base_model"], extra["backend"], extra["global_step"]) == ("tiny", "hf", 3)
+    assert extra["train_settings"]["lora"] == {**extra["train_settings"]["lora"], "r": 4, "alpha": 4, "dropout": 0.1}
+    for name in (
+        "loss.png",
+        "rewards_accuracies.png",
+        "rewards_chosen.png",
+        "rewards_rejected.png",
+        "rewards_margins.png",
+    ):
+        assert (out / name).stat().st_size > 1000, name
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2, 3]
+    assert {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"} <= set(train[0])
+    # Step 1 starts from the SFT model, which is also the reference: the DPO loss is -log sigmoid(0) = log 2.
+    assert train[0]["loss"] == pytest.approx(math.log(2), abs=1e-4)
+    pointer = json.loads((out / "adapter" / "mathwizard_adapter.json").read_text())
+    assert pointer["base_model"] == str((sft_dir / "adapter").resolve())
+    relative = (out / "adapter" / pointer["base_model_relative"]).resolve()
+    assert relative == (sft_dir / "adapter").resolve() and not pointer["base_model_relative"].startswith("/")
+
+    # base -> SFT merged -> DPO adapter gives the same outputs as merged/ (all three folded together)
+    chain, processor = load_model(out / "adapter", "hf", for_training=False)
+    merged, _ = load_model(out / "merged", "hf", for_training=False)
+    sft_only, _ = load_model(sft_dir / "adapter", "hf", for_training=False)
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Find x."}]}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
+    from io import BytesIO
+
+    batch = processor(text=[text], images=[[Image.open(BytesIO(png(4))).convert("RGB")]], return_tensors="pt")
+    with torch.inference_mode():
+        expected = merged(**batch).logits
+        torch.testing.assert_close(chain(**batch).logits, expected, atol=1e-4, rtol=1e-4)
+        assert not torch.allclose(sft_only(**batch).logits, expected, atol=1e-6)  # DPO changed something
+
+
+def test_dpo_batches_carry_pixels_and_the_image_changes_the_loss(tmp_path: Path, sft_dir: Path) -> None:
+    import torch
+
+    from mathwizard.stages import dpo
+
+    pairs = pairs_folder(tmp_path / "04-pairs", n_train=4, n_val=0)
+    cfg = small(max_steps=3, learning_rate=5e-3)
+    trainer, facts = dpo.build_trainer(cfg, ModelConfig(), sft_dir, pairs, tmp_path / "out")
+    assert facts["val_rows"] == 0
+
+    before = trainable_snapshot(trainer.model)
+    assert before and all("lora_" in n or "modules_to_save" in n for n in before)
+    trainer.train()
+    after = dict(trainer.model.named_parameters())
+    for name, value in before.items():
+        assert not torch.equal(value, after[name]), f"{name} did not change"
+
+    examples = [trainer.train_dataset[i] for i in range(2)]
+    batch = trainer.data_collator([dict(e) for e in examples])
+    assert "pixel_values" in batch
+    assert tuple(batch["pixel_values"].shape[1:]) == (3, 64, 64)
+    swapped = [dict(e) for e in examples]
+    swapped[0]["images"], swapped[1]["images"] = examples[1]["images"], examples[0]["images"]
+    swapped_batch = trainer.data_collator(swapped)
+    assert torch.equal(swapped_batch["input_ids"], batch["input_ids"])  # same text, only the figures moved
+    assert not torch.equal(swapped_batch["pixel_values"], batch["pixel_values"])
+
+    trainer.model.eval()
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, batch).item()
+        loss_swapped = trainer.compute_loss(trainer.model, swapped_batch).item()
+    assert math.isfinite(loss) and math.isfinite(loss_swapped)
+    assert abs(loss - loss_swapped) > 1e-6, (loss, loss_swapped)
+
+
+def test_dpo_resumes_from_the_last_checkpoint_after_an_interruption(tmp_path: Path, sft_dir: Path) -> None:
+    from mathwizard.stages import dpo
+
+    pairs = pairs_folder(tmp_path / "04-pairs", n_train=4, n_val=1)
+    out = tmp_path / "05-dpo"
+    with pytest.raises(Interrupted):
+        dpo.run(small(), ModelConfig(), sft_dir, pairs, out, callbacks=[interrupt_at(3)])
+    assert read_manifest(out) is None
+    assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2"]
+
+    manifest = dpo.run(small(), ModelConfig(), sft_dir, pairs, out)
+    assert (manifest.extra["resumed_from_step"], manifest.extra["global_step"]) == (2, 4)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in records if "eval_loss" in r] == [4]
+
+
+def test_dpo_clear_errors(tmp_path: Path, sft_dir: Path) -> None:
+    from mathwizard.manifest import stage_output
+    from mathwizard.stages import dpo
+
+    pairs = pairs_folder(tmp_path / "04-pairs", n_train=2, n_val=0)
+    with pytest.raises(ModelError, match=r"SFT model path .*missing-sft does not exist"):
+        dpo.run(small(), ModelConfig(), tmp_path / "missing-sft", pairs, tmp_path / "a")
+    (tmp_path / "not-sft").mkdir()
+    with pytest.raises(ModelError, match="holds no adapter"):
+        dpo.run(small(), ModelConfig(), tmp_path / "not-sft", pairs, tmp_path / "b")
+
+    empty = tmp_path / "empty-pairs"
+    with stage_output(empty, stage="pairs", version=1, fingerprint="empty") as record:
+        columns = {"id": [], "image": [], "question": [], "chosen": [], "rejected": [], "strategy": []}
+        datasets.Dataset.from_dict(columns).to_parquet(str(empty / "train.parquet"))
+        record.add_file("train.parquet", rows=0)
+    with pytest.raises(DataError, match=r"train\.parquet has no rows"):
+        dpo.run(small(), ModelConfig(), sft_dir, empty, tmp_path / "c")
+    # prompts (system + 16 image tokens + question) are far above 16 tokens: every pair would be dropped
+    with pytest.raises(DataError, match=r"longer than dpo\.max_prompt_length=16"):
+        dpo.run(small(max_prompt_length=16), ModelConfig(), sft_dir, pairs, tmp_path / "d")
+
+
+@pytest.mark.gpu
+def test_sft_then_dpo_on_the_unsloth_backend(tmp_path: Path) -> None:
+    """The CUDA path end to end on the tiny model (2 steps each); run on the GPU machine with `-m gpu`."""
+    import importlib.util
+
+    import torch
+
+    if not torch.cuda.is_available() or importlib.util.find_spec("unsloth") is None:
+        pytest.skip("needs CUDA and the gpu extra (unsloth)")
+    import unsloth  # noqa: F401  (before transformers, as the backend does)
+
+    from mathwizard.stages import dpo, sft
+
+    teach = teach_folder(tmp_path / "02-teach", n_train=4, n_val=2)
+    pairs = pairs_folder(tmp_path / "04-pairs", n_train=4, n_val=0)
+    model = ModelConfig(backend="unsloth")
+    common = dict(max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=1, max_length=512)
+    done = sft.run(SFTConfig(**common, pad_to_multiple_of=512, save_merged=True), model, teach, tmp_path / "03-sft")
+    assert (done.extra["backend"], done.extra["global_step"]) == ("unsloth", 2)
+    assert (tmp_path / "03-sft" / "merged" / "config.json").is_file()
+    aligned = dpo.run(DPOConfig(**common), model, tmp_path / "03-sft", pairs, tmp_path / "05-dpo")
+    assert (aligned.extra["backend"], aligned.extra["global_step"]) == ("unsloth", 2)
+    first = json.loads((tmp_path / "05-dpo" / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-3)  # the SFT model is the reference

@@ -1,0 +1,455 @@
+"""Flawed-answer sampling for DPO pairs: the rejected-answer checks, the rule fallback, counts, resume, the CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from mathwizard.config import ModelConfig, PairsConfig
+from mathwizard.errors import DataError
+from mathwizard.generation import Completion, Request, SamplingParams
+from mathwizard.manifest import read_manifest, stage_output
+from mathwizard.prompts import FLAWED_STRATEGIES, load_prompt
+from mathwizard.stages import pairs
+from mathwizard.stages.pairs import choose_strategy, rejected_problems, rule_flaw
+
+# ------------------------------------------------------------------------------------------ fixture
+ISOSCELES = (
+    "### Solution\n"
+    "1. Since AB = AC, triangle ABC is isosceles, so angle B = angle C = {b}^\\circ.\n"
+    "2. The angles of a triangle sum to 180^\\circ.\n"
+    "3. So angle A = 180^\\circ - 2 \\times {b}^\\circ = {a}^\\circ.\n"
+    "### Final Answer\n"
+    "\\boxed{{{a}^\\circ}}"
+)
+CHORD = (
+    "### Solution\n"
+    "1. The radius OA is 5 and the chord AB is 8, so AD = 4 where D is the midpoint of AB.\n"
+    "2. OD is perpendicular to AB, so OD = \\sqrt{{5^2 - 4^2}} = {a}.\n"
+    "### Final Answer\n"
+    "The distance is \\boxed{{{a}}}."
+)
+RELATION = (
+    "### Solution\n"
+    "1. Both lines make a right angle with BC.\n"
+    "2. Two lines perpendicular to the same line are parallel.\n"
+    "### Final Answer\n"
+    "\\boxed{{AB \\parallel CD}}"
+)
+NOT_FORMATTED = "The answer is 7 by symmetry."
+
+# id -> (template, strategy with seed 42). The strategies are pinned here so a change in the choice shows up.
+TRAIN = {
+    "q0": ("isosceles", "broken_process"),
+    "q1": ("chord", "broken_process"),
+    "q2": ("relation", "calculation_error"),  # no number to perturb: the rule cannot help -> failed
+    "q3": ("isosceles", "broken_process"),
+    "q4": ("chord", "broken_process"),
+    "q5": ("invalid", "broken_process"),  # the chosen answer breaks the format -> failed, never sampled
+    "q6": ("isosceles", "calculation_error"),
+    "q7": ("chord", "misapplied_concept"),
+}
+VAL = {"q100": ("isosceles", "broken_process"), "q101": ("chord", "broken_process")}
+
+
+def _png(seed: int) -> bytes:
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (48, 36), (255, 255, 255))
+    ImageDraw.Draw(image).line((seed % 48, 0, 47, 35), fill=(seed * 37 % 256, 0, 0), width=3)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _solution(template: str, n: int) -> str:
+    b = 40 + n % 20
+    return {
+        "isosceles": ISOSCELES.format(b=b, a=180 - 2 * b),
+        "chord": CHORD.format(a=3),
+        "relation": RELATION.format(),
+        "invalid": NOT_FORMATTED,
+    }[template]
+
+
+def _row(item_id: str, template: str, n: int) -> dict:
+    return {
+        "id": item_id,
+        "question": f"[{item_id}] Find the marked quantity in the figure.",
+        "solution": _solution(template, n),
+        "image": {"bytes": _png(n), "path": None},
+        "difficult": ("easy", "medium", "hard")[n % 3],
+        "source_solution": "\\boxed{0}",
+        "teacher_model": "rule",
+        "prompt_version": "v1",
+    }
+
+
+def make_teach(folder: Path, splits: dict[str, dict[str, tuple[str, str]]] | None = None) -> Path:
+    """A finished 02-teach-like folder (parquet with `datasets` Image metadata + manifest)."""
+    import datasets
+    import pyarrow.parquet as pq
+
+    splits = splits if splits is not None else {"train": TRAIN, "val": VAL}
+    with stage_output(folder, stage="teach", version=1, fingerprint=f"teach-{folder.name}") as record:
+        for split, items in splits.items():
+            rows = [_row(item_id, template, n) for n, (item_id, (template, _)) in enumerate(items.items())]
+            features = datasets.Features(
+                {k: datasets.Image() if k == "image" else datasets.Value("string") for k in _row("x", "chord", 0)}
+            )
+            columns = {name: [row[name] for row in rows] for name in features}
+            table = datasets.Dataset.from_dict(columns, features=features).data.table  # keeps the Image metadata
+            pq.write_table(table, folder / f"{split}.parquet")
+            record.add_file(f"{split}.parquet", rows=len(rows))
+    return folder
+
+
+class FakeGenerator:
+    """Answers by item id (read from the question) and by how often that item was asked; counts calls."""
+
+    def __init__(self, policy: dict[str, Sequence[str]], fail_on_call: int | None = None) -> None:
+        self.policy = policy
+        self.fail_on_call = fail_on_call
+        self.calls = 0
+        self.asked: Counter[str] = Counter()
+        self.requests: list[Request] = []
+        self.params: list[SamplingParams] = []
+
+    def __call__(self, requests: Sequence[Request], params: SamplingParams) -> list[Completion]:
+        self.calls += 1
+        if self.fail_on_call == self.calls:
+            raise KeyboardInterrupt("killed mid-run")
+        self.params.append(params)
+        completions = []
+        for request in requests:
+            self.requests.append(request)
+            item_id = request.text.split("[", 1)[1].split("]", 1)[0]
+            answers = self.policy.get(item_id, ["GARBAGE"])
+            answer = answers[min(self.asked[item_id], len(answers) - 1)]
+            self.asked[item_id] += 1
+            chosen = request.text.split("Correct solution", 1)[1].split(":\n", 1)[1].split("\n\nWrite the flawed")[0]
+            text = {"GARBAGE": "GARBAGE-TEXT without any format", "CHOSEN": chosen, "SAME_ANSWER": _reworded(chosen)}
+            completions.append(Completion(text=text.get(answer, answer), tokens=5))
+        return completions
+
+
+def _reworded(chosen: str) -> str:
+    return chosen.replace("### Solution\n1.", "### Solution\n1. Clearly,", 1)
+
+
+MODEL_FLAW = "### Solution\n1. The model skipped ahead.\n### Final Answer\n\\boxed{{{a}}}"
+POLICY = {
+    "q0": [MODEL_FLAW.format(a=1)],  # valid on the first try
+    "q1": ["GARBAGE", MODEL_FLAW.format(a=3)],  # valid on the second try
+    "q3": ["CHOSEN"],  # always a copy of the chosen answer -> rule
+    "q4": ["CHOSEN"],
+    "q6": ["SAME_ANSWER"],  # a calculation error that keeps the answer -> rule
+    "q7": ["GARBAGE"],  # -> rule
+    # q2: garbage -> the rule cannot perturb a relation -> failed; q5: never asked (chosen invalid)
+}
+
+
+def _cfg(**overrides) -> PairsConfig:
+    values = {"splits": ["train"], "chunk_size": 3, "max_attempts": 3, "batch_size": 4, "max_new_tokens": 64}
+    return PairsConfig(**{**values, **overrides})
+
+
+# ------------------------------------------------------------------------------------------- checks
+CHOSEN = ISOSCELES.format(b=50, a=80)
+VALID_OTHER_ANSWER = "### Solution\n1. Angle A = 180 - 2 x 49 = 82.\n### Final Answer\n\\boxed{82^\\circ}"
+VALID_SAME_ANSWER = "### Solution\n1. Angle A is 80 degrees by the figure.\n### Final Answer\n\\boxed{80°}"
+
+
+@pytest.mark.parametrize(
+    ("rejected", "strategy", "expected"),
+    [
+        (VALID_OTHER_ANSWER, "calculation_error", []),
+        (VALID_OTHER_ANSWER, "misapplied_concept", []),
+        (VALID_OTHER_ANSWER, "broken_process", []),
+        # 80° and 80^\circ normalise to the same answer: a wrong-answer flaw must change it, a broken process may not.
+        (VALID_SAME_ANSWER, "calculation_error", ["same_final_answer"]),
+        (VALID_SAME_ANSWER, "misapplied_concept", ["same_final_answer"]),
+        (VALID_SAME_ANSWER, "broken_process", []),
+        # Only whitespace and case differ from the chosen answer.
+        (CHOSEN.replace("\n", " \n\n").replace("So angle", "so angle"), "broken_process", ["same_as_chosen"]),
+        (CHOSEN, "calculation_error", ["same_as_chosen", "same_final_answer"]),
+        ("", "broken_process", ["format:empty"]),
+        (
+            "The answer is \\boxed{82}.",
+            "calculation_error",
+            ["format:missing_solution_header", "format:missing_final_answer_header"],
+        ),
+        (
+            "### Solution\nAngle A is 82.\n### Final Answer\n\\boxed{82}",
+            "calculation_error",
+            ["format:no_numbered_steps"],
+        ),
+        (
+            "### Solution\n1. Angle A is 82.\n### Final Answer\n\\boxed{82} or \\boxed{83}",
+            "broken_process",
+            ["format:final_answer_needs_exactly_one_boxed"],
+        ),
+        ("### Solution\n1. Angle A is 82.\n### Final Answer\n82", "calculation_error", ["format:no_boxed_answer"]),
+    ],
+)
+def test_rejected_answer_checks(rejected: str, strategy: str, expected: list[str]) -> None:
+    assert rejected_problems(rejected, CHOSEN, strategy) == expected
+
+
+@pytest.mark.parametrize("template", ["isosceles", "chord"])
+@pytest.mark.parametrize("strategy", FLAWED_STRATEGIES)
+def test_rule_fallback_passes_the_checks(template: str, strategy: str) -> None:
+    from mathwizard.answers import final_answer
+
+    chosen = _solution(template, 10)
+    flawed = rule_flaw(chosen, strategy)
+    assert flawed is not None and rejected_problems(flawed, chosen, strategy) == []
+    if strategy == "broken_process":
+        assert flawed.count("\n1. ") == 1 and flawed.count(". ") < chosen.count(". ")  # a step is gone
+        assert final_answer(flawed) == final_answer(chosen)
+    else:
+        assert final_answer(flawed) != final_answer(chosen)
+
+
+def test_rule_flaws_are_what_they_say() -> None:
+    chosen = ISOSCELES.format(b=50, a=80)
+    calc = rule_flaw(chosen, "calculation_error")
+    # The final step and the boxed answer carry the same slip: 80 -> 81.
+    assert "= 81^\\circ.\n### Final Answer\n\\boxed{81^\\circ}" in calc  # type: ignore[operator]
+    misapplied = rule_flaw(chosen, "misapplied_concept")
+    # "isosceles" becomes "equilateral" and the result doubles: 80 -> 160.
+    assert "equilateral" in misapplied and misapplied.endswith("\\boxed{160^\\circ}")  # type: ignore[operator]
+    broken = rule_flaw(chosen, "broken_process")
+    # Three steps -> the middle one is dropped, the rest renumbered 1, 2.
+    assert "sum to 180" not in broken and "\n2. So angle A" in broken  # type: ignore[operator]
+
+
+def test_rule_fallback_gives_up_rather_than_write_an_invalid_flaw() -> None:
+    relation = _solution("relation", 0)
+    assert rule_flaw(relation, "calculation_error") is None  # no number in \boxed{AB \parallel CD}
+    swapped = rule_flaw(relation, "misapplied_concept")
+    assert swapped is not None and swapped.endswith("\\boxed{AB \\perp CD}")  # the concept inside the answer
+    assert rule_flaw(NOT_FORMATTED, "broken_process") is None
+
+
+def test_strategy_is_fixed_by_id_and_seed() -> None:
+    assert {i: choose_strategy(i, 42) for i in TRAIN} == {i: s for i, (_, s) in TRAIN.items()}
+    spread = Counter(choose_strategy(f"id{i}", 42) for i in range(300))
+    assert set(spread) == set(FLAWED_STRATEGIES) and min(spread.values()) > 60  # roughly a third each
+    assert [choose_strategy(f"id{i}", 1) for i in range(30)] != [choose_strategy(f"id{i}", 42) for i in range(30)]
+
+
+# ---------------------------------------------------------------------------------------------- run
+def test_counts_sources_and_failures(tmp_path: Path) -> None:
+    teach = make_teach(tmp_path / "02-teach")
+    fake = FakeGenerator(POLICY)
+    manifest = pairs.run(_cfg(), ModelConfig(), None, teach, tmp_path / "04-pairs", generator=fake)
+    out = tmp_path / "04-pairs"
+    report = json.loads((out / "report.json").read_text())
+    # 8 items: model q0 (1st try) and q1 (2nd try); rule q3, q4, q6, q7 after 3 tries; failed q2 (rule cannot
+    # perturb a relation) and q5 (chosen answer unformatted, never sampled).
+    assert {k: report[k] for k in ("items", "written", "from_model", "from_rule", "failed")} == {
+        "items": 8,
+        "written": 6,
+        "from_model": 2,
+        "from_rule": 4,
+        "failed": 2,
+    }
+    assert report["attempts"] == 1 + 2 + 3 * 5  # q0, q1, then q2 q3 q4 q6 q7 three times each = 18
+    assert report["generated_tokens"] == 18 * 5
+    # Chunks [q0 q1 q2] [q3 q4 q5] [q6 q7]: every chunk needs 3 rounds (q2; q3/q4; q6/q7 never pass).
+    assert fake.calls == 9
+    assert report["by_strategy"]["broken_process"] == {
+        "items": 5,
+        "written": 4,
+        "from_model": 2,
+        "from_rule": 2,
+        "failed": 1,
+    }
+    assert report["by_strategy"]["calculation_error"]["failed"] == 1
+    assert manifest.counts["pairs"] == 6 and manifest.files["train.parquet"].rows == 6
+
+    # Sampling settings, prompts and images reach the generator.
+    assert {(p.temperature, p.top_p, p.max_new_tokens) for p in fake.params} == {(1.0, 0.95, 64)}
+    first = fake.requests[0]
+    assert first.system == load_prompt("flawed_broken_process") and "[q0]" in first.text
+    assert first.image["bytes"][:4] == b"\x89PNG"
+    assert "Correct solution" in first.text and "angle B = angle C" in first.text
+
+    import datasets
+
+    rows = datasets.load_dataset("parquet", data_files=str(out / "train.parquet"), split="train")
+    assert rows.column_names == list(pairs.COLUMNS)
+    by_id = {r["id"]: r for r in rows}
+    assert sorted(by_id) == ["q0", "q1", "q3", "q4", "q6", "q7"]
+    assert by_id["q1"]["rejected"] == MODEL_FLAW.format(a=3) and by_id["q1"]["source"] == "model"
+    assert by_id["q6"]["source"] == "rule" and by_id["q6"]["rejected"].endswith(
+        "\\boxed{89^\\circ}"
+    )  # 180 - 2 x 46 = 88, +1
+    assert by_id["q0"]["image"].size == (48, 36)  # decoded as an image by `datasets`
+
+    failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert [(f["id"], f["attempts"]) for f in failures] == [("q2", 3), ("q5", 0)]
+    assert failures[0]["reasons"]["rule_not_applicable"] == 1
+    assert failures[0]["reasons"]["format:missing_solution_header"] == 3
+    assert "chosen:missing_solution_header" in failures[1]["reasons"]
+    # Nothing that failed the checks is written anywhere as text.
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert b"GARBAGE-TEXT" not in path.read_bytes(), path
+
+
+def test_fallback_none_excludes_what_the_model_could_not_do(tmp_path: Path) -> None:
+    teach = make_teach(tmp_path / "02-teach")
+    pairs.run(_cfg(fallback="none"), ModelConfig(), None, teach, tmp_path / "out", generator=FakeGenerator(POLICY))
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    # Only q0 and q1 came from the model; the 4 the rule would have written are excluded with q2 and q5.
+    assert (report["written"], report["from_model"], report["from_rule"], report["failed"]) == (2, 2, 0, 6)
+    failures = (tmp_path / "out" / "failures.jsonl").read_text().splitlines()
+    assert [json.loads(line)["id"] for line in failures] == ["q2", "q3", "q4", "q5", "q6", "q7"]
+
+
+def test_resumes_at_the_first_unfinished_chunk(tmp_path: Path) -> None:
+    teach = make_teach(tmp_path / "02-teach")
+    out = tmp_path / "04-pairs"
+    # Killed at the 4th generate call: chunk 0 (3 calls) is finished, chunk 1 is not.
+    with pytest.raises(KeyboardInterrupt):
+        pairs.run(_cfg(), ModelConfig(), None, teach, out, generator=FakeGenerator(POLICY, fail_on_call=4))
+    assert sorted(p.name for p in (out / "chunks").iterdir()) == ["train-00000.parquet"]
+    assert read_manifest(out) is None  # not finished, so nothing downstream trusts it
+
+    resumed = FakeGenerator(POLICY)
+    pairs.run(_cfg(), ModelConfig(), None, teach, out, generator=resumed)
+    assert resumed.calls == 6  # chunks 1 and 2 only, 3 rounds each
+    assert resumed.asked["q0"] == 0 and resumed.asked["q3"] == 3
+    report = json.loads((out / "report.json").read_text())
+    assert (report["written"], report["from_model"], report["failed"], report["resumed_chunks"]) == (6, 2, 2, 1)
+    assert report["attempts"] == 18  # the same as an uninterrupted run: chunk 0's counts were kept
+
+    clean = tmp_path / "clean"
+    pairs.run(_cfg(), ModelConfig(), None, teach, clean, generator=FakeGenerator(POLICY))
+    assert (out / "train.parquet").read_bytes() == (clean / "train.parquet").read_bytes()
+
+    # Finished: a rerun loads nothing and generates nothing.
+    idle = FakeGenerator(POLICY, fail_on_call=1)
+    assert (
+        pairs.run(_cfg(), ModelConfig(), None, teach, out, generator=idle).fingerprint == read_manifest(out).fingerprint
+    )
+    # Other settings: a new fingerprint, so the old chunks are stale and everything is sampled again.
+    again = FakeGenerator(POLICY)
+    pairs.run(_cfg(max_attempts=2), ModelConfig(), None, teach, out, generator=again)
+    assert again.calls == 6  # 3 chunks x 2 rounds
+
+
+def test_bad_inputs_fail_in_one_line(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="run `mathwizard teach` first"):
+        pairs.run(_cfg(), ModelConfig(), None, tmp_path / "nothing", tmp_path / "out", generator=FakeGenerator({}))
+    teach = make_teach(tmp_path / "02-teach", {"train": {}})
+    with pytest.raises(DataError, match="train split has no rows"):
+        pairs.run(_cfg(), ModelConfig(), None, teach, tmp_path / "out", generator=FakeGenerator({}))
+    with pytest.raises(DataError, match=r"no val\.parquet"):
+        pairs.run(_cfg(splits=["val"]), ModelConfig(), None, teach, tmp_path / "out", generator=FakeGenerator({}))
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+def invoke(args: list[str]):
+    """Run the CLI, then point Prefect's console handlers back at the real stderr.
+
+    Prefect sets up its logging during the first flow run, binding its console handler to the stderr that
+    CliRunner swapped in and closes afterwards; a second run in the same process would log into a closed file.
+    """
+    import logging
+    import sys
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+    from typer.testing import CliRunner
+
+    from mathwizard.cli import app
+
+    result = CliRunner().invoke(app, args)
+    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        for handler in getattr(logger, "handlers", []):
+            if isinstance(handler, PrefectConsoleHandler):
+                handler.stream = handler.console.file = sys.stderr
+    return result
+
+
+def test_cli_pairs_on_the_tiny_model(tmp_path: Path, prefect_harness: None) -> None:
+    import datasets
+    import torch
+
+    torch.set_num_threads(1)
+    teach = make_teach(tmp_path / "02-teach")
+    out = tmp_path / "04-pairs"
+    args = ["pairs", "--home", str(tmp_path / "home"), "--model", "tiny", "--data", str(teach), "--out", str(out)]
+    args += ["--max-new-tokens", "8", "--max-attempts", "2", "--batch-size", "4", "--chunk-size", "4"]
+    result = invoke(args)
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    # A random tiny model never writes the format in 8 tokens, so the rule writes every pair it can:
+    # train 8 items - q2 - q5 = 6, val 2; all 7 sampled train items and 2 val items were asked twice.
+    assert (report["from_model"], report["from_rule"], report["failed"]) == (0, 8, 2)
+    assert report["splits"]["train"]["written"] == 6 and report["splits"]["val"]["written"] == 2
+    assert report["attempts"] == 2 * (7 + 2)
+    assert 0 < report["generated_tokens"] <= 8 * report["attempts"]
+    printed = " ".join(result.output.split())  # rich wraps long lines
+    assert "paired 8 (train 6 · val 2): 0 rejected answers from the model, 8 from the rule fallback" in printed
+    val = datasets.load_dataset("parquet", data_files=str(out / "val.parquet"), split="train")
+    assert val["strategy"] == ["broken_process", "broken_process"] and set(val["source"]) == {"rule"}
+    # Run again: the manifest matches, nothing is sampled.
+    again = invoke(args)
+    assert again.exit_code == 0 and json.loads((out / "report.json").read_text()) == report
+
+
+def test_cli_flags_reach_the_flow(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    import flows.pairs
+    from mathwizard.cli import app
+
+    for name in ("PREFECT_LOCAL_STORAGE_PATH", "PREFECT_LOGGING_EXTRA_LOGGERS"):
+        monkeypatch.delenv(name, raising=False)  # the CLI sets them with setdefault; undone after the test
+    received = []
+
+    def pairs_flow(settings, sft=None, data=None, out=None):
+        received.append((settings, sft, data, out))
+        counts = {"pairs": 5, "train_pairs": 4, "val_pairs": 1, "from_model": 3, "from_rule": 2, "failed": 1}
+        return {"counts": counts, "fingerprint": "f" * 64}
+
+    monkeypatch.setattr(flows.pairs, "pairs_flow", pairs_flow)
+    args = ["pairs", "--home", str(tmp_path), "--model", "m", "--data", "d", "--out", "o", "--backend", "hf"]
+    args += ["--temperature", "0.7", "--top-p", "0.9", "--max-new-tokens", "99", "--max-attempts", "5"]
+    args += ["--fallback", "none", "--batch-size", "3", "--chunk-size", "7", "--limit", "11"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    ((settings, sft, data, out),) = received
+    cfg = settings.pairs
+    assert (sft, data, out, settings.model.backend) == ("m", "d", "o", "hf")
+    assert (cfg.temperature, cfg.top_p, cfg.max_new_tokens, cfg.max_attempts) == (0.7, 0.9, 99, 5)
+    assert (cfg.fallback, cfg.batch_size, cfg.chunk_size, cfg.limit) == ("none", 3, 7, 11)
+    printed = " ".join(result.output.split())
+    assert (
+        "paired 5 (train 4 · val 1): 3 rejected answers from the model, 2 from the rule fallback, 1 excluded" in printed
+    )
+
+    bad = CliRunner().invoke(app, ["pairs", "--home", str(tmp_path), "--fallback", "maybe"])
+    assert bad.exit_code == 1 and "pairs.fallback" in bad.output and len(received) == 1
+
+
+def test_task_policy_and_flow_summary() -> None:
+    from flows.pairs import summary_markdown, summary_rows
+    from tasks.pairs import pairs as task
+
+    assert (task.name, task.retries, task.persist_result) == ("pairs", 0, True)
+    assert task.cache_key_fn is not None
+    by = {s: {"items": 2, "written": 1, "from_model": 1, "from_rule": 0, "failed": 1} for s in FLAWED_STRATEGIES}
+    report = {"items": 6, "written": 3, "from_model": 3, "from_rule": 0, "failed": 3, "by_strategy": by}
+    report |= {"attempts": 9, "generated_tokens": 90, "seconds": 1.5}
+    rows = summary_rows(report)
+    assert rows[-1] == {"strategy": "total", "items": 6, "written": 3, "from_model": 3, "from_rule": 0, "failed": 3}
+    assert len(rows) == 4 and "3 rejected answers sampled from the model (100%)" in summary_markdown(report)

@@ -1,0 +1,182 @@
+"""Batched generation: left padding, batch splitting, order, token counts, streaming, images and inputs."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from mathwizard.errors import DataError
+from mathwizard.generation import (
+    ModelGenerator,
+    Request,
+    SamplingParams,
+    chat_messages,
+    generate_batch,
+    model_location,
+    model_ref,
+    read_split,
+    split_path,
+    to_pil,
+)
+
+
+def _png(color: tuple[int, int, int], size: tuple[int, int] = (40, 30)) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", size, color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    import torch
+
+    torch.set_num_threads(1)
+    from mathwizard.generation import load_generator
+
+    return load_generator("tiny", batch_size=4)
+
+
+def _requests(n: int) -> list[Request]:
+    # Question lengths differ a lot, so a batch needs padding.
+    return [
+        Request(text="Find angle ABC. " + "AB = AC. " * (3 * i), image=_png((30 * i, 0, 0)), system="Be brief.")
+        for i in range(n)
+    ]
+
+
+def test_batched_greedy_equals_one_at_a_time(tiny: ModelGenerator) -> None:
+    """Left padding + attention mask: a prompt's greedy answer does not depend on its batch neighbours."""
+    requests, params = _requests(5), SamplingParams(max_new_tokens=12)
+    batched = tiny(requests, params)
+    single = [tiny([r], params)[0] for r in requests]
+    assert batched == single
+    assert tiny.processor.tokenizer.padding_side == "left"
+
+
+def test_batches_split_by_batch_size_and_keep_order(tiny: ModelGenerator) -> None:
+    calls_before = tiny.generate_calls
+    requests = _requests(5)
+    results = tiny(requests, SamplingParams(max_new_tokens=6))
+    assert tiny.generate_calls - calls_before == 2  # ceil(5 / batch_size 4)
+    # Sorting by length for batching must not reorder results: each equals its own single-request answer.
+    assert results[4] == tiny([requests[4]], SamplingParams(max_new_tokens=6))[0]
+    assert all(1 <= c.tokens <= 6 for c in results)
+
+
+def test_one_generate_call_carries_the_whole_batch(tiny: ModelGenerator, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen = []
+    original = tiny.model.generate
+
+    def spy(**kwargs):
+        seen.append(kwargs)
+        return original(**kwargs)
+
+    monkeypatch.setattr(tiny.model, "generate", spy)
+    generate_batch(tiny.model, tiny.processor, _requests(3), SamplingParams(8, temperature=1.0, top_p=0.95, seed=3))
+    (kwargs,) = seen
+    assert kwargs["input_ids"].shape[0] == 3 and kwargs["pixel_values"].shape[0] == 3
+    mask = kwargs["attention_mask"]
+    assert mask[:, -1].all() and not mask[:, 0].all()  # padding on the left: every row ends with real tokens
+    assert (kwargs["do_sample"], kwargs["temperature"], kwargs["top_p"], kwargs["max_new_tokens"]) == (
+        True,
+        1.0,
+        0.95,
+        8,
+    )
+
+
+def test_sampling_is_reproducible_with_a_seed(tiny: ModelGenerator) -> None:
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, top_p=0.95, seed=7)
+    assert tiny(_requests(3), params) == tiny(_requests(3), params)
+
+
+def test_token_count_stops_at_end_of_turn(tiny: ModelGenerator, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    tokenizer = tiny.processor.tokenizer
+    eot = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    word = tokenizer.convert_tokens_to_ids("<0x41>")  # the byte "A"
+
+    def fake_generate(**kwargs):
+        prompt = kwargs["input_ids"]
+        new = torch.tensor([[word, word, eot, 0, 0], [word, word, word, word, word]])
+        return torch.cat([prompt, new], dim=1)
+
+    monkeypatch.setattr(tiny.model, "generate", fake_generate)
+    first, second = generate_batch(tiny.model, tiny.processor, _requests(2), SamplingParams(5))
+    assert (first.text, first.tokens) == ("AA", 3)  # two letters + the end-of-turn token
+    assert (second.text, second.tokens) == ("AAAAA", 5)  # ran out of budget
+
+
+def test_stream_hands_over_the_same_text(tiny: ModelGenerator) -> None:
+    pieces: list[str] = []
+    completion = tiny.stream(_requests(1)[0], SamplingParams(max_new_tokens=16), pieces.append)
+    assert pieces and "".join(pieces).strip() == completion.text
+    with pytest.raises(ValueError, match="one request"):
+        generate_batch(tiny.model, tiny.processor, _requests(2), SamplingParams(4), streamer=object())
+
+
+def test_chat_messages_put_system_then_image_then_text() -> None:
+    messages = chat_messages(Request(text="Q?", image=None, system="S"))
+    assert [m["role"] for m in messages] == ["system", "user"]
+    assert [item["type"] for item in messages[1]["content"]] == ["image", "text"]
+    assert [m["role"] for m in chat_messages(Request(text="Q?", image=None))] == ["user"]
+
+
+def test_to_pil_accepts_bytes_structs_and_images(tmp_path: Path) -> None:
+    from PIL import Image
+
+    data = _png((1, 2, 3))
+    (tmp_path / "f.png").write_bytes(data)
+    for image in (data, {"bytes": data, "path": None}, {"bytes": None, "path": str(tmp_path / "f.png")}):
+        assert to_pil(image).getpixel((0, 0)) == (1, 2, 3)
+    assert to_pil(Image.new("L", (4, 4))).mode == "RGB"
+    with pytest.raises(DataError, match="neither bytes nor path"):
+        to_pil({"bytes": None, "path": None})
+    with pytest.raises(DataError, match="cannot use int"):
+        to_pil(3)
+
+
+def test_split_path_knows_teach_and_prepare_names(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"id": ["a", "b", "c"]}), tmp_path / "test-00000-of-00001.parquet")
+    pq.write_table(pa.table({"id": ["x"]}), tmp_path / "val.parquet")
+    assert split_path(tmp_path, "test").name == "test-00000-of-00001.parquet"
+    assert split_path(tmp_path, "val").name == "val.parquet"
+    assert read_split(tmp_path, "test", ["id"], limit=2).column("id").to_pylist() == ["a", "b"]
+    with pytest.raises(DataError, match=r"no train\.parquet"):
+        split_path(tmp_path, "train")
+    with pytest.raises(DataError, match="lacks column"):
+        read_split(tmp_path, "val", ["id", "image"])
+
+
+def test_model_ref_resolves_stage_folders_to_their_adapter(tmp_path: Path) -> None:
+    from mathwizard.config import ModelConfig
+    from mathwizard.manifest import stage_output
+
+    stage = tmp_path / "03-sft"
+    (stage / "adapter").mkdir(parents=True)
+    with stage_output(stage, stage="sft", version=1, fingerprint="f" * 64):
+        pass
+    assert model_location(stage) == str(stage / "adapter")
+    assert model_location("tiny") == "tiny"
+    ref = model_ref(ModelConfig(backend="hf", dtype="float32"), stage)
+    assert (ref.location, ref.stage, ref.fingerprint, ref.backend) == (str(stage / "adapter"), "sft", "f" * 64, "hf")
+    # A stage folder is identified by its fingerprint, so moving the run does not invalidate downstream stages.
+    assert ref.identity() == {
+        "stage": "sft",
+        "fingerprint": "f" * 64,
+        "backend": "hf",
+        "dtype": "float32",
+        "load_in_4bit": False,
+    }
+    tiny = model_ref("tiny")
+    assert tiny.identity()["name"] == "tiny" and "tiny_version" in tiny.identity()
+    assert json.dumps(tiny.identity())  # JSON-able, for fingerprints
