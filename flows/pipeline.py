@@ -17,7 +17,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.deployments import run_deployment
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from mathwizard import storage
 from mathwizard.config import Settings, load_settings
@@ -46,7 +46,30 @@ class PipelineParams(BaseModel):
             recipe = Path(self.recipe)
             if not recipe.is_absolute() and not recipe.exists():
                 recipe = REPO / recipe  # a worker may start in another directory
-        return load_settings(recipe, home=self.home, run_name=self.run_name, **self.overrides)
+        settings = load_settings(recipe, home=self.home, run_name=self.run_name)
+        if not self.overrides:
+            return settings
+        # Merged by hand rather than passed to load_settings, which drops None (an unset CLI flag): here None is a
+        # value, e.g. {"teacher": {"rpm": None}} lifts the rate limit.
+        merged = _deep_merge(settings.model_dump(), self.overrides)
+        try:
+            return Settings(**merged)
+        except ValidationError as exc:
+            raise ConfigError(f"invalid pipeline overrides: {_problems(exc)}") from None
+
+
+def _deep_merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _problems(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
 
 
 def resolve(params: PipelineParams | None, settings: Settings | None) -> Settings:

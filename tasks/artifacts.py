@@ -38,10 +38,10 @@ class ProgressArtifact:
     def __init__(self, total: int, *, key: str | None = None, description: str, every_s: float = 2.0) -> None:
         self.total, self.done, self.every_s, self.description = max(total, 0), 0, every_s, description
         self._lock = threading.Lock()
-        self._last = 0.0
         self.id: UUID = create_progress_artifact(  # type: ignore[assignment]
             progress=0.0, key=key, description=self._describe(), _sync=True
         )
+        self._last = time.monotonic()  # creation showed 0 %
 
     def _describe(self) -> str:
         return f"{self.description}: {self.done:,} of {self.total:,}"

@@ -76,6 +76,10 @@ def worker(args: argparse.Namespace) -> None:
     save = lambda: write_json(args.result, result)  # noqa: E731
 
     started = time.perf_counter()
+    if os.environ.get("MW_TRACE_S"):  # diagnosis of a stall: every thread's stack, every MW_TRACE_S seconds
+        import faulthandler
+
+        faulthandler.dump_traceback_later(float(os.environ["MW_TRACE_S"]), repeat=True)
     from mathwizard.models import backend as backends
 
     if backend == "unsloth":
@@ -130,6 +134,7 @@ def worker(args: argparse.Namespace) -> None:
     def counting_step(model: Any, inputs: dict[str, Any], *a: Any, **k: Any) -> Any:
         mask = inputs.get("attention_mask")
         ids = inputs["input_ids"]
+        say(f"  micro-batch {len(micro) + 1} starts at {time.perf_counter() - started:.1f} s, shape {tuple(ids.shape)}")
         micro.append(
             {"tokens": int(mask.sum()) if mask is not None else ids.numel(), "padded": ids.numel(), "seq": ids.shape[1]}
         )

@@ -28,7 +28,7 @@ extra=(
   text-unidecode==1.3 toml==0.10.2 truststore==0.10.5 tzdata==2026.6 tzlocal==5.4.5 uncalled-for==0.6.2
   uvicorn==0.54.0 websockets==16.1.1 whenever==0.11.0
 )
-bash ../shared/gpu/pack-wheels.sh "${extra[@]}" 2>&1 | grep -v "^WARNING" || true
+bash ../shared/gpu/pack-wheels.sh "${extra[@]}"
 site=$(mktemp -d)
 tar xzf .gpu/site312.tgz -C "$site"
 rm -rf "$site"/prefect/server/ui "$site"/prefect/server/ui-v2 "$site"/apprise "$site"/apprise-*.dist-info

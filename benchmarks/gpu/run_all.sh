@@ -41,18 +41,27 @@ part_smoke() {
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv || true
   "$PY" - <<'PY'
 import importlib, time
+failed = []
 for name in ("torch", "transformers", "peft", "trl", "datasets", "pydantic", "pydantic_settings", "prefect", "openai",
-             "tenacity", "matplotlib", "timm", "bitsandbytes"):
+             "tenacity", "matplotlib", "timm", "bitsandbytes", "flows.pipeline", "flows.sft", "flows.evaluate"):
     t = time.perf_counter()
-    m = importlib.import_module(name)
-    print(f"import {name:<18} {getattr(m, '__version__', '?'):<12} {time.perf_counter() - t:5.1f} s")
+    try:
+        m = importlib.import_module(name)
+    except Exception as exc:  # report every missing piece at once
+        failed.append(name)
+        print(f"import {name:<18} FAILED {type(exc).__name__}: {exc}")
+        continue
+    print(f"import {name:<18} {getattr(m, '__version__', ''):<12} {time.perf_counter() - t:5.1f} s")
 import torch
 if torch.cuda.is_available():
     print("cuda", torch.cuda.get_device_name(0), "bf16", torch.cuda.is_bf16_supported())
 else:
     print("no CUDA device")
+raise SystemExit(1 if failed else 0)
 PY
-  "${MW[@]}" --help | head -30
+  local rc=$?
+  "${MW[@]}" --help >/dev/null && echo "mathwizard --help: ok" || rc=1
+  return $rc
 }
 
 part_model() {

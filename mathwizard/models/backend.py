@@ -109,6 +109,36 @@ def activate(backend: Backend) -> None:
     import unsloth  # noqa: F401
 
 
+# timm modules whose classes unsloth_zoo's `compile_timm_models` swaps to torch.compile'd forwards on every
+# FastVisionModel load, whatever UNSLOTH_COMPILE_DISABLE says (unsloth_zoo 2026.10.9, compiler.py).
+_TIMM_COMPILED_MODULES = ("timm.layers.norm_act", "timm.models._efficientnet_blocks")
+
+
+def undo_timm_compile() -> list[str]:
+    """Give timm's norm-act layers and EfficientNet/MobileNet blocks their plain forwards back.
+
+    Unsloth compiles each of these classes with dynamic=None, so gemma-3n's MobileNetV5 vision tower, whose blocks
+    differ in channels and strides, recompiles block after block: on the H100 the first E2B training step had not
+    finished after 3 minutes with model.compile="eager" (traces: inductor inside mobilenetv5.forward_features).
+    Returns the classes restored.
+    """
+    import importlib
+    import sys
+
+    restored = []
+    for name in _TIMM_COMPILED_MODULES:
+        module = sys.modules.get(name) or importlib.import_module(name)
+        for cls_name, cls in vars(module).items():
+            forward = cls.__dict__.get("forward") if isinstance(cls, type) else None
+            original = getattr(forward, "_torchdynamo_orig_callable", None)
+            if original is not None:
+                cls.forward = original
+                restored.append(f"{name}.{cls_name}")
+    if restored:
+        log.info("model.compile=%s: restored the eager forward of %d timm classes", _compile_mode, len(restored))
+    return restored
+
+
 def torch_dtype(dtype: str) -> Any:
     """'auto' -> bfloat16 on CUDA, float32 on CPU (CPU bf16 kernels are slow and imprecise)."""
     import torch
@@ -142,6 +172,8 @@ def load_pretrained(
             full_finetuning=False,
             use_gradient_checkpointing="unsloth" if for_training else False,
         )
+        if _compile_mode != "unsloth":  # only Unsloth's own default keeps its timm compilation
+            undo_timm_compile()
         if not for_training:
             FastVisionModel.for_inference(model)
         return model, processor

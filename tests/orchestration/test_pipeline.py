@@ -1,0 +1,193 @@
+"""flows/pipeline.py without a server: parameters, stage order, GPU dispatch (run_deployment faked), the CLI edge."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from typer.testing import CliRunner
+
+from flows import pipeline
+from flows.pipeline import PipelineParams, resolve
+from mathwizard.config import load_settings
+from mathwizard.errors import ConfigError, MathWizardError
+from mathwizard.manifest import stage_output
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+# ------------------------------------------------------------------------------------------------ params
+def test_params_load_the_recipe_from_any_directory(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # a worker may start elsewhere: the recipe path is relative to the repository
+    settings = PipelineParams(recipe="deployments/recipes/smoke.yaml", home="/data/mw").settings()
+    assert (settings.run_name, settings.model.name, settings.home) == ("smoke", "tiny", "/data/mw")
+
+
+def test_overrides_win_and_may_set_none() -> None:
+    params = PipelineParams(
+        recipe="deployments/recipes/smoke.yaml", overrides={"teacher": {"rpm": None}, "sft": {"max_steps": 7}}
+    )
+    settings = params.settings()
+    assert settings.teacher.rpm is None  # load_settings alone would drop a None
+    assert settings.sft.max_steps == 7
+    assert settings.sft.per_device_train_batch_size == 1  # the recipe's value beside the override survives
+
+
+def test_bad_override_is_one_config_error() -> None:
+    with pytest.raises(ConfigError, match=r"sft\.max_step: Extra inputs"):
+        PipelineParams(overrides={"sft": {"max_step": 7}}).settings()
+
+
+def test_params_and_settings_are_exclusive() -> None:
+    settings = load_settings()
+    assert resolve(None, settings) is settings
+    assert resolve(PipelineParams(), settings) is settings  # the default form is "no params"
+    with pytest.raises(ConfigError, match="not both"):
+        resolve(PipelineParams(run_name="x"), settings)
+
+
+# ------------------------------------------------------------------------------------------ stage order
+def test_pipeline_runs_every_stage_in_order_with_locations(prefect_harness, tmp_path: Path, monkeypatch) -> None:
+    calls: list[tuple[str, dict[str, Any]]] = []
+
+    def fake_flow(stage: str):
+        def run(settings, out: str, **inputs: Any) -> dict[str, Any]:
+            calls.append((stage, {"out": out, **inputs}))
+            return {"fingerprint": f"fp-{stage}-{inputs.get('label', '')}", "counts": {"n": 1}, "seconds": 0.5}
+
+        return run
+
+    monkeypatch.setattr(pipeline, "stage_flow", fake_flow)
+    settings = load_settings(home=str(tmp_path), run_name="r")
+    result = pipeline.math_wizard(settings=settings)
+
+    run = f"{tmp_path}/runs/r"
+    assert calls == [
+        ("prepare", {"out": f"{run}/01-prepare"}),
+        ("teach", {"out": f"{run}/02-teach", "data": f"{run}/01-prepare"}),
+        ("sft", {"out": f"{run}/03-sft", "data": f"{run}/02-teach"}),
+        ("pairs", {"out": f"{run}/04-pairs", "sft": f"{run}/03-sft", "data": f"{run}/02-teach"}),
+        ("dpo", {"out": f"{run}/05-dpo", "sft": f"{run}/03-sft", "pairs": f"{run}/04-pairs"}),
+        ("eval", {"out": f"{run}/06-eval/base", "model": None, "data": f"{run}/02-teach", "label": "base"}),
+        ("eval", {"out": f"{run}/06-eval/sft", "model": f"{run}/03-sft", "data": f"{run}/02-teach", "label": "sft"}),
+        ("eval", {"out": f"{run}/06-eval/dpo", "model": f"{run}/05-dpo", "data": f"{run}/02-teach", "label": "dpo"}),
+        ("publish", {"out": f"{run}/07-publish", "run_dir": run}),
+    ]
+    assert list(result) == ["prepare", "teach", "sft", "pairs", "dpo", "eval-base", "eval-sft", "eval-dpo", "publish"]
+    assert result["eval-sft"] == {"fingerprint": "fp-eval-sft", "counts": {"n": 1}, "seconds": 0.5}
+
+
+# -------------------------------------------------------------------------------------------- dispatch
+class FakeDeployments:
+    """Stands in for run_deployment: records the call, 'runs' the stage by writing its manifest, returns the run."""
+
+    def __init__(self, state: str = "COMPLETED", writes: bool = True) -> None:
+        self.calls: list[dict[str, Any]] = []
+        self.state, self.writes = state, writes
+
+    def __call__(self, name: str, parameters: dict[str, Any], **kwargs: Any) -> SimpleNamespace:
+        self.calls.append({"name": name, "parameters": parameters, **kwargs})
+        if self.writes:
+            with stage_output(Path(parameters["out"]), stage="sft", version=1, fingerprint="f" * 64):
+                pass
+        completed = self.state == "COMPLETED"
+        state = SimpleNamespace(name=self.state.title(), message="boom", is_completed=lambda: completed)
+        return SimpleNamespace(id="run-1", state=state)
+
+
+def gpu_settings(tmp_path: Path):
+    return load_settings(
+        home=str(tmp_path),
+        orchestration={"gpu_deployments": {"sft": "mathwizard-sft/cuda"}, "poll_seconds": 1, "scratch": "/here"},
+    )
+
+
+def test_gpu_stage_is_dispatched_with_locations(prefect_harness, tmp_path: Path, monkeypatch) -> None:
+    fake = FakeDeployments()
+    monkeypatch.setattr(pipeline, "run_deployment", fake)
+    monkeypatch.setattr(pipeline, "stage_flow", lambda stage: pytest.fail(f"{stage} must not run in this process"))
+    settings = gpu_settings(tmp_path)
+
+    @pipeline.flow
+    def parent() -> dict[str, Any]:
+        return pipeline.run_stage("sft", settings, settings.stage_dir("sft"), {"data": settings.stage_dir("teach")})
+
+    manifest = parent()
+    [call] = fake.calls
+    assert call["name"] == "mathwizard-sft/cuda" and call["poll_interval"] == 1
+    sent = call["parameters"]
+    assert sent["out"] == settings.stage_dir("sft") and sent["inputs"] == {"data": settings.stage_dir("teach")}
+    assert "scratch" not in sent["settings"]["orchestration"]  # the worker's own scratch folder applies there
+    assert sent["settings"]["home"] == str(tmp_path)
+    assert manifest["fingerprint"] == "f" * 64  # read back from the stage folder, not from Prefect's result
+
+
+@pytest.mark.parametrize(
+    ("fake", "message"),
+    [
+        (FakeDeployments(state="FAILED", writes=False), "ended Failed"),
+        (FakeDeployments(writes=False), "holds no manifest"),
+    ],
+    ids=["child-failed", "no-shared-storage"],
+)
+def test_dispatch_failures_fail_the_stage(prefect_harness, tmp_path: Path, monkeypatch, fake, message) -> None:
+    monkeypatch.setattr(pipeline, "run_deployment", fake)
+    settings = gpu_settings(tmp_path)
+
+    @pipeline.flow
+    def parent() -> None:
+        pipeline.run_stage("sft", settings, settings.stage_dir("sft"), {"data": settings.stage_dir("teach")})
+
+    with pytest.raises(MathWizardError, match=message):
+        parent()
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+def test_run_command_runs_the_pipeline_on_the_given_recipe(monkeypatch, tmp_path: Path) -> None:
+    from mathwizard.cli import app
+
+    seen: dict[str, Any] = {}
+
+    def fake(settings):
+        seen["settings"] = settings
+        return {"prepare": {"fingerprint": "abc", "counts": {"kept": 60}, "seconds": 1.0}}
+
+    monkeypatch.setattr(pipeline, "math_wizard", fake)
+    result = CliRunner().invoke(
+        app, ["run", "--config", str(REPO / "deployments/recipes/smoke.yaml"), "--home", str(tmp_path)]
+    )
+    assert result.exit_code == 0, result.output
+    assert seen["settings"].run_name == "smoke" and seen["settings"].home == str(tmp_path)
+    assert "prepare" in result.output and "kept 60" in result.output
+
+
+def test_up_command_starts_the_stack_and_stops_it(monkeypatch, tmp_path: Path) -> None:
+    from mathwizard import localstack
+    from mathwizard.cli import app
+
+    events: list[str] = []
+
+    class FakeStack:
+        ui_url, api_url, logs = "http://127.0.0.1:4300", "http://127.0.0.1:4300/api", tmp_path
+
+        def __init__(self) -> None:
+            self.server = SimpleNamespace(poll=lambda: events.append("poll") or 0)  # the server "exits" at once
+
+        def stop(self) -> None:
+            events.append("stop")
+
+    def fake_up(home, **kwargs):
+        events.append("up")
+        assert kwargs["port"] == 4300 and kwargs["cuda_worker"] is False
+        assert kwargs["env"]["MATHWIZARD_HOME"] == str(tmp_path.resolve())
+        assert kwargs["env"]["PREFECT_LOCAL_STORAGE_PATH"] == str(tmp_path.resolve() / "prefect-results")
+        assert Path(home) == tmp_path.resolve() / "prefect"
+        return FakeStack()
+
+    monkeypatch.setattr(localstack, "up", fake_up)
+    result = CliRunner().invoke(app, ["up", "--home", str(tmp_path), "--port", "4300", "--no-cuda"])
+    assert result.exit_code == 0, result.output
+    assert events == ["up", "poll", "stop"]
+    assert "http://127.0.0.1:4300" in result.output
