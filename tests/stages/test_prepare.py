@@ -199,8 +199,12 @@ def test_flow_runs_once_then_comes_from_cache(prefect_harness, tmp_path: Path, m
 def _artifact_rows(key: str) -> list[dict]:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
 
+    # Other flow tests in the session write the same key: read the newest one.
     with get_client(sync_client=True) as client:
-        (artifact,) = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), limit=1)
+        (artifact,) = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), sort=ArtifactSort.CREATED_DESC, limit=1
+        )
     data = artifact.data
     return json.loads(data) if isinstance(data, str) else data
