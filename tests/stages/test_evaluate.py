@@ -16,6 +16,7 @@ from mathwizard.manifest import read_manifest, stage_output
 from mathwizard.prompts import load_prompt
 from mathwizard.stages import evaluate
 from mathwizard.stages.evaluate import evaluation_table, markdown_table, score, summarize
+from tests.cli_runner import invoke
 
 
 def _solution(answer: str) -> str:
@@ -185,24 +186,6 @@ def test_combined_table_shows_whether_each_stage_helped(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def invoke(args: list[str]):
-    """Run the CLI, then point Prefect's console handlers back at the real stderr (see tests/stages/test_pairs.py)."""
-    import logging
-    import sys
-
-    from prefect.logging.handlers import PrefectConsoleHandler
-    from typer.testing import CliRunner
-
-    from mathwizard.cli import app
-
-    result = CliRunner().invoke(app, args)
-    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
-        for handler in getattr(logger, "handlers", []):
-            if isinstance(handler, PrefectConsoleHandler):
-                handler.stream = handler.console.file = sys.stderr
-    return result
-
-
 def test_cli_eval_on_the_tiny_model(tmp_path: Path, prefect_harness: None) -> None:
     import torch
 

@@ -17,6 +17,7 @@ from mathwizard.manifest import read_manifest, stage_output
 from mathwizard.prompts import FLAWED_STRATEGIES, load_prompt
 from mathwizard.stages import pairs
 from mathwizard.stages.pairs import choose_strategy, rejected_problems, rule_flaw
+from tests.cli_runner import invoke
 
 # ------------------------------------------------------------------------------------------ fixture
 ISOSCELES = (
@@ -357,28 +358,6 @@ def test_bad_inputs_fail_in_one_line(tmp_path: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- CLI
-def invoke(args: list[str]):
-    """Run the CLI, then point Prefect's console handlers back at the real stderr.
-
-    Prefect sets up its logging during the first flow run, binding its console handler to the stderr that
-    CliRunner swapped in and closes afterwards; a second run in the same process would log into a closed file.
-    """
-    import logging
-    import sys
-
-    from prefect.logging.handlers import PrefectConsoleHandler
-    from typer.testing import CliRunner
-
-    from mathwizard.cli import app
-
-    result = CliRunner().invoke(app, args)
-    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
-        for handler in getattr(logger, "handlers", []):
-            if isinstance(handler, PrefectConsoleHandler):
-                handler.stream = handler.console.file = sys.stderr
-    return result
-
-
 def test_cli_pairs_on_the_tiny_model(tmp_path: Path, prefect_harness: None) -> None:
     import datasets
     import torch
