@@ -132,6 +132,13 @@ class ModelConfig(_Stage):
         " (UNSLOTH_BLOCK_COMPILE=0); unsloth: Unsloth's default, which also compiles each decoder layer as a region"
         " (see docs/gpu.md for its cost on gemma-3n). Read when unsloth is first imported in a process.",
     )
+    decode: Literal["auto", "eager", "compiled"] = Field(
+        "auto",
+        description="Batched generation (pairs, eval): compiled = a static KV cache sized in buckets of 512 tokens and"
+        " the decode step under torch.compile with CUDA graphs, built once per batch size and bucket (see docs/gpu.md"
+        " for its cost); eager = plain PyTorch; auto: compiled on CUDA, eager elsewhere. Not part of any fingerprint:"
+        " it changes speed, not answers. `ask` always decodes eagerly (one answer never repays a compile).",
+    )
 
 
 class LoRAConfig(_Stage):

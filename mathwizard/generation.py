@@ -112,10 +112,54 @@ def _eos_ids(model: Any, processor: Any) -> set[int]:
     return ids
 
 
+CACHE_BUCKET = 512  # compiled decoding: the static KV cache grows in steps of this many tokens, so shapes repeat
+
+
+def resolve_decode(decode: str, device: Any) -> str:
+    """'compiled' or 'eager' for `decode` (auto | eager | compiled) on `device`: auto compiles on CUDA only, where
+    CUDA graphs remove the per-step launch overhead that dominates decoding a small model."""
+    if decode not in ("auto", "eager", "compiled"):
+        raise ValueError(f"decode must be auto, eager or compiled, got {decode!r}")
+    if decode == "auto":
+        return "compiled" if getattr(device, "type", str(device)) == "cuda" else "eager"
+    return decode
+
+
+def _compiled_decode_kwargs(model: Any, prompt_length: int, max_new_tokens: int) -> dict[str, Any]:
+    """generate() arguments for a static KV cache and a compiled decode step (transformers' auto-compile).
+
+    The cache length is rounded up to a multiple of CACHE_BUCKET (transformers keeps the largest it has seen), so
+    batches of different prompt lengths reuse one compiled graph instead of compiling their own.
+    """
+    from transformers import CompileConfig
+
+    cuda = model.device.type == "cuda"
+    # reduce-overhead = CUDA graphs: one graph launch per decode step instead of thousands of small kernels.
+    config = CompileConfig(fullgraph=False, dynamic=None, mode="reduce-overhead" if cuda else "default")
+    config._compile_all_devices = True  # transformers compiles on CUDA by itself; elsewhere only when asked (tests)
+    needed = prompt_length + max_new_tokens
+    return {
+        "cache_implementation": "static",
+        "max_cache_len": -(-needed // CACHE_BUCKET) * CACHE_BUCKET,
+        "compile_config": config,
+    }
+
+
 def generate_batch(
-    model: Any, processor: Any, requests: Sequence[Request], params: SamplingParams, *, streamer: Any = None
+    model: Any,
+    processor: Any,
+    requests: Sequence[Request],
+    params: SamplingParams,
+    *,
+    streamer: Any = None,
+    compiled: bool = False,
 ) -> list[Completion]:
-    """One `model.generate` call over all `requests` (left padding); a streamer needs a single request."""
+    """One `model.generate` call over all `requests` (left padding); a streamer needs a single request.
+
+    `compiled`: decode with a static KV cache and a torch.compiled step (see `resolve_decode`). Unsloth's own
+    generate wrapper forces its cache and switches compilation off for gemma-3n, so this path calls transformers'
+    generate directly; inference models are merged (no PEFT wrapper), so that is the whole model.
+    """
     import torch
 
     if not requests:
@@ -145,10 +189,17 @@ def generate_batch(
     else:
         # top_k stays the checkpoint's own (gemma-3n: 64), as in the original sampling script.
         kwargs.update(temperature=params.temperature, top_p=params.top_p)
+    generate = model.generate
+    if compiled:
+        from transformers import GenerationMixin
+
+        kwargs.update(_compiled_decode_kwargs(model, inputs["input_ids"].shape[1], params.max_new_tokens))
+        if isinstance(model, GenerationMixin):
+            generate = GenerationMixin.generate.__get__(model)
     if params.seed is not None:
         torch.manual_seed(params.seed)
     with torch.inference_mode():
-        output = model.generate(**inputs, **kwargs, streamer=streamer)
+        output = generate(**inputs, **kwargs, streamer=streamer)
     new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()
     completions = []
     for row in new_tokens:
@@ -166,6 +217,7 @@ class ModelGenerator:
     processor: Any
     batch_size: int = 16
     name: str = ""
+    decode: str = "eager"  # eager | compiled (see resolve_decode)
     generate_calls: int = field(default=0, init=False)
     generated_tokens: int = field(default=0, init=False)
     seconds: float = field(default=0.0, init=False)
@@ -178,8 +230,13 @@ class ModelGenerator:
             batch = order[start : start + self.batch_size]
             seed = None if params.seed is None else params.seed + start
             batch_params = SamplingParams(params.max_new_tokens, params.temperature, params.top_p, seed)
+            chunk = [requests[i] for i in batch]
+            compiled = self.decode == "compiled"
+            if compiled:  # a short batch is filled with copies: a new batch size would compile the step again
+                chunk += [chunk[-1]] * (self.batch_size - len(chunk))
             started = time.perf_counter()
-            completions = generate_batch(self.model, self.processor, [requests[i] for i in batch], batch_params)
+            completions = generate_batch(self.model, self.processor, chunk, batch_params, compiled=compiled)
+            completions = completions[: len(batch)]
             self.seconds += time.perf_counter() - started
             self.generate_calls += 1
             self.generated_tokens += sum(c.tokens for c in completions)
@@ -220,6 +277,7 @@ class ModelRef:
     stage: str | None = None
     fingerprint: str | None = None
     compile: str | None = None  # Unsloth's compile scope (model.compile); how it runs, not what it answers
+    decode: str = "auto"  # eager | compiled | auto (model.decode); how it runs, not what it answers
 
     def identity(self) -> dict[str, Any]:
         """What decides this model's outputs, for the fingerprints of the stages that generate with it."""
@@ -238,7 +296,12 @@ class ModelRef:
 
             configure_compile(self.compile)
         return load_generator(
-            self.location, backend=self.backend, dtype=self.dtype, load_in_4bit=self.load_in_4bit, batch_size=batch_size
+            self.location,
+            backend=self.backend,
+            dtype=self.dtype,
+            load_in_4bit=self.load_in_4bit,
+            batch_size=batch_size,
+            decode=self.decode,
         )
 
 
@@ -258,6 +321,7 @@ def model_ref(model: ModelConfig | str | Path, stage_folder: str | Path | None =
             "dtype": model.dtype,
             "load_in_4bit": model.load_in_4bit,
             "compile": model.compile,
+            "decode": model.decode,
         }
         target: str | Path = stage_folder if stage_folder is not None else model.name
     else:
@@ -279,8 +343,10 @@ def load_generator(
     dtype: str = "auto",
     load_in_4bit: bool = False,
     batch_size: int = 16,
+    decode: str = "eager",
 ) -> ModelGenerator:
-    """Load a model for inference (a Hub id, a model dir, `tiny`, or a stage folder / its adapter) in eval mode.
+    """Load a model for inference (a Hub id, a model dir, `tiny`, or a stage folder / its adapter) in eval mode;
+    `decode` (auto | eager | compiled) picks how batches decode on the device it lands on.
 
     Raises:
         ModelError: the model cannot be found or loaded.
@@ -296,8 +362,9 @@ def load_generator(
         reason = " ".join(str(exc).split())[:300]
         raise ModelError(f"cannot load model {location!r}: {reason}") from None
     model.eval()
-    log.info("loaded %s for generation on %s", location, model.device)
-    return ModelGenerator(model=model, processor=processor, batch_size=batch_size, name=str(name_or_dir))
+    mode = resolve_decode(decode, model.device)
+    log.info("loaded %s for generation on %s (%s decoding)", location, model.device, mode)
+    return ModelGenerator(model=model, processor=processor, batch_size=batch_size, name=str(name_or_dir), decode=mode)
 
 
 # ------------------------------------------------------------------------------------------------ inputs

@@ -180,3 +180,35 @@ def test_model_ref_resolves_stage_folders_to_their_adapter(tmp_path: Path) -> No
     tiny = model_ref("tiny")
     assert tiny.identity()["name"] == "tiny" and "tiny_version" in tiny.identity()
     assert json.dumps(tiny.identity())  # JSON-able, for fingerprints
+
+
+def test_decode_mode_resolves_by_device() -> None:
+    import torch
+
+    from mathwizard.generation import resolve_decode
+
+    assert resolve_decode("auto", torch.device("cpu")) == "eager"
+    assert resolve_decode("auto", torch.device("cuda", 0)) == "compiled"
+    assert resolve_decode("compiled", torch.device("cpu")) == "compiled"
+    assert resolve_decode("eager", torch.device("cuda", 0)) == "eager"
+    with pytest.raises(ValueError, match="auto, eager or compiled"):
+        resolve_decode("fast", torch.device("cpu"))
+
+
+def test_compiled_decoding_answers_like_eager_and_compiles_once(tiny: ModelGenerator) -> None:
+    """Static cache + torch.compile (inductor on CPU here; CUDA graphs on a GPU): the same greedy answers, and a
+    second call with other prompt lengths, a short tail batch and another max_new_tokens compiles nothing new."""
+    import torch._dynamo
+
+    compiled = ModelGenerator(model=tiny.model, processor=tiny.processor, batch_size=4, decode="compiled")
+    requests = _requests(5)  # batches of 4 + 1; the 1 is filled up to 4, so both share one batch size
+    eager = tiny(requests, SamplingParams(max_new_tokens=10))
+    assert compiled(requests, SamplingParams(max_new_tokens=10)) == eager
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs >= 1  # it really compiled
+
+    other = [Request(text="Find x. " * (i + 1), image=_png((0, 40 * i, 0)), system="Be brief.") for i in range(3)]
+    answers = compiled(other, SamplingParams(max_new_tokens=16))  # prompt + 16 new tokens stay in the 512 bucket
+    assert answers == tiny(other, SamplingParams(max_new_tokens=16))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+    assert compiled.generate_calls == 3  # 2 batches, then 1

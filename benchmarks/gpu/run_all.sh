@@ -3,9 +3,12 @@
 # every GPU benchmark, each writing its figures to $OUT. Parts run in the order given (default: all of them).
 #
 #   mkdir -p /tmp/site && tar xzf .gpu/site312.tgz -C /tmp/site && export PYTHONPATH=/tmp/site:$PWD
-#   OUT=/tmp/gpu-out bash benchmarks/gpu/run_all.sh [smoke] [model] [sft] [pipeline] [dpo] [gen] [tests]
+#   OUT=/tmp/gpu-out bash benchmarks/gpu/run_all.sh [smoke] [model] [data] [sft] [pipeline] [dpo] [gen] [tests]
 #
-# Parts: smoke (imports, CLI help, nvidia-smi), model (build the random E2B model once), sft / dpo / gen (the
+# On a machine with several GPUs, benchmarks/gpu/run_lanes.sh runs groups of parts side by side, one GPU each.
+#
+# Parts: smoke (imports, CLI help, nvidia-smi), model (build the random E2B model once), data (the sample's teach and
+# pairs folders the benchmarks train on), sft / dpo / gen (the
 # benchmarks), pipeline (`mathwizard run` with benchmarks/gpu/e2b-unsloth.yaml), tests (pytest -m gpu tests/gpu).
 # MW_GPU_BUDGET (seconds, default 560) bounds the whole command: each part gets what is left, so a part that runs
 # long is stopped and still leaves its progress in $OUT. Files in $OUT: run.log, sft.json, dpo.json,
@@ -15,7 +18,7 @@ cd "$(dirname "$0")/../.."
 OUT=${OUT:-out/gpu}
 WORK=${MW_GPU_WORK:-$PWD/.gpu/work}
 BUDGET=${MW_GPU_BUDGET:-560}
-DEADLINE=$(( $(date +%s) + BUDGET ))
+DEADLINE=${MW_GPU_DEADLINE:-$(( $(date +%s) + BUDGET ))}  # run_lanes.sh hands every lane one shared deadline
 mkdir -p "$OUT" "$WORK"
 export MW_GPU_WORK=$WORK PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PREFECT_HOME=$WORK/prefect PREFECT_SERVER_ANALYTICS_ENABLED=false DO_NOT_TRACK=1 PREFECT_UI_ENABLED=false
@@ -69,6 +72,18 @@ part_model() {
   bounded 300 "${MW[@]}" model random-e2b --out "$E2B" --device cuda && du -sh "$E2B"
 }
 
+part_data() {
+  "$PY" - "$DATA" <<'PY'
+import sys
+from pathlib import Path
+sys.path.insert(0, "benchmarks/gpu")
+from _common import ensure_pairs
+data = Path(sys.argv[1])
+ensure_pairs(data / "04-pairs", data / "02-teach")
+print("data ready:", sorted(p.name for p in data.iterdir()))
+PY
+}
+
 part_sft() {
   bounded "$(left)" "$PY" benchmarks/gpu/bench_sft.py --model "$E2B" --data "$DATA/02-teach" \
     --budget $(( $(left) - 20 )) --json "$OUT/sft.json" ${MW_SFT_ARGS:-}
@@ -100,7 +115,7 @@ part_tests() {
 }
 
 parts=("$@")
-(( ${#parts[@]} )) || parts=(smoke model sft pipeline dpo gen tests)
+(( ${#parts[@]} )) || parts=(smoke model data sft pipeline dpo gen tests)
 status=0
 for part in "${parts[@]}"; do
   banner "$part"

@@ -75,7 +75,7 @@ def expected_fingerprint(cfg: DPOConfig, model: ModelConfig, sft: Path | None, p
     upstream = {pairs_manifest.stage: pairs_manifest.fingerprint}
     if sft is not None:
         upstream.update(_sft_identity(Path(sft)))
-    identity = _model_identity(model) if sft is None else model.model_dump(mode="json", exclude={"name"})
+    identity = _model_identity(model) if sft is None else model.model_dump(mode="json", exclude={"name", "decode"})
     return fingerprint(STAGE, VERSION, cfg, upstream, model=identity, prompt=load_prompt("tutor_system"))
 
 

@@ -25,7 +25,7 @@ VERSION = 1  # bump when output semantics change; part of the fingerprint
 def _model_identity(model: ModelConfig) -> dict[str, Any]:
     from mathwizard.models.tiny import TINY_VERSION
 
-    identity: dict[str, Any] = model.model_dump(mode="json")
+    identity: dict[str, Any] = model.model_dump(mode="json", exclude={"decode"})  # speed, not weights
     if model.name == "tiny":
         identity["tiny_version"] = TINY_VERSION
     return identity

@@ -97,3 +97,24 @@ def test_batched_generation_on_the_gpu(sft_out: Path) -> None:
     completions = generator(requests, SamplingParams(max_new_tokens=8))
     assert len(completions) == 3 and generator.generate_calls == 1  # one left-padded batch, not three calls
     assert all(1 <= c.tokens <= 8 for c in completions)
+
+
+def test_compiled_decoding_on_the_gpu_answers_like_eager_and_compiles_once(sft_out: Path) -> None:
+    """model.decode=auto on CUDA: static cache + CUDA graphs, the same greedy answers as eager decoding (float32, so
+    kernel choice cannot flip a near tie), and a second call with other prompts and a short batch compiles nothing."""
+    import torch._dynamo
+
+    from mathwizard.generation import ModelGenerator, Request, SamplingParams, load_generator
+    from tests.training.builders import png
+
+    compiled = load_generator(sft_out, backend="unsloth", dtype="float32", batch_size=3, decode="auto")
+    assert compiled.decode == "compiled"
+    eager = ModelGenerator(model=compiled.model, processor=compiled.processor, batch_size=3, decode="eager")
+    texts = [f"Find angle {c}. " * (i + 1) for i, c in enumerate("ABC")]
+    requests = [Request(text=t, image=png(i), system="Be brief.") for i, t in enumerate(texts)]
+    params = SamplingParams(max_new_tokens=12)
+    assert compiled(requests, params) == eager(requests, params)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert graphs >= 1
+    assert compiled(requests[:2], SamplingParams(max_new_tokens=20)) == eager(requests[:2], SamplingParams(20))
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # same batch size and cache bucket
