@@ -72,11 +72,11 @@ def env_info() -> dict[str, Any]:
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
             info["driver"] = subprocess.run(query, capture_output=True, text=True, timeout=20).stdout.strip()
-    try:
+    try:  # MW_GIT_SHA: the commit a `git archive` copy without .git was made from
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
-        info["git"] = sha.stdout.strip() or "unknown"
+        info["git"] = os.environ.get("MW_GIT_SHA") or sha.stdout.strip() or "unknown"
     except OSError:
-        info["git"] = "unknown"
+        info["git"] = os.environ.get("MW_GIT_SHA", "unknown")
     return info
 
 
