@@ -156,9 +156,12 @@ def generate_batch(
 ) -> list[Completion]:
     """One `model.generate` call over all `requests` (left padding); a streamer needs a single request.
 
-    `compiled`: decode with a static KV cache and a torch.compiled step (see `resolve_decode`). Unsloth's own
-    generate wrapper forces its cache and switches compilation off for gemma-3n, so this path calls transformers'
-    generate directly; inference models are merged (no PEFT wrapper), so that is the whole model.
+    `compiled`: decode with a static KV cache and a torch.compiled step (see `resolve_decode`).
+
+    Always transformers' own `generate`, under autocast to the model's dtype on CUDA: Unsloth replaces
+    `model.generate` with a wrapper that forces its own static cache on gemma-3n (which broke on the tiny model on an
+    H100) and switches compilation off, and it keeps some vision weights in float32 that only autocast reconciles
+    with bf16 pixels. Inference models are merged (no PEFT wrapper), so the class's generate is the whole model's.
     """
     import torch
 
@@ -189,16 +192,16 @@ def generate_batch(
     else:
         # top_k stays the checkpoint's own (gemma-3n: 64), as in the original sampling script.
         kwargs.update(temperature=params.temperature, top_p=params.top_p)
-    generate = model.generate
     if compiled:
-        from transformers import GenerationMixin
-
         kwargs.update(_compiled_decode_kwargs(model, inputs["input_ids"].shape[1], params.max_new_tokens))
-        if isinstance(model, GenerationMixin):
-            generate = GenerationMixin.generate.__get__(model)
+    generate = type(model).generate.__get__(model)  # the class's, never an instance attribute set over it
+    half = model.dtype in (torch.bfloat16, torch.float16)
+    autocast = torch.autocast(
+        device_type=model.device.type, dtype=model.dtype, enabled=half and model.device.type == "cuda"
+    )
     if params.seed is not None:
         torch.manual_seed(params.seed)
-    with torch.inference_mode():
+    with torch.inference_mode(), autocast:
         output = generate(**inputs, **kwargs, streamer=streamer)
     new_tokens = output[:, inputs["input_ids"].shape[1] :].tolist()
     completions = []

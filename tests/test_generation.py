@@ -70,13 +70,13 @@ def test_batches_split_by_batch_size_and_keep_order(tiny: ModelGenerator) -> Non
 
 def test_one_generate_call_carries_the_whole_batch(tiny: ModelGenerator, monkeypatch: pytest.MonkeyPatch) -> None:
     seen = []
-    original = tiny.model.generate
+    original = type(tiny.model).generate
 
-    def spy(**kwargs):
+    def spy(self, **kwargs):
         seen.append(kwargs)
-        return original(**kwargs)
+        return original(self, **kwargs)
 
-    monkeypatch.setattr(tiny.model, "generate", spy)
+    monkeypatch.setattr(type(tiny.model), "generate", spy)
     generate_batch(tiny.model, tiny.processor, _requests(3), SamplingParams(8, temperature=1.0, top_p=0.95, seed=3))
     (kwargs,) = seen
     assert kwargs["input_ids"].shape[0] == 3 and kwargs["pixel_values"].shape[0] == 3
@@ -102,12 +102,12 @@ def test_token_count_stops_at_end_of_turn(tiny: ModelGenerator, monkeypatch: pyt
     eot = tokenizer.convert_tokens_to_ids("<end_of_turn>")
     word = tokenizer.convert_tokens_to_ids("<0x41>")  # the byte "A"
 
-    def fake_generate(**kwargs):
+    def fake_generate(self, **kwargs):
         prompt = kwargs["input_ids"]
         new = torch.tensor([[word, word, eot, 0, 0], [word, word, word, word, word]])
         return torch.cat([prompt, new], dim=1)
 
-    monkeypatch.setattr(tiny.model, "generate", fake_generate)
+    monkeypatch.setattr(type(tiny.model), "generate", fake_generate)
     first, second = generate_batch(tiny.model, tiny.processor, _requests(2), SamplingParams(5))
     assert (first.text, first.tokens) == ("AA", 3)  # two letters + the end-of-turn token
     assert (second.text, second.tokens) == ("AAAAA", 5)  # ran out of budget
@@ -212,3 +212,18 @@ def test_compiled_decoding_answers_like_eager_and_compiles_once(tiny: ModelGener
     assert answers == tiny(other, SamplingParams(max_new_tokens=16))
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
     assert compiled.generate_calls == 3  # 2 batches, then 1
+
+
+def test_generation_uses_transformers_generate_not_an_instance_wrapper(tiny: ModelGenerator) -> None:
+    """Unsloth swaps `model.generate` for its own wrapper (its cache choices broke on an H100); the project calls
+    transformers' generate of the model's class, so a replaced instance attribute is never used."""
+
+    def wrapper(*_: object, **__: object) -> None:
+        raise AssertionError("the instance's generate wrapper was called")
+
+    tiny.model.generate = wrapper
+    try:
+        (answer,) = generate_batch(tiny.model, tiny.processor, _requests(1), SamplingParams(max_new_tokens=4))
+    finally:
+        del tiny.model.generate
+    assert 1 <= answer.tokens <= 4

@@ -94,9 +94,10 @@ part_dpo() {
     --budget $(( $(left) - 20 )) --json "$OUT/dpo.json" ${MW_DPO_ARGS:-}
 }
 
-part_gen() {
+part_gen() {  # MW_GEN_BACKEND=hf|unsloth picks the backend (default: the script's) and names the JSON after it
+  local backend=${MW_GEN_BACKEND:-}
   bounded "$(left)" "$PY" benchmarks/gpu/bench_generation.py --model "$E2B" --data "$DATA/02-teach" \
-    --json "$OUT/generation.json" ${MW_GEN_ARGS:-}
+    --json "$OUT/generation${backend:+-$backend}.json" ${MW_GEN_ARGS:-} ${backend:+--backend "$backend"}
 }
 
 part_pipeline() {

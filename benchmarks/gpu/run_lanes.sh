@@ -6,6 +6,7 @@
 #   mkdir -p /tmp/site && tar xzf .gpu/site312.tgz -C /tmp/site && export PYTHONPATH=/tmp/site:$PWD
 #   OUT=/tmp/gpu-out MW_GPU_BUDGET=540 bash benchmarks/gpu/run_lanes.sh "pipeline" "sft" "dpo tests" "gen"
 #
+# A lane's words with '=' are environment settings for that lane alone: "MW_GEN_BACKEND=hf gen".
 # Results: $OUT/<lane>/ (run.log and the parts' JSON, as run_all.sh writes them) and $OUT/setup/. With
 # MW_GPU_SNAPSHOT=<file>, a tar.gz of $OUT is rewritten every 15 s and at the end, so a command stopped at its time
 # limit still returns everything written so far.
@@ -31,10 +32,12 @@ for (( g = 0; g < gpus; g++ )); do
     i=0
     for lane in "$@"; do
       if (( i % gpus == g )); then
-        name="lane$i-${lane// /-}"
-        echo "GPU $g: $name"
-        CUDA_VISIBLE_DEVICES=$g UNSLOTH_COMPILE_LOCATION=/tmp/unsloth_compiled_cache_$i OUT=$OUT/$name \
-          bash benchmarks/gpu/run_all.sh $lane >/dev/null 2>&1
+        settings=() parts=()
+        for word in $lane; do [[ $word == *=* ]] && settings+=("$word") || parts+=("$word"); done
+        name="lane$i-$(IFS=-; echo "${parts[*]}")"
+        echo "GPU $g: $name ${settings[*]}"
+        env "${settings[@]}" CUDA_VISIBLE_DEVICES=$g UNSLOTH_COMPILE_LOCATION=/tmp/unsloth_compiled_cache_$i \
+          OUT=$OUT/$name bash benchmarks/gpu/run_all.sh "${parts[@]}" >/dev/null 2>&1
         echo "GPU $g: $name exit $?"
       fi
       i=$(( i + 1 ))
