@@ -1,6 +1,7 @@
 """The eval flow: one model's accuracy on the test split, with its table and the run's base/SFT/DPO table.
 
-Usage: `mathwizard eval --label sft` or `eval_flow(settings=load_settings(), label="dpo")`.
+Usage: `mathwizard eval --label sft` or `eval_flow(settings=load_settings(), label="dpo")`. A progress artifact moves
+as generate batches are scored; an evaluation that is already done shows it complete.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from mathwizard.config import Settings
 from mathwizard.errors import ConfigError
+from mathwizard.manifest import reusable
 from mathwizard.stages import evaluate as stage
+from tasks.artifacts import ProgressArtifact
 from tasks.common import unless_missing
 from tasks.evaluate import evaluate
 
@@ -41,7 +44,14 @@ def eval_flow(
     cfg = settings.eval
 
     fp = stage.expected_fingerprint(cfg, model_cfg, Path(data), label)
-    manifest = unless_missing(evaluate, out, fp)(cfg, model_cfg, data, out, label)
+    total = stage.total_items(cfg, Path(data))
+    progress = ProgressArtifact(total, key="eval-progress", description=f"eval ({label} on {cfg.split}): problems done")
+    if reusable(Path(out), fp) is not None:
+        progress(total)  # skipped below (Prefect's cache or the library's manifest check), so it never reports
+    try:
+        manifest = unless_missing(evaluate, out, fp)(cfg, model_cfg, data, out, label, progress=progress)
+    finally:
+        progress.finish()  # after a failure too: the UI shows how far it got
 
     report = stage.load_report(out)
     create_table_artifact(

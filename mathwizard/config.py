@@ -135,9 +135,9 @@ class ModelConfig(_Stage):
     decode: Literal["auto", "eager", "compiled"] = Field(
         "auto",
         description="Batched generation (pairs, eval): compiled = a static KV cache sized in buckets of 512 tokens and"
-        " the decode step under torch.compile with CUDA graphs, built once per batch size and bucket (see docs/gpu.md"
-        " for its cost); eager = plain PyTorch; auto: compiled on CUDA, eager elsewhere. Not part of any fingerprint:"
-        " it changes speed, not answers. `ask` always decodes eagerly (one answer never repays a compile).",
+        " the decode step under torch.compile with CUDA graphs, built once per batch size and bucket; backend hf"
+        " only (Unsloth's compiled gemma-3n forward breaks it). eager = plain PyTorch; auto = eager (measured on an"
+        " H100 in benchmarks/RESULTS.md). Not part of any fingerprint: it changes speed, not answers.",
     )
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from mathwizard.errors import DataError, ModelError
+from mathwizard.errors import ConfigError, DataError, ModelError
 
 if TYPE_CHECKING:
     from mathwizard.config import ModelConfig
@@ -115,14 +115,37 @@ def _eos_ids(model: Any, processor: Any) -> set[int]:
 CACHE_BUCKET = 512  # compiled decoding: the static KV cache grows in steps of this many tokens, so shapes repeat
 
 
-def resolve_decode(decode: str, device: Any) -> str:
-    """'compiled' or 'eager' for `decode` (auto | eager | compiled) on `device`: auto compiles on CUDA only, where
-    CUDA graphs remove the per-step launch overhead that dominates decoding a small model."""
+def resolve_decode(decode: str, backend: str = "hf") -> str:
+    """'compiled' or 'eager' for `decode` (auto | eager | compiled) with the model's resolved `backend`.
+
+    auto is eager: on the H100 (benchmarks/RESULTS.md) compiling the decode step of the Unsloth-loaded E2B model
+    gained 1.1x at best and failed once Unsloth's compiled training forwards were in the process.
+
+    Raises:
+        ConfigError: an unknown mode, or compiled with the Unsloth backend.
+    """
     if decode not in ("auto", "eager", "compiled"):
-        raise ValueError(f"decode must be auto, eager or compiled, got {decode!r}")
-    if decode == "auto":
-        return "compiled" if getattr(device, "type", str(device)) == "cuda" else "eager"
-    return decode
+        raise ConfigError(f"model.decode must be auto, eager or compiled, got {decode!r}")
+    if decode == "compiled" and backend == "unsloth":
+        raise ConfigError(
+            "model.decode: compiled does not work with model.backend: unsloth (Unsloth's compiled gemma-3n forward sets"
+            " torch.compile's stance inside the graph); set model.decode: eager, or model.backend: hf"
+        )
+    return "compiled" if decode == "compiled" else "eager"
+
+
+def _needs_autocast(model: Any) -> bool:
+    """Whether a half-precision model keeps some float32 weights (Unsloth does, for gemma-3n's vision convolutions):
+    then only autocast reconciles them with half-precision activations. A uniform model runs without it, since
+    autocast would leave some outputs float32 and a static KV cache then holds mixed dtypes."""
+    import torch
+
+    cached = getattr(model, "_mathwizard_needs_autocast", None)
+    if cached is None:
+        half = model.dtype in (torch.bfloat16, torch.float16)
+        cached = half and any(p.dtype == torch.float32 for p in model.parameters())
+        model._mathwizard_needs_autocast = cached
+    return cached
 
 
 def _compiled_decode_kwargs(model: Any, prompt_length: int, max_new_tokens: int) -> dict[str, Any]:
@@ -158,10 +181,10 @@ def generate_batch(
 
     `compiled`: decode with a static KV cache and a torch.compiled step (see `resolve_decode`).
 
-    Always transformers' own `generate`, under autocast to the model's dtype on CUDA: Unsloth replaces
-    `model.generate` with a wrapper that forces its own static cache on gemma-3n (which broke on the tiny model on an
-    H100) and switches compilation off, and it keeps some vision weights in float32 that only autocast reconciles
-    with bf16 pixels. Inference models are merged (no PEFT wrapper), so the class's generate is the whole model's.
+    Always transformers' own `generate`: Unsloth replaces `model.generate` with a wrapper that forces its own static
+    cache on gemma-3n (which broke on the tiny model on an H100). On CUDA a model with mixed float32/half weights
+    (Unsloth's) runs under autocast to its dtype. Inference models are merged (no PEFT wrapper), so the class's
+    generate is the whole model's.
     """
     import torch
 
@@ -195,9 +218,8 @@ def generate_batch(
     if compiled:
         kwargs.update(_compiled_decode_kwargs(model, inputs["input_ids"].shape[1], params.max_new_tokens))
     generate = type(model).generate.__get__(model)  # the class's, never an instance attribute set over it
-    half = model.dtype in (torch.bfloat16, torch.float16)
     autocast = torch.autocast(
-        device_type=model.device.type, dtype=model.dtype, enabled=half and model.device.type == "cuda"
+        device_type=model.device.type, dtype=model.dtype, enabled=model.device.type == "cuda" and _needs_autocast(model)
     )
     if params.seed is not None:
         torch.manual_seed(params.seed)
@@ -354,9 +376,10 @@ def load_generator(
     Raises:
         ModelError: the model cannot be found or loaded.
     """
-    from mathwizard.models import load_model
+    from mathwizard.models import load_model, resolve_backend
 
     location = model_location(name_or_dir)
+    resolve_decode(decode, resolve_backend(backend))  # a bad setting fails before minutes of loading
     try:
         model, processor = load_model(location, backend, for_training=False, dtype=dtype, load_in_4bit=load_in_4bit)
     except ModelError:
@@ -365,7 +388,7 @@ def load_generator(
         reason = " ".join(str(exc).split())[:300]
         raise ModelError(f"cannot load model {location!r}: {reason}") from None
     model.eval()
-    mode = resolve_decode(decode, model.device)
+    mode = resolve_decode(decode, resolve_backend(backend))
     log.info("loaded %s for generation on %s (%s decoding)", location, model.device, mode)
     return ModelGenerator(model=model, processor=processor, batch_size=batch_size, name=str(name_or_dir), decode=mode)
 

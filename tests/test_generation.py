@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mathwizard.errors import DataError
+from mathwizard.errors import ConfigError, DataError
 from mathwizard.generation import (
     ModelGenerator,
     Request,
@@ -182,17 +182,37 @@ def test_model_ref_resolves_stage_folders_to_their_adapter(tmp_path: Path) -> No
     assert json.dumps(tiny.identity())  # JSON-able, for fingerprints
 
 
-def test_decode_mode_resolves_by_device() -> None:
-    import torch
-
+def test_decode_mode_is_eager_unless_compiled_is_asked_and_never_compiled_with_unsloth() -> None:
     from mathwizard.generation import resolve_decode
 
-    assert resolve_decode("auto", torch.device("cpu")) == "eager"
-    assert resolve_decode("auto", torch.device("cuda", 0)) == "compiled"
-    assert resolve_decode("compiled", torch.device("cpu")) == "compiled"
-    assert resolve_decode("eager", torch.device("cuda", 0)) == "eager"
-    with pytest.raises(ValueError, match="auto, eager or compiled"):
-        resolve_decode("fast", torch.device("cpu"))
+    assert resolve_decode("auto", "hf") == resolve_decode("auto", "unsloth") == "eager"
+    assert resolve_decode("compiled", "hf") == "compiled"
+    assert resolve_decode("eager", "unsloth") == "eager"
+    with pytest.raises(ConfigError, match=r"set model\.decode: eager"):
+        resolve_decode("compiled", "unsloth")
+    with pytest.raises(ConfigError, match="auto, eager or compiled"):
+        resolve_decode("fast")
+
+
+def test_autocast_only_for_a_half_model_with_float32_weights() -> None:
+    """Unsloth keeps gemma-3n's vision convolutions float32 in a bf16 model: autocast reconciles them. A uniform
+    model runs without autocast, which would leave some outputs float32 beside a bf16 static KV cache."""
+    import torch
+
+    from mathwizard.generation import _needs_autocast
+
+    class Model(torch.nn.Module):
+        def __init__(self, *dtypes: torch.dtype) -> None:
+            super().__init__()
+            self.layers = torch.nn.ModuleList(torch.nn.Linear(2, 2, dtype=d) for d in dtypes)
+
+        @property
+        def dtype(self) -> torch.dtype:
+            return next(self.parameters()).dtype
+
+    assert _needs_autocast(Model(torch.bfloat16, torch.float32))
+    assert not _needs_autocast(Model(torch.bfloat16, torch.bfloat16))
+    assert not _needs_autocast(Model(torch.float32, torch.float32))
 
 
 def test_compiled_decoding_answers_like_eager_and_compiles_once(tiny: ModelGenerator) -> None:

@@ -47,7 +47,7 @@ eval_batch_size = 16  # the eval stage's default
 singles = 4  # prompts answered one at a time for the baseline (each takes max_new_tokens decode steps)
 max_new_tokens = 128  # same for both modes (the stages default to 1024; the per-token cost barely depends on it)
 repeats = 2  # timed passes of the batched mode; median reported
-decode = "eager,compiled"  # batched modes measured (mathwizard.generation.resolve_decode)
+decode = ""  # batched modes measured; default eager, plus compiled on hf (Unsloth refuses it: resolve_decode)
 seed = 42
 # -----------------------------------------------------------------------------
 
@@ -161,9 +161,12 @@ def main() -> None:
     parser.add_argument("--singles", type=int, default=singles)
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     parser.add_argument("--repeats", type=int, default=repeats)
-    parser.add_argument("--decode", default=decode, help="Batched modes to measure: eager, compiled (comma list).")
+    parser.add_argument(
+        "--decode", default=decode, help="Batched modes: eager, compiled (comma list; default eager, + compiled on hf)."
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
+    args.decode = args.decode or ("eager,compiled" if args.backend == "hf" else "eager")
 
     started = time.perf_counter()
     from mathwizard.models import backend as backends

@@ -3,6 +3,8 @@
 Images are decoded safely (decompression-bomb guard before decoding, truncated and corrupt files caught),
 converted to RGB from any PIL mode, shrunk to `max_size` on the longest side and re-encoded as PNG. That work
 dominates the stage, so it runs in worker processes; the result does not depend on the number of workers.
+Decoding always happens in a child process, even with one worker: a C-level crash of a decoder (a segfault)
+then kills only that process, and its figure is quarantined as `decoder_crashed` instead of ending the stage.
 """
 
 from __future__ import annotations
@@ -12,20 +14,31 @@ import json
 import logging
 import multiprocessing
 import os
+import pickle
+import signal
+import traceback
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from contextlib import suppress
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
 
 log = logging.getLogger(__name__)
 
 REQUIRED_FIELDS = ("question", "file_name", "solution", "year", "difficult", "knowledge")
 # Older revisions of MM_Math (MM_Math.json + image.tar) named the figure field differently.
 LEGACY_FIELDS = (("image_file_name", "file_name"), ("image", "file_name"))
-_SERIAL_BELOW = 16  # a pool costs more than it saves for a handful of images
+_SERIAL_BELOW = 16  # more than one worker process costs more than it saves for a handful of images
+_QUEUED = 2  # figures sent to a worker ahead of its answers: one being cleaned, one waiting, so it never idles
+_AHEAD = 256  # figures handed out past the oldest unanswered one: bounds the results held back for ordering
+# TEST-ONLY fault injection, inert unless set: comma-separated figure names (basenames) on which the image worker
+# kills itself with SIGSEGV (`name:exit` -> os._exit(139)), standing in for a C-level crash of Pillow.
+TEST_CRASH_ENV = "MATHWIZARD_TEST_CRASH_IMAGES"
 
 
 class Reason(StrEnum):
@@ -42,6 +55,7 @@ class Reason(StrEnum):
     IMAGE_CORRUPT = "image_corrupt"
     IMAGE_TRUNCATED = "image_truncated"
     IMAGE_TOO_LARGE = "image_too_large"
+    DECODER_CRASHED = "decoder_crashed"  # the figure killed two cleaning processes in a row (e.g. a segfault)
 
 
 @dataclass(frozen=True)
@@ -258,10 +272,6 @@ def clean_image(path: str, max_size: int, max_pixels: int) -> ImageResult:
         Image.MAX_IMAGE_PIXELS = previous
 
 
-def _clean_image_args(args: tuple[str, int, int]) -> ImageResult:
-    return clean_image(*args)
-
-
 def default_workers() -> int:
     return os.cpu_count() or 1
 
@@ -273,25 +283,225 @@ def _pool_context() -> multiprocessing.context.BaseContext:
     return multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
 
 
+# ------------------------------------------------------------------------------------------ workers
+def _test_crash_targets() -> dict[str, str]:
+    """TEST-ONLY: figure name -> how its worker dies ("segv" or "exit"), from `TEST_CRASH_ENV`; {} when unset.
+
+    Read in the parent when cleaning starts and handed to the workers as an argument, because forkserver children
+    inherit the server's environment, not the current one.
+    """
+    targets: dict[str, str] = {}
+    for item in os.environ.get(TEST_CRASH_ENV, "").split(","):
+        name, _, how = item.strip().partition(":")
+        if name:
+            targets[name] = how or "segv"
+    return targets
+
+
+def _test_crash_hook(path: str, targets: dict[str, str]) -> None:
+    """TEST-ONLY fault injection: die the way a segfaulting decoder would, on the figures a test named."""
+    how = targets.get(os.path.basename(path))
+    if how is None:
+        return
+    with suppress(ImportError, ValueError, OSError):
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file for a crash made on purpose
+    if how == "exit":
+        os._exit(139)
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """A Python exception in a worker: a bug, not a bad figure, so the parent re-raises it (as a pool would)."""
+
+    error: BaseException
+    trace: str
+
+
+def _picklable(exc: BaseException) -> BaseException:
+    try:
+        pickle.loads(pickle.dumps(exc))
+        return exc
+    except Exception:
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+_READY = "ready"
+
+
+def _worker_main(conn: Connection, crash_targets: dict[str, str]) -> None:
+    """One cleaning process: answer each (index, job) from `conn` with (index, result), in order, until None/EOF."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops its workers
+    conn.send(_READY)  # a process that dies before this is a broken setup, not a bad figure
+    while True:
+        try:
+            message = conn.recv()
+        except (EOFError, OSError):
+            return  # the parent is gone
+        if message is None:
+            return
+        index, (path, max_size, max_pixels) = message
+        if crash_targets:
+            _test_crash_hook(path, crash_targets)
+        try:
+            answer: ImageResult | _Failure = clean_image(path, max_size, max_pixels)
+        except Exception as exc:
+            answer = _Failure(_picklable(exc), traceback.format_exc())
+        conn.send((index, answer))
+
+
+def _death_cause(exitcode: int | None) -> str:
+    """How a worker process ended, in words: 'signal SIGSEGV' or 'exit code 139'."""
+    if exitcode is None:
+        return "no exit status"
+    if exitcode < 0:
+        try:
+            return f"signal {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"signal {-exitcode}"
+    return f"exit code {exitcode}"
+
+
+class _Worker:
+    """A cleaning process and the rows sent to it, oldest first (it answers them in that order)."""
+
+    def __init__(self, ctx: multiprocessing.context.BaseContext, crash_targets: dict[str, str]) -> None:
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(
+            target=_worker_main, args=(child, crash_targets), name="mathwizard-clean-image", daemon=True
+        )
+        self.process.start()
+        child.close()  # else our own copy keeps the pipe open and a dead worker never reads as EOF
+        self.ready = False
+        self.rows: list[int] = []
+
+    def send(self, index: int, job: tuple[str, int, int]) -> None:
+        self.rows.append(index)
+        with suppress(OSError):  # already dead: the EOF on the next read reports it with the row still listed
+            self.conn.send((index, job))
+
+    def reap(self) -> str:
+        """Wait for the dead process and say how it died."""
+        self.process.join(10)
+        if self.process.is_alive():  # closed its pipe but lingers: finish it
+            self.process.kill()
+            self.process.join()
+        self.conn.close()
+        return _death_cause(self.process.exitcode)
+
+
+def _stop(workers: list[_Worker]) -> None:
+    for worker in workers:
+        with suppress(OSError):
+            worker.conn.send(None)
+    for worker in workers:
+        worker.process.join(2)
+        if worker.process.is_alive():  # busy on a row nobody will read (the caller stopped early)
+            worker.process.kill()
+            worker.process.join()
+        worker.conn.close()
+
+
+def _clean_in_workers(jobs: Sequence[tuple[str, int, int]], workers: int) -> Iterator[ImageResult]:
+    """Results of `jobs`, in order, from `workers` processes that each clean one figure at a time.
+
+    When a process dies (a C-level crash in a decoder), only the figure it was cleaning is suspect: the figures
+    queued behind it go to the other workers, and the suspect is tried once more, alone, in a fresh process, so a
+    worker killed for an unrelated reason costs no row. A figure that kills that process too is quarantined as
+    `decoder_crashed`. Which process cleans which figure never changes a result, so the output is deterministic.
+
+    Raises:
+        RuntimeError: a worker process died before it could start (a broken environment, not a bad figure).
+    """
+    from heapq import heapify, heappop, heappush
+    from multiprocessing.connection import wait
+
+    ctx = _pool_context()
+    crash_targets = _test_crash_targets()
+    todo = list(range(len(jobs)))  # a heap: re-queued rows go first, so output never waits on the far end
+    heapify(todo)
+    suspects: set[int] = set()  # rows whose worker died once
+    done: dict[int, ImageResult] = {}
+    position = 0  # the next row to yield
+    pool = [_Worker(ctx, crash_targets) for _ in range(min(workers, len(jobs)))]
+    try:
+        while position < len(jobs):
+            # -- hand out rows: a few per worker, none to one retrying a suspect (it must run alone)
+            for worker in pool:
+                while todo and len(worker.rows) < _QUEUED and todo[0] < position + _AHEAD:
+                    if worker.rows and worker.rows[0] in suspects:
+                        break
+                    index = heappop(todo)
+                    worker.send(index, jobs[index])
+            # -- collect answers, replacing any worker that died
+            busy = {worker.conn: worker for worker in pool if worker.rows}
+            if not busy:  # cannot happen: every row not yet yielded is queued, in a worker or done
+                raise RuntimeError(f"image cleaning stalled at row {position} of {len(jobs)} with nothing in flight")
+            for conn in wait(list(busy)):
+                worker = busy[conn]
+                try:
+                    message = conn.recv()
+                except (EOFError, OSError):
+                    cause = worker.reap()
+                    if not worker.ready:
+                        raise RuntimeError(
+                            f"an image-cleaning process died before it started ({cause}); "
+                            "its own error, if any, is on stderr above"
+                        ) from None
+                    culprit, *queued = worker.rows
+                    for index in queued:  # never started: another worker takes them
+                        heappush(todo, index)
+                    replacement = _Worker(ctx, crash_targets)
+                    pool[pool.index(worker)] = replacement
+                    if culprit in suspects:
+                        detail = f"image decoder crashed (worker died: {cause})"
+                        log.warning(
+                            "quarantined %s: it killed a second, fresh image worker (%s)", jobs[culprit][0], cause
+                        )
+                        done[culprit] = ImageResult(None, Reason.DECODER_CRASHED, detail)
+                    else:
+                        log.warning("an image worker died (%s) on %s; retrying it alone", cause, jobs[culprit][0])
+                        suspects.add(culprit)
+                        replacement.send(culprit, jobs[culprit])
+                    continue
+                if message == _READY:
+                    worker.ready = True
+                    continue
+                index, answer = message
+                worker.rows.remove(index)
+                if isinstance(answer, _Failure):
+                    raise answer.error from RuntimeError(f"in an image worker, on {jobs[index][0]}:\n{answer.trace}")
+                done[index] = answer
+            # -- hand the finished prefix on, in input order
+            while position in done:
+                yield done.pop(position)
+                position += 1
+    finally:
+        _stop(pool)
+
+
 def clean_images(
     paths: Sequence[str], max_size: int, max_pixels: int, workers: int | None = None
 ) -> Iterator[ImageResult]:
-    """Results for `paths`, in order, from `workers` processes (default: every core).
+    """Results for `paths`, in order, from `workers` child processes (default: every core).
 
-    Chunks of images go to each worker, so the per-image cost of inter-process messages stays small.
+    Even one worker is a child process, so a figure that crashes the decoder is quarantined instead of killing
+    the caller; `clean_images_serial` is the in-process loop, without that protection.
     """
     workers = workers or default_workers()
-    jobs = [(p, max_size, max_pixels) for p in paths]
-    if workers <= 1 or len(jobs) < _SERIAL_BELOW:
-        yield from map(_clean_image_args, jobs)
+    if not paths:
         return
-    chunksize = max(1, min(32, len(jobs) // (workers * 8)))
-    with ProcessPoolExecutor(max_workers=workers, mp_context=_pool_context()) as pool:
-        yield from pool.map(_clean_image_args, jobs, chunksize=chunksize)
+    jobs = [(p, max_size, max_pixels) for p in paths]
+    yield from _clean_in_workers(jobs, 1 if len(jobs) < _SERIAL_BELOW else workers)
 
 
 def clean_images_serial(paths: Iterable[str], max_size: int, max_pixels: int) -> list[ImageResult]:
-    """The original approach: one process, one image after another (the benchmark's baseline)."""
+    """The original approach: one image after another in this process (the benchmark's baseline).
+
+    A decoder crash here kills the caller; the stage uses `clean_images`, which isolates it.
+    """
     return [clean_image(p, max_size, max_pixels) for p in paths]
 
 

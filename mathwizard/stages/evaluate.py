@@ -13,14 +13,14 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from mathwizard.answers import answers_match, final_answer, format_problems
 from mathwizard.config import EvalConfig, ModelConfig
 from mathwizard.errors import DataError
-from mathwizard.generation import Completion, Generator, Request, SamplingParams, model_ref, read_split
+from mathwizard.generation import Completion, Generator, Request, SamplingParams, model_ref, read_split, split_path
 from mathwizard.manifest import (
     Manifest,
     atomic_write_text,
@@ -157,6 +157,19 @@ def expected_fingerprint(cfg: EvalConfig, model: ModelConfig | str | Path, data:
     return fingerprint(STAGE, VERSION, settings, upstream, model=ref.identity(), label=label, prompt=prompt)
 
 
+def total_items(cfg: EvalConfig, data: Path) -> int:
+    """How many problems `run` answers (`cfg.split` cut to `cfg.limit`): the total its `progress` calls add up to.
+    Reads only the parquet footer, so a flow can size a progress bar before the run.
+
+    Raises:
+        DataError: the split's file is missing.
+    """
+    import pyarrow.parquet as pq
+
+    rows = pq.ParquetFile(split_path(data, cfg.split)).metadata.num_rows
+    return rows if cfg.limit is None else min(rows, cfg.limit)
+
+
 def run(
     cfg: EvalConfig,
     model: ModelConfig | str | Path,
@@ -165,6 +178,7 @@ def run(
     label: str,
     *,
     generator: Generator | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> Manifest:
     """Evaluate one model on `cfg.split` of `data` into `out` (e.g. `<run>/06-eval/sft`).
 
@@ -176,6 +190,8 @@ def run(
         out: this evaluation's folder.
         label: the model's name in reports and tables ("base", "sft", "dpo").
         generator: replaces the model (tests); it must answer requests in order.
+        progress: called with the number of problems of each generate batch as it is scored (the calls add up to
+            `total_items(cfg, data)`); not called when the evaluation is already done.
 
     Returns:
         The manifest; the numbers are in `out/report.json`, one row per problem in `out/predictions.jsonl`.
@@ -212,6 +228,8 @@ def run(
                 score(str(r["id"]), str(r["difficult"] or ""), r["solution"] or "", c)
                 for r, c in zip(rows, completions, strict=True)
             ]
+            if progress is not None:
+                progress(len(rows))
         seconds = time.perf_counter() - started
         report = summarize(predictions, label)
         report.update(

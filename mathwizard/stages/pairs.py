@@ -11,7 +11,8 @@ text) or the item is excluded. No text that failed the checks is ever written, a
 rejected answers came from the model and how many from the rule.
 
 Work is done in chunks of `chunk_size` items; each finished chunk is written atomically to `chunks/`, so a killed
-run restarts at the first unfinished chunk.
+run restarts at the first unfinished chunk. An optional `progress(n)` callback hears of every finished chunk, resumed
+ones included, so a progress bar of `total_items(cfg, data)` starts where a resumed run already is.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from mathwizard.answers import (
 )
 from mathwizard.config import ModelConfig, PairsConfig
 from mathwizard.errors import DataError
-from mathwizard.generation import Generator, Request, SamplingParams, model_ref, read_split
+from mathwizard.generation import Generator, Request, SamplingParams, model_ref, read_split, split_path
 from mathwizard.manifest import (
     Manifest,
     atomic_write_text,
@@ -296,6 +297,19 @@ def expected_fingerprint(cfg: PairsConfig, model: ModelConfig | str | Path, sft:
     )
 
 
+def total_items(cfg: PairsConfig, data: Path) -> int:
+    """How many items `run` works through (every split in `cfg.splits`, each cut to `cfg.limit`): the total that its
+    `progress` calls add up to. Reads only the parquet footers, so a flow can size a progress bar before the run.
+
+    Raises:
+        DataError: a split's file is missing.
+    """
+    import pyarrow.parquet as pq
+
+    counts = [pq.ParquetFile(split_path(data, split)).metadata.num_rows for split in cfg.splits]
+    return sum(n if cfg.limit is None else min(n, cfg.limit) for n in counts)
+
+
 @dataclass
 class _Item:
     index: int
@@ -497,6 +511,7 @@ def run(
     out: Path,
     *,
     generator: Generator | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> Manifest:
     """Build the DPO pairs of every split in `cfg.splits` into `out`.
 
@@ -507,6 +522,8 @@ def run(
         data: the teach stage folder (`<split>.parquet`; `solution` is the chosen answer).
         out: this stage's folder.
         generator: replaces the model (tests, benchmarks); it must answer requests in order.
+        progress: called with the number of items of each chunk as it finishes or is found finished on disk
+            (the calls add up to `total_items(cfg, data)`); not called when the whole stage is already done.
 
     Returns:
         The manifest (also `out/manifest.json`); counts per split and source are in `out/report.json`.
@@ -556,6 +573,8 @@ def run(
                 else:
                     resumed += 1
                 chunk_table, meta = finished  # type: ignore[misc]
+                if progress is not None:
+                    progress(meta["stats"]["items"])
                 tables.append(chunk_table)
                 _add_stats(split_stats, meta["stats"])
                 all_failures.extend({"split": split, **f} for f in meta["failures"])

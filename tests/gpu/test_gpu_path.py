@@ -99,22 +99,38 @@ def test_batched_generation_on_the_gpu(sft_out: Path) -> None:
     assert all(1 <= c.tokens <= 8 for c in completions)
 
 
+COMPILED_CHECK = """
+import sys, torch._dynamo
+from mathwizard.generation import ModelGenerator, Request, SamplingParams, load_generator
+from tests.training.builders import png
+compiled = load_generator(sys.argv[1], backend="hf", dtype="float32", batch_size=3, decode="compiled")
+assert compiled.decode == "compiled" and compiled.model.device.type == "cuda"
+eager = ModelGenerator(model=compiled.model, processor=compiled.processor, batch_size=3, decode="eager")
+texts = [f"Find angle {c}. " * (i + 1) for i, c in enumerate("ABC")]
+requests = [Request(text=t, image=png(i), system="Be brief.") for i, t in enumerate(texts)]
+params = SamplingParams(max_new_tokens=12)
+assert compiled(requests, params) == eager(requests, params), "compiled answers differ"
+graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+assert graphs >= 1, "nothing compiled"
+assert compiled(requests[:2], SamplingParams(20)) == eager(requests[:2], SamplingParams(20)), "2nd call differs"
+assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs, "the 2nd call compiled again"
+print("compiled decoding ok", graphs)
+"""
+
+
 def test_compiled_decoding_on_the_gpu_answers_like_eager_and_compiles_once(sft_out: Path) -> None:
-    """model.decode=auto on CUDA: static cache + CUDA graphs, the same greedy answers as eager decoding (float32, so
-    kernel choice cannot flip a near tie), and a second call with other prompts and a short batch compiles nothing."""
-    import torch._dynamo
+    """model.decode=compiled on CUDA with the hf backend: static cache + CUDA graphs give the same greedy answers as
+    eager decoding (float32, so kernel choice cannot flip a near tie), and a second call with other prompts and a
+    short batch compiles nothing. In its own process: Unsloth, imported here by the other tests, patches
+    transformers' gemma-3n globally."""
+    import os
+    import subprocess
+    import sys
 
-    from mathwizard.generation import ModelGenerator, Request, SamplingParams, load_generator
-    from tests.training.builders import png
-
-    compiled = load_generator(sft_out, backend="unsloth", dtype="float32", batch_size=3, decode="auto")
-    assert compiled.decode == "compiled"
-    eager = ModelGenerator(model=compiled.model, processor=compiled.processor, batch_size=3, decode="eager")
-    texts = [f"Find angle {c}. " * (i + 1) for i, c in enumerate("ABC")]
-    requests = [Request(text=t, image=png(i), system="Be brief.") for i, t in enumerate(texts)]
-    params = SamplingParams(max_new_tokens=12)
-    assert compiled(requests, params) == eager(requests, params)
-    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    assert graphs >= 1
-    assert compiled(requests[:2], SamplingParams(max_new_tokens=20)) == eager(requests[:2], SamplingParams(20))
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs  # same batch size and cache bucket
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")]))}
+    done = subprocess.run(
+        [sys.executable, "-c", COMPILED_CHECK, str(sft_out)], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "compiled decoding ok" in done.stdout

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from mathwizard.config import EvalConfig
-from mathwizard.errors import DataError
+from mathwizard.errors import DataError, ModelError
 from mathwizard.generation import Completion, Request, SamplingParams
 from mathwizard.manifest import read_manifest, stage_output
 from mathwizard.prompts import load_prompt
@@ -144,6 +144,23 @@ def test_run_on_a_prepare_folder_with_limit(tmp_path: Path) -> None:
     assert read_manifest(out).counts["items"] == 2
 
 
+def test_progress_counts_every_problem_per_batch(tmp_path: Path) -> None:
+    data = make_data(tmp_path / "02-teach")
+    cfg = EvalConfig(batch_size=4)
+    fake = FakeGenerator()
+    seen: list[tuple[int, int]] = []  # (problems reported, generate calls made so far)
+    out = tmp_path / "sft"
+    evaluate.run(cfg, "tiny", data, out, "sft", generator=fake, progress=lambda n: seen.append((n, len(fake.calls))))
+    # 6 problems in batches of 4: 4 after the 1st generate call, 2 after the 2nd; 4 + 2 = 6 = total_items.
+    assert seen == [(4, 1), (2, 2)] and evaluate.total_items(cfg, data) == 6
+    counts: list[int] = []
+    evaluate.run(cfg, "tiny", data, out, "sft", generator=FakeGenerator({}), progress=counts.append)
+    assert counts == []  # already done: nothing to report (the flow shows it complete itself)
+    limited = EvalConfig(batch_size=4, limit=2)
+    evaluate.run(limited, "tiny", data, tmp_path / "limited", "sft", generator=FakeGenerator(), progress=counts.append)
+    assert counts == [2] and evaluate.total_items(limited, data) == 2  # e1, e2 in one batch
+
+
 def test_bad_data_fails_in_one_line(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="run `mathwizard teach` first"):
         evaluate.run(EvalConfig(), "tiny", tmp_path / "none", tmp_path / "out", "sft", generator=FakeGenerator())
@@ -152,6 +169,8 @@ def test_bad_data_fails_in_one_line(tmp_path: Path) -> None:
         evaluate.run(EvalConfig(), "tiny", empty, tmp_path / "out", "sft", generator=FakeGenerator())
     with pytest.raises(DataError, match=r"no val\.parquet"):
         evaluate.run(EvalConfig(split="val"), "tiny", empty, tmp_path / "out", "sft", generator=FakeGenerator())
+    with pytest.raises(DataError, match=r"no val\.parquet"):
+        evaluate.total_items(EvalConfig(split="val"), empty)
 
 
 # ------------------------------------------------------------------------------------------- tables
@@ -235,3 +254,71 @@ def test_cli_flags_reach_the_flow_and_task_policy(monkeypatch: pytest.MonkeyPatc
     assert (settings.eval.limit, settings.eval.batch_size, settings.eval.max_new_tokens) == (7, 2, 50)
     printed = " ".join(result.output.split())
     assert "dpo: accuracy 25.0% on 10 problems, format 90.0% — easy 50.0% (n=4) · hard 50.0% (n=6)" in printed
+
+
+# --------------------------------------------------------------------------------------------- flow
+class BrokenGenerator(FakeGenerator):
+    """Like FakeGenerator until its `fail_on_call`-th call, which raises an ordinary error (the flow run fails)."""
+
+    def __init__(self, fail_on_call: int | None = None) -> None:
+        super().__init__()
+        self.fail_on_call = fail_on_call
+
+    def __call__(self, requests: Sequence[Request], params: SamplingParams) -> list[Completion]:
+        if self.fail_on_call == len(self.calls) + 1:
+            raise ModelError("CUDA out of memory")
+        return super().__call__(requests, params)
+
+
+def _flow_run(state, key: str) -> tuple[float, str | None, list[str]]:
+    """The flow run's one progress artifact `key` (progress, description) and its task runs' state names."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterKey,
+        FlowRunFilter,
+        FlowRunFilterId,
+    )
+
+    run_id = state.state_details.flow_run_id
+    artifacts = ArtifactFilter(key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
+    with get_client(sync_client=True) as client:
+        [artifact] = client.read_artifacts(artifact_filter=artifacts)
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])))
+    assert artifact.type == "progress"
+    return float(artifact.data), artifact.description, [t.state.name for t in tasks]
+
+
+def test_flow_progress_failed_done_and_skipped(
+    prefect_harness: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import functools
+
+    from flows.evaluate import eval_flow
+    from mathwizard.config import load_settings
+
+    data = str(make_data(tmp_path / "02-teach"))
+    settings = load_settings(home=str(tmp_path / "home"), eval={"batch_size": 4})
+    real_run = evaluate.run
+
+    def flow_with(generator: FakeGenerator):
+        monkeypatch.setattr(evaluate, "run", functools.partial(real_run, generator=generator))
+        return eval_flow(settings, model="tiny", data=data, label="sft", return_state=True)
+
+    # The 2nd batch fails: 4 of 6 problems were scored -> 4 / 6 = 66.7 %.
+    failed = flow_with(BrokenGenerator(fail_on_call=2))
+    assert failed.is_failed()
+    progress, description, _ = _flow_run(failed, "eval-progress")
+    assert round(progress, 1) == 66.7 and description == "eval (sft on test): problems done: 4 of 6"
+
+    # A full run (an evaluation does not resume: all 6 again, in batches 4 + 2).
+    fake = BrokenGenerator()
+    done = flow_with(fake)
+    assert done.is_completed() and [len(requests) for requests, _ in fake.calls] == [4, 2]
+    assert _flow_run(done, "eval-progress") == (100.0, "eval (sft on test): problems done: 6 of 6", ["Completed"])
+
+    # Done already: Prefect's cache answers (the callback is no part of its key) and the bar is complete at once.
+    skipped = flow_with(BrokenGenerator(fail_on_call=1))
+    assert skipped.is_completed() and skipped.result()["fingerprint"] == done.result()["fingerprint"]
+    assert _flow_run(skipped, "eval-progress") == (100.0, "eval (sft on test): problems done: 6 of 6", ["Cached"])

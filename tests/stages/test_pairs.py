@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mathwizard.config import ModelConfig, PairsConfig
-from mathwizard.errors import DataError
+from mathwizard.errors import DataError, ModelError
 from mathwizard.generation import Completion, Request, SamplingParams
 from mathwizard.manifest import read_manifest, stage_output
 from mathwizard.prompts import FLAWED_STRATEGIES, load_prompt
@@ -347,6 +347,51 @@ def test_resumes_at_the_first_unfinished_chunk(tmp_path: Path) -> None:
     assert again.calls == 6  # 3 chunks x 2 rounds
 
 
+def test_progress_counts_every_item_and_resumed_chunks_at_once(tmp_path: Path) -> None:
+    teach = make_teach(tmp_path / "02-teach")
+    out = tmp_path / "04-pairs"
+    cfg = _cfg(splits=["train", "val"])
+    assert pairs.total_items(cfg, teach) == 10  # 8 train + 2 val items
+    # Killed at the 4th generate call: only chunk 0 (3 rounds) finished and was reported.
+    killed = FakeGenerator(POLICY, fail_on_call=4)
+    seen: list[tuple[int, int]] = []  # (items reported, generate calls made so far)
+    with pytest.raises(KeyboardInterrupt):
+        pairs.run(
+            cfg, ModelConfig(), None, teach, out, generator=killed, progress=lambda n: seen.append((n, killed.calls))
+        )
+    assert seen == [(3, 3)]
+
+    resumed = FakeGenerator(POLICY)
+    seen = []
+    pairs.run(
+        cfg, ModelConfig(), None, teach, out, generator=resumed, progress=lambda n: seen.append((n, resumed.calls))
+    )
+    # Chunk 0 comes from disk before any sampling, so the bar starts at 3 of 10; then train [q3 q4 q5] and [q6 q7]
+    # (3 rounds each) and val [q100 q101] (3 rounds): 3 + 3 + 2 + 2 = 10 = total_items.
+    assert seen == [(3, 0), (3, 3), (2, 6), (2, 9)]
+    assert sum(n for n, _ in seen) == pairs.total_items(cfg, teach)
+
+    # Already done: nothing to report (the flow shows a skipped stage as complete itself).
+    counts: list[int] = []
+    pairs.run(
+        cfg, ModelConfig(), None, teach, out, generator=FakeGenerator(POLICY, fail_on_call=1), progress=counts.append
+    )
+    assert counts == []
+
+    # With a limit: train cut to 5 items, val keeps its 2 -> chunks of 3 + 2 + 2 = 7.
+    limited = _cfg(splits=["train", "val"], limit=5)
+    pairs.run(
+        limited,
+        ModelConfig(),
+        None,
+        teach,
+        tmp_path / "limited",
+        generator=FakeGenerator(POLICY),
+        progress=counts.append,
+    )
+    assert counts == [3, 2, 2] and pairs.total_items(limited, teach) == 7
+
+
 def test_bad_inputs_fail_in_one_line(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="run `mathwizard teach` first"):
         pairs.run(_cfg(), ModelConfig(), None, tmp_path / "nothing", tmp_path / "out", generator=FakeGenerator({}))
@@ -355,6 +400,8 @@ def test_bad_inputs_fail_in_one_line(tmp_path: Path) -> None:
         pairs.run(_cfg(), ModelConfig(), None, teach, tmp_path / "out", generator=FakeGenerator({}))
     with pytest.raises(DataError, match=r"no val\.parquet"):
         pairs.run(_cfg(splits=["val"]), ModelConfig(), None, teach, tmp_path / "out", generator=FakeGenerator({}))
+    with pytest.raises(DataError, match=r"no val\.parquet"):
+        pairs.total_items(_cfg(splits=["train", "val"]), teach)
 
 
 # ---------------------------------------------------------------------------------------------- CLI
@@ -432,3 +479,75 @@ def test_task_policy_and_flow_summary() -> None:
     rows = summary_rows(report)
     assert rows[-1] == {"strategy": "total", "items": 6, "written": 3, "from_model": 3, "from_rule": 0, "failed": 3}
     assert len(rows) == 4 and "3 rejected answers sampled from the model (100%)" in summary_markdown(report)
+
+
+# --------------------------------------------------------------------------------------------- flow
+class BrokenGenerator(FakeGenerator):
+    """Like FakeGenerator, but its `fail_on_call`-th call raises an ordinary error (the flow run fails, not crashes)."""
+
+    def __call__(self, requests: Sequence[Request], params: SamplingParams) -> list[Completion]:
+        if self.fail_on_call == self.calls + 1:
+            self.calls += 1
+            raise ModelError("CUDA out of memory")
+        return super().__call__(requests, params)
+
+
+def progress_artifact(state, key: str):
+    """The one progress artifact `key` of the flow run behind `state`."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    run_filter = ArtifactFilter(
+        key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])
+    )
+    with get_client(sync_client=True) as client:
+        [artifact] = client.read_artifacts(artifact_filter=run_filter)
+    assert artifact.type == "progress"
+    return artifact
+
+
+def task_states(state) -> list[str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    runs = FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+    with get_client(sync_client=True) as client:
+        return [run.state.name for run in client.read_task_runs(flow_run_filter=runs)]
+
+
+def test_flow_progress_failed_resumed_and_skipped(
+    prefect_harness: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import functools
+
+    from flows.pairs import pairs_flow
+    from mathwizard.config import load_settings
+
+    teach = str(make_teach(tmp_path / "02-teach"))
+    settings = load_settings(home=str(tmp_path / "home"), pairs=_cfg(splits=["train", "val"]).model_dump())
+    real_run = pairs.run
+
+    def flow_with(generator: FakeGenerator):
+        monkeypatch.setattr(pairs, "run", functools.partial(real_run, generator=generator))
+        return pairs_flow(settings, sft="tiny", data=teach, return_state=True)
+
+    # The 4th generate call fails: chunk 0 (3 items, 3 rounds) is done, so the bar stops at 3 of 10 = 30 %.
+    failed = flow_with(BrokenGenerator(POLICY, fail_on_call=4))
+    assert failed.is_failed()
+    artifact = progress_artifact(failed, "pairs-progress")
+    assert (float(artifact.data), artifact.description) == (30.0, "pairs (train, val): items done: 3 of 10")
+
+    # The rerun resumes chunk 0 and samples the other 3 chunks: 10 of 10.
+    resumed = BrokenGenerator(POLICY)
+    done = flow_with(resumed)
+    assert done.is_completed() and done.result()["counts"]["pairs"] == 8  # 6 train + 2 val (rule)
+    assert resumed.calls == 9  # train chunks 1, 2 and val chunk 0, 3 rounds each
+    artifact = progress_artifact(done, "pairs-progress")
+    assert (float(artifact.data), artifact.description) == (100.0, "pairs (train, val): items done: 10 of 10")
+
+    # Done already: Prefect's cache answers, nothing is sampled, and the bar is complete at once.
+    skipped = flow_with(BrokenGenerator(POLICY, fail_on_call=1))
+    assert skipped.is_completed() and skipped.result()["fingerprint"] == done.result()["fingerprint"]
+    assert task_states(skipped) == ["Cached"]  # the progress callback stays out of the cache key
+    artifact = progress_artifact(skipped, "pairs-progress")
+    assert (float(artifact.data), artifact.description) == (100.0, "pairs (train, val): items done: 10 of 10")
