@@ -66,6 +66,8 @@ def prepare_prefect_env(settings: Settings) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "mathwizard")
+    # The ephemeral API's 20 s default ran out on a freshly started GPU machine (cold imports and database).
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     if "://" not in settings.home:
         results = Path(settings.home).resolve() / "prefect-results"
         os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(results))

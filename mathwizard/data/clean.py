@@ -16,10 +16,11 @@ import multiprocessing
 import os
 import pickle
 import signal
+import sys
 import traceback
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from pathlib import Path, PurePosixPath
@@ -284,6 +285,25 @@ def _pool_context() -> multiprocessing.context.BaseContext:
 
 
 # ------------------------------------------------------------------------------------------ workers
+@contextmanager
+def _main_without_missing_file() -> Iterator[None]:
+    """Hide a main script that is not a file (`python - <<EOF`: '<stdin>') while a worker starts.
+
+    forkserver and spawn children re-run the parent's main script by its path before they can work; a path that
+    does not exist kills every child at start. A main without `__file__` (a notebook, `python -c`) is skipped.
+    """
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    if main is None or path is None or getattr(main, "__spec__", None) is not None or os.path.isfile(path):
+        yield
+        return
+    del main.__file__
+    try:
+        yield
+    finally:
+        main.__file__ = path
+
+
 def _test_crash_targets() -> dict[str, str]:
     """TEST-ONLY: figure name -> how its worker dies ("segv" or "exit"), from `TEST_CRASH_ENV`; {} when unset.
 
@@ -372,7 +392,8 @@ class _Worker:
         self.process = ctx.Process(
             target=_worker_main, args=(child, crash_targets), name="mathwizard-clean-image", daemon=True
         )
-        self.process.start()
+        with _main_without_missing_file():
+            self.process.start()
         child.close()  # else our own copy keeps the pipe open and a dead worker never reads as EOF
         self.ready = False
         self.rows: list[int] = []

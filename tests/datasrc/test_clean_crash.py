@@ -172,3 +172,23 @@ def test_stopping_early_leaves_no_worker_behind(tmp_path: Path) -> None:
     assert next(results).png
     results.close()  # the consumer gave up after one row
     assert not [p for p in multiprocessing.active_children() if p.name == "mathwizard-clean-image"]
+
+
+def test_workers_start_when_the_main_script_is_read_from_stdin(tmp_path: Path) -> None:
+    """`python - <<EOF` names its main '<stdin>', a file that does not exist; forkserver children re-run the main
+    script by path, so every worker died at start (seen on the GPU machine) until that name is hidden from them."""
+    import subprocess
+    import sys
+
+    jsonl, images = _dataset(tmp_path)
+    script = (
+        "import sys\n"
+        "from pathlib import Path as P\n"
+        "from mathwizard.data.clean import clean_dataset\n"
+        f"r = clean_dataset(P({str(jsonl)!r}), P({str(images)!r}), P({str(tmp_path / 'c.parquet')!r}),"
+        f" P({str(tmp_path / 'q.jsonl')!r}), salt='s', max_size=64, max_pixels=1_000_000, workers=2, batch_rows=7)\n"
+        "print('kept', r.kept)\n"
+    )
+    done = subprocess.run([sys.executable, "-"], input=script, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert f"kept {ROWS}" in done.stdout
