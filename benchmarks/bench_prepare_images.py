@@ -1,4 +1,4 @@
-"""Image cleaning: the parallel path (worker processes, chunked) against the single-process loop, in one run.
+"""Image cleaning: the parallel path (crash-isolating worker processes) against the single-process loop, in one run.
 
 Usage: `.venv/bin/python benchmarks/bench_prepare_images.py [--images 2000] [--workers N] [--json out.json]`
 
