@@ -1,12 +1,13 @@
 """Training throughput of the project's own SFT / DPO trainers: one worker process per variant, one parent table.
 
 A variant is `hf` (transformers + PEFT + TRL) or `unsloth:<compile>` (Unsloth with `model.compile` = eager |
-modules | unsloth). Each worker builds the stage's trainer exactly as the stage does (`build_trainer`: collator,
-LoRA, arguments), then runs `warmup + steps` optimizer steps with a callback that synchronises the GPU and times
-every step. Throughput counts the tokens the model processed (attention-mask ones: prompt, image soft tokens and
-answer; padding excluded) over the timed steps only, so compilation and allocator warm-up stay out of it; the
-warm-up steps minus their steady-state cost are reported as compile time. Peak memory is
-`torch.cuda.max_memory_allocated` over training (weights included).
+modules | unsloth); a `:4bit` suffix loads the base weights in 4 bit (QLoRA, `model.load_in_4bit`). Each worker
+builds the stage's trainer exactly as the stage does (`build_trainer`: collator, LoRA, arguments), then runs
+`warmup + steps` optimizer steps with a callback that synchronises the GPU and times every step. Throughput counts
+the tokens the model processed (attention-mask ones: prompt, image soft tokens and answer; padding excluded) over
+the timed steps only, so compilation and allocator warm-up stay out of it; the warm-up steps minus their
+steady-state cost are reported as compile time. Peak memory is `torch.cuda.max_memory_allocated` over training
+(weights included).
 
 MFU uses model FLOPs: the forward FLOPs of the first batch, counted by `torch.utils.flop_counter` in the hf worker
 (every matmul, convolution and attention of the vision tower and the decoder, lm_head included), times 3 for a
@@ -48,7 +49,7 @@ def parse_args(stage: str, defaults: dict[str, Any], doc: str) -> argparse.Names
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_WORK / "e2b", help="Model folder (built if missing).")
     parser.add_argument("--data", type=Path, default=None, help="Teach folder (SFT) or pairs folder (DPO).")
-    parser.add_argument("--variants", default=defaults["variants"], help="hf, unsloth:eager|modules|unsloth, ...")
+    parser.add_argument("--variants", default=defaults["variants"], help="hf, unsloth:<compile>[:4bit], ...")
     parser.add_argument("--batch-size", type=int, default=defaults["batch_size"])
     parser.add_argument("--grad-accum", type=int, default=defaults["grad_accum"])
     parser.add_argument("--max-length", type=int, default=defaults["max_length"])
@@ -70,9 +71,14 @@ def worker(args: argparse.Namespace) -> None:
     """Train one variant and write what it measured to `args.result` (progress after every step)."""
     import os
 
-    backend, _, compile_mode = args.worker.partition(":")
-    compile_mode = compile_mode or "eager"
-    result: dict[str, Any] = {"backend": backend, "compile": compile_mode if backend == "unsloth" else None}
+    backend, *modes = args.worker.split(":")
+    four_bit = "4bit" in modes
+    compile_mode = next((m for m in modes if m and m != "4bit"), "eager")
+    result: dict[str, Any] = {
+        "backend": backend,
+        "compile": compile_mode if backend == "unsloth" else None,
+        "load_in_4bit": four_bit,
+    }
     save = lambda: write_json(args.result, result)  # noqa: E731
 
     started = time.perf_counter()
@@ -91,7 +97,9 @@ def worker(args: argparse.Namespace) -> None:
 
     from mathwizard.config import DPOConfig, ModelConfig, SFTConfig
 
-    model_cfg = ModelConfig(name=str(args.model), backend=backend, dtype="auto", compile=compile_mode)
+    model_cfg = ModelConfig(
+        name=str(args.model), backend=backend, dtype="auto", compile=compile_mode, load_in_4bit=four_bit
+    )
     common = {
         "max_steps": args.warmup + args.steps,
         "per_device_train_batch_size": args.batch_size,
