@@ -374,6 +374,7 @@ def load_generator(
     `decode` (auto | eager | compiled) picks how batches decode on the device it lands on.
 
     Raises:
+        ConfigError: an unknown `decode`, or compiled decoding with the Unsloth backend (before anything loads).
         ModelError: the model cannot be found or loaded.
     """
     from mathwizard.models import load_model, resolve_backend
