@@ -14,10 +14,8 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from mathwizard.config import Settings
 from mathwizard.errors import ConfigError
-from mathwizard.manifest import reusable
 from mathwizard.stages import evaluate as stage
-from tasks.artifacts import ProgressArtifact
-from tasks.common import unless_missing
+from tasks.common import run_with_progress
 from tasks.evaluate import evaluate
 
 LABELS = ("base", "sft", "dpo")
@@ -44,14 +42,10 @@ def eval_flow(
     cfg = settings.eval
 
     fp = stage.expected_fingerprint(cfg, model_cfg, Path(data), label)
-    total = stage.total_items(cfg, Path(data))
-    progress = ProgressArtifact(total, key="eval-progress", description=f"eval ({label} on {cfg.split}): problems done")
-    if reusable(Path(out), fp) is not None:
-        progress(total)  # skipped below (Prefect's cache or the library's manifest check), so it never reports
-    try:
-        manifest = unless_missing(evaluate, out, fp)(cfg, model_cfg, data, out, label, progress=progress)
-    finally:
-        progress.finish()  # after a failure too: the UI shows how far it got
+    manifest = run_with_progress(
+        evaluate, out, fp, stage.total_items(cfg, Path(data)), cfg, model_cfg, data, out, label,
+        key="eval-progress", description=f"eval ({label} on {cfg.split}): problems done",
+    )  # fmt: skip
 
     report = stage.load_report(out)
     create_table_artifact(

@@ -14,10 +14,8 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from mathwizard.config import Settings
-from mathwizard.manifest import reusable
 from mathwizard.stages import pairs as stage
-from tasks.artifacts import ProgressArtifact
-from tasks.common import unless_missing
+from tasks.common import run_with_progress
 from tasks.pairs import pairs
 
 
@@ -32,14 +30,10 @@ def pairs_flow(
     cfg, model = settings.pairs, settings.model
 
     fp = stage.expected_fingerprint(cfg, model, Path(sft), Path(data))
-    total = stage.total_items(cfg, Path(data))
-    progress = ProgressArtifact(total, key="pairs-progress", description=f"pairs ({', '.join(cfg.splits)}): items done")
-    if reusable(Path(out), fp) is not None:
-        progress(total)  # skipped below (Prefect's cache or the library's manifest check), so it never reports
-    try:
-        manifest = unless_missing(pairs, out, fp)(cfg, model, sft, data, out, progress=progress)
-    finally:
-        progress.finish()  # after a failure too: the UI shows how far it got, which is where a rerun resumes
+    manifest = run_with_progress(
+        pairs, out, fp, stage.total_items(cfg, Path(data)), cfg, model, sft, data, out,
+        key="pairs-progress", description=f"pairs ({', '.join(cfg.splits)}): items done",
+    )  # fmt: skip
 
     report = json.loads((Path(out) / "report.json").read_text(encoding="utf-8"))
     create_table_artifact(table=summary_rows(report), key="pairs-counts", description=f"DPO pairs in {out}")

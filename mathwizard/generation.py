@@ -380,7 +380,7 @@ def load_generator(
     from mathwizard.models import load_model, resolve_backend
 
     location = model_location(name_or_dir)
-    resolve_decode(decode, resolve_backend(backend))  # a bad setting fails before minutes of loading
+    mode = resolve_decode(decode, resolve_backend(backend))  # a bad setting fails before minutes of loading
     try:
         model, processor = load_model(location, backend, for_training=False, dtype=dtype, load_in_4bit=load_in_4bit)
     except ModelError:
@@ -389,7 +389,6 @@ def load_generator(
         reason = " ".join(str(exc).split())[:300]
         raise ModelError(f"cannot load model {location!r}: {reason}") from None
     model.eval()
-    mode = resolve_decode(decode, resolve_backend(backend))
     log.info("loaded %s for generation on %s (%s decoding)", location, model.device, mode)
     return ModelGenerator(model=model, processor=processor, batch_size=batch_size, name=str(name_or_dir), decode=mode)
 

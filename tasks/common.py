@@ -11,6 +11,7 @@ from prefect.context import TaskRunContext
 
 from mathwizard.errors import is_transient
 from mathwizard.manifest import reusable
+from tasks.artifacts import ProgressArtifact
 
 T = TypeVar("T", bound=Task)
 
@@ -43,3 +44,21 @@ def unless_missing(task: T, out: str | Path, fingerprint: str) -> T:
     A cached Prefect result only points at files; if someone deleted or damaged them, the stage must run again.
     """
     return task.with_options(refresh_cache=reusable(Path(out), fingerprint) is None)
+
+
+def run_with_progress(
+    task: Task, out: str | Path, fingerprint: str, total: int, *args: Any, key: str, description: str
+) -> Any:
+    """`unless_missing(task, out, fingerprint)(*args, progress=...)` with a live progress artifact of `total` items.
+
+    A stage already done (Prefect's cache or the library's manifest check skips it, so it never reports) shows
+    complete; the artifact is finished after a failure too, so the UI shows how far the run got.
+    """
+    reused = reusable(Path(out), fingerprint) is not None
+    progress = ProgressArtifact(total, key=key, description=description)
+    if reused:
+        progress(total)
+    try:
+        return task.with_options(refresh_cache=not reused)(*args, progress=progress)
+    finally:
+        progress.finish()
