@@ -10,12 +10,10 @@ from typing import Any
 
 from prefect import flow
 
-from flows.sft import publish_artifacts
 from mathwizard.config import Settings
-from mathwizard.stages import dpo as stage
 from mathwizard.training.metrics import DPO_PLOTS
-from tasks.common import unless_missing
-from tasks.dpo import dpo
+from tasks.artifacts import ProgressArtifact, training_artifacts
+from tasks.stages import dpo
 
 
 @flow(name="dpo", log_prints=True)
@@ -26,11 +24,7 @@ def dpo_flow(
     sft = sft or settings.stage_dir("sft")
     pairs = pairs or settings.stage_dir("pairs")
     out = out or settings.stage_dir("dpo")
-    cfg, model = settings.dpo, settings.model
-
-    stage.check_inputs(cfg, model, Path(sft), Path(pairs))  # one clear line before any training starts
-    fp = stage.expected_fingerprint(cfg, model, Path(sft), Path(pairs))
-    manifest = unless_missing(dpo, out, fp)(cfg, model, sft, pairs, out)
-
-    publish_artifacts("dpo", manifest, Path(out), DPO_PLOTS)
+    progress = ProgressArtifact(key="dpo-progress", description="dpo: optimizer steps")
+    manifest = dpo(settings.dpo, settings.model, sft, pairs, out, progress=progress)
+    training_artifacts("dpo", manifest, Path(out), DPO_PLOTS)
     return manifest.model_dump(mode="json")

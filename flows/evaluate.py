@@ -1,12 +1,12 @@
 """The eval flow: one model's accuracy on the test split, with its table and the run's base/SFT/DPO table.
 
-Usage: `mathwizard eval --label sft` or `eval_flow(settings=load_settings(), label="dpo")`. A progress artifact moves
-as generate batches are scored; an evaluation that is already done shows it complete.
+Usage: `mathwizard eval --label sft` or `eval_flow(settings=load_settings(), label="dpo")`. Each evaluation is a flow
+run named after its label (`eval-base`, `eval-sft`, `eval-dpo`), with a progress artifact that moves as generate
+batches are scored.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 from prefect import flow
@@ -15,13 +15,13 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from mathwizard.config import Settings
 from mathwizard.errors import ConfigError
 from mathwizard.stages import evaluate as stage
-from tasks.common import run_with_progress
-from tasks.evaluate import evaluate
+from tasks.artifacts import ProgressArtifact
+from tasks.stages import evaluate
 
 LABELS = ("base", "sft", "dpo")
 
 
-@flow(name="eval", log_prints=True)
+@flow(name="eval", flow_run_name="eval-{label}", log_prints=True)
 def eval_flow(
     settings: Settings,
     model: str | None = None,
@@ -35,29 +35,19 @@ def eval_flow(
     """
     if model is None and label not in LABELS:
         raise ConfigError(f"label {label!r} names no stage model; pass --model or use one of {', '.join(LABELS)}")
-    location = model or (settings.model.name if label == "base" else settings.stage_dir(label))
-    model_cfg = settings.model.model_copy(update={"name": location})
+    model = model or (settings.model.name if label == "base" else settings.stage_dir(label))
     data = data or settings.stage_dir("teach")
     out = out or f"{settings.stage_dir('eval')}/{label}"
     cfg = settings.eval
+    progress = ProgressArtifact(key=f"eval-{label}-progress", description=f"eval ({label} on {cfg.split}): problems")
+    manifest = evaluate(cfg, settings.model, model, data, out, label, progress=progress)
 
-    fp = stage.expected_fingerprint(cfg, model_cfg, Path(data), label)
-    manifest = run_with_progress(
-        evaluate, out, fp, stage.total_items(cfg, Path(data)), cfg, model_cfg, data, out, label,
-        key="eval-progress", description=f"eval ({label} on {cfg.split}): problems done",
-    )  # fmt: skip
-
-    report = stage.load_report(out)
-    create_table_artifact(
-        table=[_row(label, report)], key=f"eval-{label}", description=f"{label} on {report['n']} problems"
-    )
+    report = stage.Report.of(manifest)
+    row = {"model": label, "n": report.n, "accuracy": report.accuracy, "format_rate": report.format_rate}
+    row |= {f"accuracy_{d}": part.accuracy for d, part in report.by_difficulty.items()}
+    create_table_artifact(table=[row], key=f"eval-{label}", description=f"{label} on {report.n} problems")
     # Every model evaluated so far in this run, side by side: did each stage help?
     combined = stage.evaluation_table({name: f"{settings.stage_dir('eval')}/{name}" for name in LABELS})
     if combined:
         create_markdown_artifact(markdown=f"### Evaluation\n\n{combined}", key="eval-table", description="base/SFT/DPO")
     return manifest.model_dump(mode="json")
-
-
-def _row(label: str, report: dict[str, Any]) -> dict[str, Any]:
-    row = {"model": label, "n": report["n"], "accuracy": report["accuracy"], "format_rate": report["format_rate"]}
-    return row | {f"accuracy_{d}": part["accuracy"] for d, part in report["by_difficulty"].items()}

@@ -9,6 +9,7 @@ they receive artifact locations and hand their manifests back through storage.
 
 from __future__ import annotations
 
+import importlib
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +24,7 @@ from mathwizard import storage
 from mathwizard.config import Settings, load_settings
 from mathwizard.errors import ConfigError, MathWizardError
 from mathwizard.remote import run_on_storage
+from mathwizard.stages import report_of
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,25 +81,24 @@ def resolve(params: PipelineParams | None, settings: Settings | None) -> Setting
 
 
 # ------------------------------------------------------------------------------------------------- stages
+# Each stage's own flow, imported when first needed (stage modules pull in heavy libraries).
+STAGE_FLOWS = {
+    "prepare": "flows.prepare:prepare_flow",
+    "teach": "flows.teach:teach_flow",
+    "sft": "flows.sft:sft_flow",
+    "pairs": "flows.pairs:pairs_flow",
+    "dpo": "flows.dpo:dpo_flow",
+    "eval": "flows.evaluate:eval_flow",
+    "publish": "flows.publish:publish_flow",
+}
+
+
 def stage_flow(stage: str) -> Callable[..., dict[str, Any]]:
-    """The stage's own flow, imported when first needed (stage modules pull in heavy libraries)."""
-    if stage == "prepare":
-        from flows.prepare import prepare_flow as fn
-    elif stage == "teach":
-        from flows.teach import teach_flow as fn
-    elif stage == "sft":
-        from flows.sft import sft_flow as fn
-    elif stage == "pairs":
-        from flows.pairs import pairs_flow as fn
-    elif stage == "dpo":
-        from flows.dpo import dpo_flow as fn
-    elif stage == "eval":
-        from flows.evaluate import eval_flow as fn
-    elif stage == "publish":
-        from flows.publish import publish_flow as fn
-    else:
-        raise ConfigError(f"unknown stage {stage!r}")
-    return fn
+    """The stage's own flow."""
+    if stage not in STAGE_FLOWS:
+        raise ConfigError(f"unknown stage {stage!r}; use one of {', '.join(STAGE_FLOWS)}")
+    module, name = STAGE_FLOWS[stage].split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def run_stage(
@@ -190,43 +191,20 @@ def teacher_only(params: PipelineParams | None = None, settings: Settings | None
 
 
 def summary(done: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """What a run returns, also shown as a table artifact: per stage its fingerprint, counts and seconds."""
-    create_table_artifact(
-        table=[
-            {
-                "stage": stage,
-                "ran on": m.get("where", ""),
-                "seconds": m.get("seconds", 0.0),
-                "fingerprint": m["fingerprint"][:12],
-                "counts": ", ".join(f"{k} {v}" for k, v in m.get("counts", {}).items()),
-            }
-            for stage, m in done.items()
-        ],
-        key="pipeline-stages",
-        description="Stages of this run (seconds: the stage's work when it ran; a skipped stage shows the earlier run)",
-    )
-    return {
-        stage: {"fingerprint": m["fingerprint"], "counts": m.get("counts", {}), "seconds": m.get("seconds", 0.0)}
-        for stage, m in done.items()
+    """What a run returns, also shown as a table artifact: per stage where it ran, its seconds and its summary."""
+    rows = {
+        name: {
+            "stage": name,
+            "ran on": m.get("where", ""),
+            "seconds": m.get("seconds", 0.0),
+            "fingerprint": m["fingerprint"][:12],
+            "summary": report_of(m["stage"], m).summary(),
+        }
+        for name, m in done.items()
     }
-
-
-def remote_result_storage(settings: Settings) -> Any:
-    """With a remote artifact root, a saved RemoteFileSystem block for Prefect results under `<home>/prefect-results`.
-
-    Prefect keeps task results (our manifests) there, so a retried run on any worker finds them. Returns None for a
-    local root (PREFECT_LOCAL_STORAGE_PATH covers it). Workers pick the block up via
-    PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK=remote-file-system/<name>; an in-process run passes it to with_options.
-    """
-    if not storage.is_remote(settings.home):
-        return None
-    from prefect.filesystems import RemoteFileSystem
-
-    block = RemoteFileSystem(
-        basepath=storage.join(settings.home, "prefect-results"), settings=dict(settings.orchestration.storage_options)
+    create_table_artifact(
+        table=list(rows.values()),
+        key="pipeline-stages",
+        description="Stages of this run (seconds: the stage's whole run when it ran; a skipped stage shows that run)",
     )
-    block.save(RESULT_BLOCK, overwrite=True)
-    return block
-
-
-RESULT_BLOCK = "mathwizard-results"
+    return {name: {k: row[k] for k in ("fingerprint", "seconds", "summary")} for name, row in rows.items()}

@@ -11,42 +11,37 @@ from prefect import flow
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from mathwizard.config import Settings
-from mathwizard.manifest import Manifest
-from tasks.common import unless_missing
-from tasks.publish import fingerprint_of, publish
+from mathwizard.stages.publish import Report
+from tasks.stages import publish
 
 
 @flow(name="publish")
 def publish_flow(settings: Settings, run_dir: str | None = None, out: str | None = None) -> dict[str, Any]:
     """Publish the run in `run_dir` (default: the run's folder); `out` defaults to its `07-publish` folder."""
-    cfg = settings.publish
     run_dir = run_dir or settings.run_dir
     out = out or settings.stage_dir("publish")
-
-    # Skipped when Prefect holds the result and the folder still holds that manifest.
-    manifest = unless_missing(publish, out, fingerprint_of(cfg, run_dir, out))(cfg, run_dir, out)
-
-    create_markdown_artifact(markdown=summary_markdown(manifest), key="publish-summary", description="Published repos")
-    for repo in manifest.extra.get("repos", []):
-        if repo.get("url"):
-            key = f"publish-{repo['part'].replace('_', '-')}"
-            create_link_artifact(link=repo["url"], link_text=repo["repo_id"], key=key, description=repo["part"])
+    manifest = publish(settings.publish, run_dir, out)
+    report = Report.of(manifest)
+    create_markdown_artifact(markdown=summary_markdown(report), key="publish-summary", description="Published repos")
+    for repo in report.repos:
+        if repo.url:
+            key = f"publish-{repo.part.replace('_', '-')}"
+            create_link_artifact(link=repo.url, link_text=repo.repo_id, key=key, description=repo.part)
     return manifest.model_dump(mode="json")
 
 
-def summary_markdown(manifest: Manifest) -> str:
+def summary_markdown(report: Report) -> str:
     """One row per repo: where it went, how many files, and the commit (or why there was none)."""
-    extra = manifest.extra
-    uploaded = extra.get("destination") == "hub"
-    where = f"uploaded to {extra.get('endpoint')}" if uploaded else f"written to `{extra.get('root')}` (not uploaded)"
+    uploaded = report.destination == "hub"
+    where = f"uploaded to {report.endpoint}" if uploaded else f"written to `{report.root}` (not uploaded)"
     lines = [f"### Publish: {where}", "", "| repo | type | files | location | commit |", "|---|---|---|---|---|"]
-    for repo in extra.get("repos", []):
-        location = f"[{repo['repo_id']}]({repo['url']})" if repo.get("url") else f"`{repo['folder']}`"
+    for repo in report.repos:
+        location = f"[{repo.repo_id}]({repo.url})" if repo.url else f"`{repo.folder}`"
         if not uploaded:
             commit = "–"
-        elif repo.get("commit"):
-            commit = f"`{repo['commit'][:12]}` ({len(repo['uploaded'])} uploaded, {len(repo['deleted'])} deleted)"
+        elif repo.commit:
+            commit = f"`{repo.commit[:12]}` ({len(repo.uploaded)} uploaded, {len(repo.deleted)} deleted)"
         else:
             commit = "none: already up to date"
-        lines.append(f"| {repo['repo_id']} | {repo['repo_type']} | {len(repo['files'])} | {location} | {commit} |")
+        lines.append(f"| {repo.repo_id} | {repo.repo_type} | {len(repo.files)} | {location} | {commit} |")
     return "\n".join(lines) + "\n"

@@ -1,7 +1,11 @@
-"""The `mathwizard` command line: turns flags into settings and runs the flows.
+"""The `mathwizard` command line: turns flags into settings, runs the flows and prints what they did.
 
 Usage: `mathwizard run` (whole pipeline on embedded defaults), `mathwizard prepare --source sample`, ...
-Flows are imported inside the commands, so `mathwizard --help` starts fast.
+Commands are listed in pipeline order. A flag means the same thing in every command: `--data` is the input stage
+folder, `--out` the output folder, `--model` the model to run (eval, ask), `--base-model` the model SFT starts from,
+`--sft` the SFT stage folder pairs and DPO build on, `--teacher-model` the teacher API's model.
+Flows are imported inside the commands, so `mathwizard --help` starts fast. The stages validate their own inputs:
+a bad input is one red line from the stage, whichever way it is started.
 """
 
 from __future__ import annotations
@@ -30,11 +34,23 @@ app = typer.Typer(
 console = Console(stderr=True)
 F = TypeVar("F", bound=Callable[..., Any])
 
+# Options every command shares.
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML settings file, e.g. deployments/recipes/smoke.yaml.")
 ]
 HomeOpt = Annotated[str | None, typer.Option("--home", help="Artifact root folder or URL (MATHWIZARD_HOME).")]
 RunNameOpt = Annotated[str | None, typer.Option("--run-name", help="Run folder under <home>/runs (default: default).")]
+OutOpt = Annotated[Path | None, typer.Option("--out", help="Output folder (default: the run's folder of the stage).")]
+BackendOpt = Annotated[str | None, typer.Option("--backend", metavar="auto|hf|unsloth", help="Model backend.")]
+# Training options (sft, dpo).
+MaxStepsOpt = Annotated[int | None, typer.Option("--max-steps", help="Optimizer steps.")]
+BatchOpt = Annotated[int | None, typer.Option("--batch-size", help="Examples per device per micro-batch.")]
+AccumOpt = Annotated[int | None, typer.Option("--grad-accum", help="Micro-batches per optimizer step.")]
+LrOpt = Annotated[float | None, typer.Option("--learning-rate", help="Peak learning rate.")]
+MaxLengthOpt = Annotated[int | None, typer.Option("--max-length", help="Longest tokenized example.")]
+SaveStepsOpt = Annotated[int | None, typer.Option("--save-steps", help="Checkpoint every N steps.")]
+MergedOpt = Annotated[bool | None, typer.Option("--save-merged/--no-save-merged", help="Also save merged weights.")]
+TrainLimitOpt = Annotated[int | None, typer.Option("--limit", help="Train on only the first N examples.")]
 
 
 def handles_errors(fn: F) -> F:
@@ -57,21 +73,37 @@ def handles_errors(fn: F) -> F:
 def load(config: Path | None, home: str | None = None, run_name: str | None = None, **overrides: Any) -> Settings:
     """Settings from the file, env and flags, with Prefect set up for this machine."""
     settings = load_settings(config, home=home, run_name=run_name, **overrides)
-    prepare_prefect_env(settings)
+    prepare_prefect_env()
     return settings
 
 
-def prepare_prefect_env(settings: Settings) -> None:
+def prepare_prefect_env() -> None:
     """Offline-friendly Prefect defaults, set before prefect is imported; explicit env vars win."""
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "mathwizard")
     # The ephemeral API's 20 s default ran out on a freshly started GPU machine (cold imports and database).
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    if "://" not in settings.home:
-        results = Path(settings.home).resolve() / "prefect-results"
-        os.environ.setdefault("PREFECT_LOCAL_STORAGE_PATH", str(results))
     logging.getLogger("mathwizard").setLevel(logging.INFO)
+
+
+def run_stage(stage: str, settings: Settings, out: Path | None, **inputs: Path | str | None) -> dict[str, Any]:
+    """Run one stage's flow on `settings` and print its summary; inputs left None default to the run's folders.
+
+    Returns:
+        The stage's manifest as a dict.
+    """
+    from flows.pipeline import stage_flow
+    from mathwizard.stages import report_of
+
+    given = {name: str(value) for name, value in {**inputs, "out": out}.items() if value is not None}
+    manifest = stage_flow(stage)(settings=settings, **given)
+    label = given.get("label")
+    name = f"{stage} ({label})" if label else stage
+    console.print(f"[bold green]{name}[/]: {report_of(stage, manifest).summary()}", highlight=False)
+    folder = out or Path(settings.stage_dir(stage) + (f"/{label}" if label else ""))
+    console.print(f"[dim]{folder} · {manifest['seconds']:.1f} s · fingerprint {manifest['fingerprint'][:12]}[/]")
+    return manifest
 
 
 def print_json(data: Any) -> None:
@@ -87,11 +119,18 @@ def _root(
         raise typer.Exit()
 
 
-@app.command("config")
+# ---------------------------------------------------------------------------------------------------- run
+@app.command("run")
 @handles_errors
-def show_config(config: ConfigOpt = None, home: HomeOpt = None, run_name: RunNameOpt = None) -> None:
-    """Print the effective settings (defaults < --config < .env/env < flags) as JSON."""
-    print_json(load_settings(config, home=home, run_name=run_name).model_dump(mode="json"))
+def run_pipeline(config: ConfigOpt = None, home: HomeOpt = None, run_name: RunNameOpt = None) -> None:
+    """Run the whole pipeline; finished stages are skipped, so re-running resumes after any failure."""
+    settings = load(config, home, run_name)
+    from flows.pipeline import math_wizard
+
+    result = math_wizard(settings=settings)
+    for stage, info in result.items():
+        console.print(f"[bold green]✓[/] {stage:<12} {info['seconds']:>8.1f} s  {info['summary']}", highlight=False)
+    console.print(f"[dim]{settings.run_dir}[/]", highlight=False)
 
 
 # ------------------------------------------------------------------------------------------------ prepare
@@ -101,6 +140,7 @@ def prepare(
     config: ConfigOpt = None,
     home: HomeOpt = None,
     run_name: RunNameOpt = None,
+    out: OutOpt = None,
     source: Annotated[
         str | None,
         typer.Option(
@@ -111,7 +151,6 @@ def prepare(
         Path | None, typer.Option(help="source=local: MM_Math jsonl/json file (or a folder holding MM_Math).")
     ] = None,
     images: Annotated[Path | None, typer.Option(help="source=local: image folder or zip/tar archive.")] = None,
-    out: Annotated[Path | None, typer.Option(help="Output folder (default: <home>/runs/<run>/01-prepare).")] = None,
     max_image_size: Annotated[int | None, typer.Option(help="Longest image side in pixels (default 512).")] = None,
     splits: Annotated[str | None, typer.Option(help="train,val,test fractions, e.g. 0.9,0.05,0.05.")] = None,
     limit: Annotated[int | None, typer.Option(help="Use only the first N rows (for trials).")] = None,
@@ -132,23 +171,111 @@ def prepare(
             "workers": workers,
         },
     )
-    from mathwizard.stages.prepare import check_inputs
+    run_stage("prepare", settings, out)
 
-    folder = out or Path(settings.stage_dir("prepare"))
-    check_inputs(settings.prepare, folder)  # missing files or options: one line here, not a failed flow run
-    from flows.prepare import prepare_flow
 
-    manifest = prepare_flow(settings=settings, out=str(out) if out else None)
-    counts = manifest["counts"]
-    console.print(
-        f"[bold green]prepared[/] {counts.get('kept', 0)} of {counts.get('rows_in', 0)} rows → "
-        f"train {counts.get('train', 0)} · val {counts.get('val', 0)} · test {counts.get('test', 0)}"
+# -------------------------------------------------------------------------------------------------- teach
+@app.command()
+@handles_errors
+def teach(
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+    run_name: RunNameOpt = None,
+    data: Annotated[Path | None, typer.Option(help="Prepare folder (default: <home>/runs/<run>/01-prepare).")] = None,
+    out: OutOpt = None,
+    split: Annotated[str | None, typer.Option(metavar="train|val|test|all", help="Split(s) to rewrite.")] = None,
+    teacher: Annotated[
+        str | None,
+        typer.Option(metavar="rule|openai", help="openai: the API (key from env/.env); rule: offline. Default: auto."),
+    ] = None,
+    base_url: Annotated[
+        str | None, typer.Option(help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1.")
+    ] = None,
+    teacher_model: Annotated[str | None, typer.Option(help="Teacher model name at the endpoint.")] = None,
+    concurrency: Annotated[int | None, typer.Option(help="Requests in flight at once.")] = None,
+    rpm: Annotated[int | None, typer.Option(help="Requests per minute allowed by the API.")] = None,
+    tpm: Annotated[int | None, typer.Option(help="Tokens per minute allowed by the API.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Rewrite only the first N items of each split.")] = None,
+) -> None:
+    """Rewrite every solution into numbered steps and a final answer; invalid replies are re-asked, then excluded."""
+    settings = load(
+        config,
+        home,
+        run_name,
+        teacher={
+            "split": split,
+            "kind": teacher,
+            "base_url": base_url,
+            "model": teacher_model,
+            "concurrency": concurrency,
+            "rpm": rpm,
+            "tpm": tpm,
+            "limit": limit,
+        },
     )
-    reasons = {k.split(".", 1)[1]: v for k, v in counts.items() if k.startswith("quarantined.")}
-    if reasons:
-        listed = ", ".join(f"{k} {v}" for k, v in sorted(reasons.items()))
-        console.print(f"[yellow]quarantined[/] {counts.get('quarantined', 0)} ({listed}): {folder}/quarantine.jsonl")
-    console.print(f"[dim]{folder} · fingerprint {manifest['fingerprint'][:12]}[/]", highlight=False)
+    manifest = run_stage("teach", settings, out, data=data)
+    from mathwizard.stages.teach import FAILURES_FILE, Report
+
+    report = Report.of(manifest)
+    if report.failed:
+        reasons = ", ".join(f"{k} {v}" for k, v in report.failures_by_reason.items())
+        folder = out or Path(settings.stage_dir("teach"))
+        console.print(f"[yellow]excluded[/] {report.failed:,} ({reasons}): {folder}/{FAILURES_FILE}", highlight=False)
+
+
+# ------------------------------------------------------------------------------------------------ sft
+def _training_overrides(
+    max_steps: int | None,
+    batch_size: int | None,
+    grad_accum: int | None,
+    learning_rate: float | None,
+    max_length: int | None,
+    save_steps: int | None,
+    save_merged: bool | None,
+    limit: int | None,
+) -> dict[str, Any]:
+    return {
+        "max_steps": max_steps,
+        "per_device_train_batch_size": batch_size,
+        "gradient_accumulation_steps": grad_accum,
+        "learning_rate": learning_rate,
+        "max_length": max_length,
+        "save_steps": save_steps,
+        "save_merged": save_merged,
+        "limit": limit,
+    }
+
+
+@app.command()
+@handles_errors
+def sft(
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+    run_name: RunNameOpt = None,
+    data: Annotated[Path | None, typer.Option(help="Teach stage folder (default: <home>/runs/<run>/02-teach).")] = None,
+    out: OutOpt = None,
+    base_model: Annotated[str | None, typer.Option(help="Base model: 'tiny', a Hub id or a model folder.")] = None,
+    backend: BackendOpt = None,
+    max_steps: MaxStepsOpt = None,
+    batch_size: BatchOpt = None,
+    grad_accum: AccumOpt = None,
+    learning_rate: LrOpt = None,
+    max_length: MaxLengthOpt = None,
+    save_steps: SaveStepsOpt = None,
+    save_merged: MergedOpt = None,
+    limit: TrainLimitOpt = None,
+) -> None:
+    """Fine-tune the base model on the teacher's solutions (LoRA; resumes from the last checkpoint)."""
+    settings = load(
+        config,
+        home,
+        run_name,
+        model={"name": base_model, "backend": backend},
+        sft=_training_overrides(
+            max_steps, batch_size, grad_accum, learning_rate, max_length, save_steps, save_merged, limit
+        ),
+    )
+    run_stage("sft", settings, out, data=data)
 
 
 # -------------------------------------------------------------------------------------------------- pairs
@@ -158,13 +285,13 @@ def pairs(
     config: ConfigOpt = None,
     home: HomeOpt = None,
     run_name: RunNameOpt = None,
-    model: Annotated[
-        str | None,
-        typer.Option(help="SFT stage folder (its adapter/), a model dir, 'tiny' or a Hub id (default: 03-sft)."),
-    ] = None,
     data: Annotated[Path | None, typer.Option(help="Teach stage folder (default: <home>/runs/<run>/02-teach).")] = None,
-    out: Annotated[Path | None, typer.Option(help="Output folder (default: <home>/runs/<run>/04-pairs).")] = None,
-    backend: Annotated[str | None, typer.Option(metavar="auto|hf|unsloth", help="Model backend.")] = None,
+    out: OutOpt = None,
+    sft: Annotated[
+        str | None,
+        typer.Option(help="SFT stage folder that samples the flawed answers (default: <home>/runs/<run>/03-sft)."),
+    ] = None,
+    backend: BackendOpt = None,
     limit: Annotated[int | None, typer.Option(help="Only the first N items of each split.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Prompts per generate call (default 16).")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="Most tokens per flawed answer (default 1024).")] = None,
@@ -193,17 +320,48 @@ def pairs(
             "chunk_size": chunk_size,
         },
     )
-    from flows.pairs import pairs_flow
+    run_stage("pairs", settings, out, sft=sft, data=data)
 
-    manifest = pairs_flow(settings=settings, sft=model, data=str(data) if data else None, out=str(out) if out else None)
-    c = manifest["counts"]
-    folder = out or Path(settings.stage_dir("pairs"))
-    split_counts = " · ".join(f"{s} {c.get(f'{s}_pairs', 0)}" for s in settings.pairs.splits)
-    console.print(
-        f"[bold green]paired[/] {c.get('pairs', 0)} ({split_counts}): {c.get('from_model', 0)} rejected answers "
-        f"from the model, {c.get('from_rule', 0)} from the rule fallback, {c.get('failed', 0)} excluded"
+
+# ---------------------------------------------------------------------------------------------------- dpo
+@app.command()
+@handles_errors
+def dpo(
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+    run_name: RunNameOpt = None,
+    pairs: Annotated[
+        Path | None, typer.Option(help="Pairs stage folder (default: <home>/runs/<run>/04-pairs).")
+    ] = None,
+    out: OutOpt = None,
+    sft: Annotated[
+        Path | None, typer.Option(help="SFT stage folder or its adapter/ (default: <home>/runs/<run>/03-sft).")
+    ] = None,
+    backend: BackendOpt = None,
+    beta: Annotated[float | None, typer.Option(help="DPO beta (default 0.1).")] = None,
+    max_steps: MaxStepsOpt = None,
+    batch_size: BatchOpt = None,
+    grad_accum: AccumOpt = None,
+    learning_rate: LrOpt = None,
+    max_length: MaxLengthOpt = None,
+    save_steps: SaveStepsOpt = None,
+    save_merged: MergedOpt = None,
+    limit: TrainLimitOpt = None,
+) -> None:
+    """Align the SFT model with DPO on the preference pairs, images included (resumes from the last checkpoint)."""
+    settings = load(
+        config,
+        home,
+        run_name,
+        model={"backend": backend},
+        dpo={
+            "beta": beta,
+            **_training_overrides(
+                max_steps, batch_size, grad_accum, learning_rate, max_length, save_steps, save_merged, limit
+            ),
+        },
     )
-    console.print(f"[dim]{folder} · fingerprint {manifest['fingerprint'][:12]}[/]", highlight=False)
+    run_stage("dpo", settings, out, sft=sft, pairs=pairs)
 
 
 # --------------------------------------------------------------------------------------------------- eval
@@ -213,16 +371,16 @@ def evaluate(
     config: ConfigOpt = None,
     home: HomeOpt = None,
     run_name: RunNameOpt = None,
+    data: Annotated[Path | None, typer.Option(help="Teach or prepare folder (default: 02-teach).")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder (default: <home>/runs/<run>/06-eval/<label>).")
+    ] = None,
     model: Annotated[
         str | None,
         typer.Option(help="Stage folder (03-sft, 05-dpo), model dir, 'tiny' or Hub id (default: the label's model)."),
     ] = None,
     label: Annotated[str, typer.Option(help="Name in reports and tables: base, sft or dpo.")] = "sft",
-    data: Annotated[Path | None, typer.Option(help="Teach or prepare folder (default: 02-teach).")] = None,
-    out: Annotated[
-        Path | None, typer.Option(help="Output folder (default: <home>/runs/<run>/06-eval/<label>).")
-    ] = None,
-    backend: Annotated[str | None, typer.Option(metavar="auto|hf|unsloth", help="Model backend.")] = None,
+    backend: BackendOpt = None,
     limit: Annotated[int | None, typer.Option(help="Evaluate only the first N problems.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Prompts per generate call (default 16).")] = None,
     max_new_tokens: Annotated[int | None, typer.Option(help="Most tokens per answer (default 1024).")] = None,
@@ -235,25 +393,54 @@ def evaluate(
         model={"backend": backend},
         eval={"limit": limit, "batch_size": batch_size, "max_new_tokens": max_new_tokens},
     )
-    from flows.evaluate import eval_flow
+    run_stage("eval", settings, out, model=model, data=data, label=label)
 
-    manifest = eval_flow(
-        settings=settings,
-        model=model,
-        data=str(data) if data else None,
-        out=str(out) if out else None,
-        label=label,
-    )
-    from mathwizard.stages.evaluate import load_report
 
-    folder = out or Path(f"{settings.stage_dir('eval')}/{label}")
-    report = load_report(folder)
-    by = " · ".join(f"{d} {100 * p['accuracy']:.1f}% (n={p['n']})" for d, p in report["by_difficulty"].items())
-    console.print(
-        f"[bold green]{label}[/]: accuracy {100 * report['accuracy']:.1f}% on {report['n']} problems, "
-        f"format {100 * report['format_rate']:.1f}%" + (f" — {by}" if by else "")
+# ------------------------------------------------------------------------------------------------ publish
+@app.command()
+@handles_errors
+def publish(
+    config: ConfigOpt = None,
+    home: HomeOpt = None,
+    run_name: RunNameOpt = None,
+    run_dir: Annotated[
+        Path | None, typer.Option(help="Run folder holding 01-prepare ... 06-eval (default: <home>/runs/<run>).")
+    ] = None,
+    out: OutOpt = None,
+    target: Annotated[
+        Path | None, typer.Option(help="Write the repos into this folder instead of uploading (default without token).")
+    ] = None,
+    namespace: Annotated[str | None, typer.Option(help="Hub user or organisation owning the repos.")] = None,
+    private: Annotated[
+        bool | None, typer.Option("--private/--public", help="Visibility of repos created now (default private).")
+    ] = None,
+    require_improvement: Annotated[
+        bool | None,
+        typer.Option("--require-improvement/--no-require-improvement", help="Refuse a DPO model scoring below SFT."),
+    ] = None,
+    endpoint: Annotated[
+        str | None, typer.Option(help="Hub endpoint URL (default: huggingface.co / HF_ENDPOINT).")
+    ] = None,
+    push_merged: Annotated[
+        bool | None, typer.Option("--push-merged/--no-push-merged", help="Also upload 05-dpo/merged/.")
+    ] = None,
+) -> None:
+    """Push the DPO model and the SFT and DPO datasets with their cards to the Hub (token: HF_TOKEN or `hf auth
+    login`), or write them into --target (the default without a token)."""
+    settings = load(
+        config,
+        home,
+        run_name,
+        publish={
+            "target": str(target) if target else None,
+            "namespace": namespace,
+            "private": private,
+            "require_improvement": require_improvement,
+            "endpoint": endpoint,
+            "push_merged": push_merged,
+        },
     )
-    console.print(f"[dim]{folder} · fingerprint {manifest['fingerprint'][:12]}[/]", highlight=False)
+    run_stage("publish", settings, out, run_dir=run_dir)
 
 
 # ---------------------------------------------------------------------------------------------------- ask
@@ -301,146 +488,12 @@ def ask(
     console.print(f"[dim]{answer.tokens} tokens · {answer.model}[/]", highlight=False)
 
 
-# ------------------------------------------------------------------------------------------- sft / dpo
-BackendOpt = Annotated[str | None, typer.Option("--backend", metavar="auto|hf|unsloth", help="Training backend.")]
-MaxStepsOpt = Annotated[int | None, typer.Option("--max-steps", help="Optimizer steps.")]
-BatchOpt = Annotated[int | None, typer.Option("--batch-size", help="Examples per device per micro-batch.")]
-AccumOpt = Annotated[int | None, typer.Option("--grad-accum", help="Micro-batches per optimizer step.")]
-LrOpt = Annotated[float | None, typer.Option("--learning-rate", help="Peak learning rate.")]
-MaxLengthOpt = Annotated[int | None, typer.Option("--max-length", help="Longest tokenized example.")]
-SaveStepsOpt = Annotated[int | None, typer.Option("--save-steps", help="Checkpoint every N steps.")]
-MergedOpt = Annotated[bool | None, typer.Option("--save-merged/--no-save-merged", help="Also save merged weights.")]
-LimitOpt = Annotated[int | None, typer.Option("--limit", help="Train on only the first N examples.")]
-
-
-def _training_overrides(
-    max_steps: int | None,
-    batch_size: int | None,
-    grad_accum: int | None,
-    learning_rate: float | None,
-    max_length: int | None,
-    save_steps: int | None,
-    save_merged: bool | None,
-    limit: int | None,
-) -> dict[str, Any]:
-    return {
-        "max_steps": max_steps,
-        "per_device_train_batch_size": batch_size,
-        "gradient_accumulation_steps": grad_accum,
-        "learning_rate": learning_rate,
-        "max_length": max_length,
-        "save_steps": save_steps,
-        "save_merged": save_merged,
-        "limit": limit,
-    }
-
-
-def _training_summary(stage: str, manifest: dict[str, Any], out: str) -> None:
-    extra = manifest["extra"]
-    resumed = f", resumed from step {extra['resumed_from_step']}" if extra.get("resumed_from_step") else ""
-    loss = extra.get("final_loss")
-    line = f"[bold green]{stage}[/]: {extra.get('global_step')} steps on {extra.get('backend')}{resumed}"
-    line += f", final loss {loss:.4f}" if isinstance(loss, float) else ""
-    if isinstance(extra.get("eval_loss"), float):
-        line += f", val loss {extra['eval_loss']:.4f}"
-    if isinstance(extra.get("final_rewards_accuracies"), float):
-        line += f", reward accuracy {extra['final_rewards_accuracies']:.2f}"
-    console.print(line, highlight=False)
-    console.print(f"[dim]{out}/adapter · fingerprint {manifest['fingerprint'][:12]}[/]", highlight=False)
-
-
-@app.command()
+# ------------------------------------------------------------------------------------------------- config
+@app.command("config")
 @handles_errors
-def sft(
-    config: ConfigOpt = None,
-    home: HomeOpt = None,
-    run_name: RunNameOpt = None,
-    data: Annotated[Path | None, typer.Option(help="Teach stage folder (default: <home>/runs/<run>/02-teach).")] = None,
-    out: Annotated[Path | None, typer.Option(help="Output folder (default: <home>/runs/<run>/03-sft).")] = None,
-    model: Annotated[str | None, typer.Option(help="Base model: 'tiny', a Hub id or a model folder.")] = None,
-    backend: BackendOpt = None,
-    max_steps: MaxStepsOpt = None,
-    batch_size: BatchOpt = None,
-    grad_accum: AccumOpt = None,
-    learning_rate: LrOpt = None,
-    max_length: MaxLengthOpt = None,
-    save_steps: SaveStepsOpt = None,
-    save_merged: MergedOpt = None,
-    limit: LimitOpt = None,
-) -> None:
-    """Fine-tune the base model on the teacher's solutions (LoRA; resumes from the last checkpoint)."""
-    settings = load(
-        config,
-        home,
-        run_name,
-        model={"name": model, "backend": backend},
-        sft=_training_overrides(
-            max_steps, batch_size, grad_accum, learning_rate, max_length, save_steps, save_merged, limit
-        ),
-    )
-    from mathwizard.stages.sft import check_inputs
-
-    check_inputs(settings.sft, settings.model, data or Path(settings.stage_dir("teach")))  # one line, before Prefect
-    from flows.sft import sft_flow
-
-    manifest = sft_flow(settings=settings, data=str(data) if data else None, out=str(out) if out else None)
-    _training_summary("sft", manifest, str(out or settings.stage_dir("sft")))
-
-
-@app.command()
-@handles_errors
-def dpo(
-    config: ConfigOpt = None,
-    home: HomeOpt = None,
-    run_name: RunNameOpt = None,
-    model: Annotated[
-        Path | None, typer.Option(help="SFT stage folder or its adapter/ (default: <home>/runs/<run>/03-sft).")
-    ] = None,
-    pairs: Annotated[
-        Path | None, typer.Option(help="Pairs stage folder (default: <home>/runs/<run>/04-pairs).")
-    ] = None,
-    out: Annotated[Path | None, typer.Option(help="Output folder (default: <home>/runs/<run>/05-dpo).")] = None,
-    backend: BackendOpt = None,
-    beta: Annotated[float | None, typer.Option(help="DPO beta (default 0.1).")] = None,
-    max_steps: MaxStepsOpt = None,
-    batch_size: BatchOpt = None,
-    grad_accum: AccumOpt = None,
-    learning_rate: LrOpt = None,
-    max_length: MaxLengthOpt = None,
-    save_steps: SaveStepsOpt = None,
-    save_merged: MergedOpt = None,
-    limit: LimitOpt = None,
-) -> None:
-    """Align the SFT model with DPO on the preference pairs, images included (resumes from the last checkpoint)."""
-    settings = load(
-        config,
-        home,
-        run_name,
-        model={"backend": backend},
-        dpo={
-            "beta": beta,
-            **_training_overrides(
-                max_steps, batch_size, grad_accum, learning_rate, max_length, save_steps, save_merged, limit
-            ),
-        },
-    )
-    from mathwizard.stages.dpo import check_inputs
-
-    check_inputs(  # one line, before Prefect starts
-        settings.dpo,
-        settings.model,
-        model or Path(settings.stage_dir("sft")),
-        pairs or Path(settings.stage_dir("pairs")),
-    )
-    from flows.dpo import dpo_flow
-
-    manifest = dpo_flow(
-        settings=settings,
-        sft=str(model) if model else None,
-        pairs=str(pairs) if pairs else None,
-        out=str(out) if out else None,
-    )
-    _training_summary("dpo", manifest, str(out or settings.stage_dir("dpo")))
+def show_config(config: ConfigOpt = None, home: HomeOpt = None, run_name: RunNameOpt = None) -> None:
+    """Print the effective settings (defaults < --config < .env/env < flags) as JSON."""
+    print_json(load_settings(config, home=home, run_name=run_name).model_dump(mode="json"))
 
 
 # ------------------------------------------------------------------------------------------------- model
@@ -485,23 +538,7 @@ def model_random_e2b(
     console.print(f"[bold green]random gemma-3n E2B[/] written to {folder}", highlight=False)
 
 
-# ---------------------------------------------------------------------------------------------- run / up
-@app.command("run")
-@handles_errors
-def run_pipeline(config: ConfigOpt = None, home: HomeOpt = None, run_name: RunNameOpt = None) -> None:
-    """Run the whole pipeline; finished stages are skipped, so re-running resumes after any failure."""
-    settings = load(config, home, run_name)
-    from flows.pipeline import math_wizard, remote_result_storage
-
-    block = remote_result_storage(settings)
-    pipeline = math_wizard.with_options(result_storage=block) if block is not None else math_wizard
-    result = pipeline(settings=settings)
-    for stage, info in result.items():
-        counts = " · ".join(f"{k} {v}" for k, v in list(info["counts"].items())[:3])
-        console.print(f"[bold green]✓[/] {stage:<12} {info['seconds']:>8.1f} s  [dim]{counts}[/]", highlight=False)
-    console.print(f"[dim]{settings.run_dir}[/]", highlight=False)
-
-
+# ---------------------------------------------------------------------------------------------------- up
 @app.command()
 @handles_errors
 def up(
@@ -524,22 +561,9 @@ def up(
 
     settings = load(config, home)
     root = settings.home if storage.is_remote(settings.home) else str(Path(settings.home).resolve())
-    env = {"MATHWIZARD_HOME": root}
-    if storage.is_remote(root):
-        from flows.pipeline import RESULT_BLOCK
-
-        state_home = prefect_home or Path("mathwizard-prefect")
-        env["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"] = f"remote-file-system/{RESULT_BLOCK}"
-    else:
-        state_home = prefect_home or Path(root) / "prefect"
-        env["PREFECT_LOCAL_STORAGE_PATH"] = str(Path(root) / "prefect-results")
-    stack = start_stack(state_home, port=port, cuda_worker=cuda, env=env, announce=console.print)
+    state_home = prefect_home or (Path("mathwizard-prefect") if storage.is_remote(root) else Path(root) / "prefect")
+    stack = start_stack(state_home, port=port, cuda_worker=cuda, env={"MATHWIZARD_HOME": root}, announce=console.print)
     try:
-        if storage.is_remote(root):
-            os.environ["PREFECT_API_URL"] = stack.api_url
-            from flows.pipeline import remote_result_storage
-
-            remote_result_storage(settings.model_copy(update={"home": root}))
         console.print(f"[bold green]ready:[/] Prefect UI at {stack.ui_url}  (artifacts under {root})", highlight=False)
         console.print(
             f"run the pipeline: PREFECT_API_URL={stack.api_url} prefect deployment run math-wizard/smoke",
@@ -553,124 +577,3 @@ def up(
         console.print("stopping workers, then the server …")
     finally:
         stack.stop()
-
-
-# ------------------------------------------------------------------------------------------------ publish
-@app.command()
-@handles_errors
-def publish(
-    config: ConfigOpt = None,
-    home: HomeOpt = None,
-    run_name: RunNameOpt = None,
-    run_dir: Annotated[
-        Path | None, typer.Option(help="Run folder holding 01-prepare ... 06-eval (default: <home>/runs/<run>).")
-    ] = None,
-    out: Annotated[Path | None, typer.Option(help="Stage folder (default: <home>/runs/<run>/07-publish).")] = None,
-    target: Annotated[
-        Path | None, typer.Option(help="Write the repos into this folder instead of uploading (default without token).")
-    ] = None,
-    namespace: Annotated[str | None, typer.Option(help="Hub user or organisation owning the repos.")] = None,
-    private: Annotated[
-        bool | None, typer.Option("--private/--public", help="Visibility of repos created now (default private).")
-    ] = None,
-    require_improvement: Annotated[
-        bool | None,
-        typer.Option("--require-improvement/--no-require-improvement", help="Refuse a DPO model scoring below SFT."),
-    ] = None,
-    endpoint: Annotated[
-        str | None, typer.Option(help="Hub endpoint URL (default: huggingface.co / HF_ENDPOINT).")
-    ] = None,
-    push_merged: Annotated[
-        bool | None, typer.Option("--push-merged/--no-push-merged", help="Also upload 05-dpo/merged/.")
-    ] = None,
-) -> None:
-    """Push the DPO model and the SFT and DPO datasets with their cards to the Hub (token: HF_TOKEN or `hf auth
-    login`), or write them into --target (the default without a token)."""
-    settings = load(
-        config,
-        home,
-        run_name,
-        publish={
-            "target": str(target) if target else None,
-            "namespace": namespace,
-            "private": private,
-            "require_improvement": require_improvement,
-            "endpoint": endpoint,
-            "push_merged": push_merged,
-        },
-    )
-    from flows.publish import publish_flow
-
-    manifest = publish_flow(settings=settings, run_dir=str(run_dir) if run_dir else None, out=str(out) if out else None)
-    extra = manifest["extra"]
-    uploaded = extra.get("destination") == "hub"
-    for repo in extra.get("repos", []):
-        if uploaded:
-            done = f"commit {repo['commit'][:12]}" if repo.get("commit") else "already up to date"
-            console.print(f"[bold green]published[/] {repo['url']} ({done})", highlight=False)
-        else:
-            folder = repo["folder"] if Path(repo["folder"]).is_absolute() else f"{extra['root']}/{repo['folder']}"
-            console.print(f"[bold green]wrote[/] {repo['repo_id']} → {folder}", highlight=False)
-    if not uploaded:
-        why = "--target given" if settings.publish.target else "no Hub token (HF_TOKEN, hf auth login) or offline"
-        console.print(f"[dim]not uploaded: {why}[/]")
-    console.print(f"[dim]fingerprint {manifest['fingerprint'][:12]}[/]", highlight=False)
-
-
-# -------------------------------------------------------------------------------------------------- teach
-@app.command()
-@handles_errors
-def teach(
-    config: ConfigOpt = None,
-    home: HomeOpt = None,
-    run_name: RunNameOpt = None,
-    data: Annotated[Path | None, typer.Option(help="Prepare folder (default: <home>/runs/<run>/01-prepare).")] = None,
-    out: Annotated[Path | None, typer.Option(help="Output folder (default: <home>/runs/<run>/02-teach).")] = None,
-    split: Annotated[str | None, typer.Option(metavar="train|val|test|all", help="Split(s) to rewrite.")] = None,
-    teacher: Annotated[
-        str | None,
-        typer.Option(metavar="rule|openai", help="openai: the API (key from env/.env); rule: offline. Default: auto."),
-    ] = None,
-    base_url: Annotated[
-        str | None, typer.Option(help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1.")
-    ] = None,
-    model: Annotated[str | None, typer.Option(help="Teacher model name at the endpoint.")] = None,
-    concurrency: Annotated[int | None, typer.Option(help="Requests in flight at once.")] = None,
-    rpm: Annotated[int | None, typer.Option(help="Requests per minute allowed by the API.")] = None,
-    tpm: Annotated[int | None, typer.Option(help="Tokens per minute allowed by the API.")] = None,
-    limit: Annotated[int | None, typer.Option(help="Rewrite only the first N items of each split.")] = None,
-) -> None:
-    """Rewrite every solution into numbered steps and a final answer; invalid replies are re-asked, then excluded."""
-    settings = load(
-        config,
-        home,
-        run_name,
-        teacher={
-            "split": split,
-            "kind": teacher,
-            "base_url": base_url,
-            "model": model,
-            "concurrency": concurrency,
-            "rpm": rpm,
-            "tpm": tpm,
-            "limit": limit,
-        },
-    )
-    from mathwizard.stages.teach import resolve_kind
-
-    resolve_kind(settings.teacher)  # kind=openai without a key: one line here, not a failed flow run
-    from flows.teach import teach_flow
-
-    manifest = teach_flow(settings=settings, data=str(data) if data else None, out=str(out) if out else None)
-    c, extra = manifest["counts"], manifest["extra"]
-    folder = out or Path(settings.stage_dir("teach"))
-    console.print(
-        f"[bold green]taught[/] {c.get('written', 0):,} of {c.get('items', 0):,} items with "
-        f"{extra.get('teacher')} ({extra.get('teacher_model')}): {c.get('api_calls', 0):,} API calls, "
-        f"{c.get('cache_hits', 0):,} cache hits, {c.get('retries', 0):,} retries",
-        highlight=False,
-    )
-    if c.get("failed"):
-        reasons = ", ".join(f"{k} {v}" for k, v in (extra.get("failures_by_reason") or {}).items())
-        console.print(f"[yellow]excluded[/] {c['failed']:,} ({reasons}): {folder}/failures.jsonl", highlight=False)
-    console.print(f"[dim]{folder} · fingerprint {manifest['fingerprint'][:12]}[/]", highlight=False)

@@ -107,7 +107,6 @@ class TeacherConfig(_Stage):
     split: Literal["train", "val", "test", "all"] = Field("all", description="Which split(s) to rewrite.")
     limit: int | None = Field(None, ge=1, description="Rewrite only the first N items of each split.")
     prompt_version: str = Field("v1", description="Prompt set under mathwizard/prompts/; its texts key the cache.")
-    chunk_size: int = Field(250, ge=1, description="Items per Prefect task.")
 
 
 # -------------------------------------------------------------------------------------------- models

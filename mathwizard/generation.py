@@ -13,12 +13,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from mathwizard.errors import ConfigError, DataError, ModelError
-
-if TYPE_CHECKING:
-    from mathwizard.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +89,6 @@ def chat_messages(request: Request) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------------------ model
-def model_location(name_or_dir: str | Path) -> str:
-    """What to load for `name_or_dir`: a stage folder (03-sft, 05-dpo) means its `adapter/`; anything else as is."""
-    path = Path(name_or_dir)
-    if (path / "adapter").is_dir():
-        return str(path / "adapter")
-    return str(name_or_dir)
-
-
 def _eos_ids(model: Any, processor: Any) -> set[int]:
     eos = getattr(model.generation_config, "eos_token_id", None)
     ids = set(eos if isinstance(eos, list | tuple) else [eos] if eos is not None else [])
@@ -291,76 +280,6 @@ def _callback_streamer(tokenizer: Any, on_text: Callable[[str], None]) -> Any:
     return _CallbackStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
 
 
-@dataclass(frozen=True)
-class ModelRef:
-    """Which model to load and how; a stage folder is identified by its manifest's fingerprint, not its path."""
-
-    location: str
-    backend: str = "auto"
-    dtype: str = "auto"
-    load_in_4bit: bool = False
-    stage: str | None = None
-    fingerprint: str | None = None
-    compile: str | None = None  # Unsloth's compile scope (model.compile); how it runs, not what it answers
-    decode: str = "auto"  # eager | compiled | auto (model.decode); how it runs, not what it answers
-
-    def identity(self) -> dict[str, Any]:
-        """What decides this model's outputs, for the fingerprints of the stages that generate with it."""
-        source: dict[str, Any] = {"stage": self.stage, "fingerprint": self.fingerprint}
-        if not self.fingerprint:
-            source = {"name": self.location}
-            if self.location == "tiny":  # the built model changes with the builder's version
-                from mathwizard.models.tiny import TINY_VERSION
-
-                source["tiny_version"] = TINY_VERSION
-        return {**source, "backend": self.backend, "dtype": self.dtype, "load_in_4bit": self.load_in_4bit}
-
-    def load(self, batch_size: int = 16) -> ModelGenerator:
-        if self.compile is not None:
-            from mathwizard.models.backend import configure_compile
-
-            configure_compile(self.compile)
-        return load_generator(
-            self.location,
-            backend=self.backend,
-            dtype=self.dtype,
-            load_in_4bit=self.load_in_4bit,
-            batch_size=batch_size,
-            decode=self.decode,
-        )
-
-
-def model_ref(model: ModelConfig | str | Path, stage_folder: str | Path | None = None) -> ModelRef:
-    """Resolve the model a stage generates with.
-
-    `model` is either the settings' `ModelConfig` (backend, dtype, 4-bit; its `name` is loaded unless
-    `stage_folder` is given) or a location: 'tiny', a Hub id, a model dir, or a stage folder (03-sft, 05-dpo)
-    whose `adapter/` is loaded.
-    """
-    from mathwizard.config import ModelConfig
-    from mathwizard.manifest import read_manifest
-
-    if isinstance(model, ModelConfig):
-        settings = {
-            "backend": model.backend,
-            "dtype": model.dtype,
-            "load_in_4bit": model.load_in_4bit,
-            "compile": model.compile,
-            "decode": model.decode,
-        }
-        target: str | Path = stage_folder if stage_folder is not None else model.name
-    else:
-        settings = {}
-        target = stage_folder if stage_folder is not None else model
-    manifest = read_manifest(Path(target)) if Path(target).is_dir() else None
-    return ModelRef(
-        location=model_location(target),
-        stage=manifest.stage if manifest else None,
-        fingerprint=manifest.fingerprint if manifest else None,
-        **settings,
-    )
-
-
 def load_generator(
     name_or_dir: str | Path,
     *,
@@ -378,8 +297,9 @@ def load_generator(
         ModelError: the model cannot be found or loaded.
     """
     from mathwizard.models import load_model, resolve_backend
+    from mathwizard.models.ref import resolve
 
-    location = model_location(name_or_dir)
+    location = resolve(name_or_dir).location
     mode = resolve_decode(decode, resolve_backend(backend))  # a bad setting fails before minutes of loading
     try:
         model, processor = load_model(location, backend, for_training=False, dtype=dtype, load_in_4bit=load_in_4bit)
@@ -391,36 +311,3 @@ def load_generator(
     model.eval()
     log.info("loaded %s for generation on %s (%s decoding)", location, model.device, mode)
     return ModelGenerator(model=model, processor=processor, batch_size=batch_size, name=str(name_or_dir), decode=mode)
-
-
-# ------------------------------------------------------------------------------------------------ inputs
-def split_path(folder: str | Path, split: str) -> Path:
-    """The parquet file of `split` in a teach (`<split>.parquet`) or prepare (`<split>-00000-of-00001.parquet`) folder.
-
-    Raises:
-        DataError: the folder holds neither.
-    """
-    folder = Path(folder)
-    for candidate in (folder / f"{split}.parquet", *sorted(folder.glob(f"{split}-*.parquet"))):
-        if candidate.is_file():
-            return candidate
-    raise DataError(
-        f"{folder} has no {split}.parquet or {split}-00000-of-00001.parquet; pass a teach or prepare stage folder"
-    )
-
-
-def read_split(folder: str | Path, split: str, columns: Sequence[str], limit: int | None = None) -> Any:
-    """The split's `columns` as a pyarrow Table (first `limit` rows); images stay encoded until a batch needs them.
-
-    Raises:
-        DataError: the file is missing or lacks a column.
-    """
-    import pyarrow.parquet as pq
-
-    path = split_path(folder, split)
-    available = pq.read_schema(path).names
-    missing = [c for c in columns if c not in available]
-    if missing:
-        raise DataError(f"{path} lacks column(s) {', '.join(missing)}; it has {', '.join(available)}")
-    table = pq.read_table(path, columns=list(columns))
-    return table.slice(0, limit) if limit is not None else table

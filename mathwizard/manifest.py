@@ -1,7 +1,9 @@
-"""Stage manifests: the commit marker of every stage folder, and the fingerprint that decides whether to skip it.
+"""Stage manifests: the commit marker of every stage folder, and the one place that decides whether a stage runs.
 
-A stage writes its files into its output folder and `manifest.json` last (atomically), so a folder whose
-manifest carries the expected fingerprint is complete and current; anything else is redone.
+A stage writes its files into its output folder and `manifest.json` last (atomically). `reusable` answers "why did
+this stage (not) run?": a folder is reused only when its manifest carries the fingerprint the stage expects (the same
+settings and inputs) and every file it lists is still there with its recorded size; otherwise the stage runs and the
+log says why. Nothing else (Prefect caches, the flows, the CLI) second-guesses it.
 """
 
 from __future__ import annotations
@@ -19,15 +21,20 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from mathwizard import __version__
 
 log = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.json"
+# Marks a local folder that mirrors a finished remote folder by its manifest alone (see remote.py): its files live on
+# the remote side, so only the fingerprint is checked here.
+MIRROR_MARK = ".mirror-only"
+# Part of every fingerprint: bump when the manifest's own layout changes, so older folders are redone, not misread.
+MANIFEST_FORMAT = 2
 _ENV_PACKAGES = ("torch", "transformers", "trl", "peft", "datasets", "unsloth", "prefect")
 
 
@@ -48,12 +55,27 @@ class Manifest(BaseModel):
     upstream: dict[str, str] = Field(default_factory=dict, description="Upstream stage name -> fingerprint.")
     config: dict[str, Any] = Field(default_factory=dict)
     files: dict[str, FileInfo] = Field(default_factory=dict)
-    counts: dict[str, int] = Field(default_factory=dict)
-    extra: dict[str, Any] = Field(default_factory=dict)
+    report: dict[str, Any] = Field(default_factory=dict, description="The stage's typed report (see StageReport).")
     mathwizard_version: str = __version__
     env: dict[str, str] = Field(default_factory=dict)
     created_at: str = ""
-    seconds: float = 0.0
+    seconds: float = Field(0.0, description="Wall time of the whole stage, loading and saving included.")
+
+
+class StageReport(BaseModel):
+    """Base of each stage's typed report: what it did, in numbers, built and read next to the stage.
+
+    A stage module defines `class Report(StageReport)`, fills it while it runs and hands it to `StageRecord.report`;
+    readers (flows, CLI, cards) call `Report.of(manifest)` instead of digging in untyped dicts.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    @classmethod
+    def of(cls, manifest: Manifest | dict[str, Any]) -> Self:
+        """The report stored in `manifest` (a Manifest or its JSON dict, as flows return it)."""
+        data = manifest.report if isinstance(manifest, Manifest) else manifest.get("report", {})
+        return cls.model_validate(data)
 
 
 def _canonical(value: Any) -> Any:
@@ -76,7 +98,7 @@ def stable_hash(*parts: Any) -> str:
 
 def fingerprint(stage: str, version: int, config: Any, upstream: Mapping[str, str] | None = None, **inputs: Any) -> str:
     """The identity of a stage's output: stage, its version, the settings that matter, and its inputs."""
-    return stable_hash(stage, version, config, dict(upstream or {}), inputs)
+    return stable_hash(MANIFEST_FORMAT, stage, version, config, dict(upstream or {}), inputs)
 
 
 def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
@@ -138,13 +160,39 @@ def write_manifest(folder: Path, manifest: Manifest) -> Manifest:
     return manifest
 
 
-def reusable(folder: Path, expected_fingerprint: str) -> Manifest | None:
-    """The folder's manifest if it was made from exactly these inputs and settings (skip the stage)."""
-    manifest = read_manifest(folder)
-    if manifest is not None and manifest.fingerprint == expected_fingerprint:
-        log.info("%s is up to date (fingerprint %s); skipping", folder, expected_fingerprint[:12])
-        return manifest
+def damage(folder: Path, manifest: Manifest) -> str | None:
+    """Why the files a manifest lists are not all there as written (missing, or another size); None when they are."""
+    folder = Path(folder)
+    if (folder / MIRROR_MARK).exists():
+        return None  # the files are on the remote side; pulling checks them
+    for relative, info in manifest.files.items():
+        path = folder / relative
+        if not path.is_file():
+            return f"{relative} is missing"
+        if path.stat().st_size != info.bytes:
+            return f"{relative} is {path.stat().st_size:,} bytes, not the {info.bytes:,} recorded"
     return None
+
+
+def reusable(folder: Path, expected_fingerprint: str) -> Manifest | None:
+    """The folder's manifest when the stage can be skipped, else None; logs the reason either way.
+
+    Skipped only when the manifest carries `expected_fingerprint` (made from exactly these settings and inputs) and
+    every file it lists is present with its recorded size. This is the one place that decides.
+    """
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if manifest is None:
+        log.debug("%s has no finished output; running the stage", folder)
+        return None
+    if manifest.fingerprint != expected_fingerprint:
+        log.info("%s was made from other settings or inputs; running the stage again", folder)
+        return None
+    if (problem := damage(folder, manifest)) is not None:
+        log.warning("%s is damaged (%s); running the stage again", folder, problem)
+        return None
+    log.info("%s is up to date (fingerprint %s); skipping", folder, expected_fingerprint[:12])
+    return manifest
 
 
 class StageRecord:
@@ -157,8 +205,9 @@ class StageRecord:
     def add_file(self, relative: str, rows: int | None = None) -> None:
         self.manifest.files[relative] = describe_file(self.folder / relative, rows)
 
-    def count(self, **counts: int) -> None:
-        self.manifest.counts.update(counts)
+    def report(self, report: StageReport) -> None:
+        """The stage's typed report, stored in the manifest."""
+        self.manifest.report = report.model_dump(mode="json")
 
 
 @contextmanager
@@ -170,8 +219,12 @@ def stage_output(
     fingerprint: str,
     config: Any = None,
     upstream: Mapping[str, str] | None = None,
+    started: float | None = None,
 ) -> Iterator[StageRecord]:
     """Run a stage's body against `folder`; the manifest is written last, only if the body succeeds.
+
+    `started` (a `time.perf_counter()`) is when the stage began, when that was before this block (loading inputs),
+    so `seconds` is the whole stage's wall time.
 
     An older manifest is removed first, so a crash mid-way never leaves a folder that looks finished.
     Files the body leaves in the folder (checkpoints, caches) stay there for the next attempt to resume from.
@@ -179,7 +232,7 @@ def stage_output(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / MANIFEST_NAME).unlink(missing_ok=True)
-    started = time.perf_counter()
+    started = time.perf_counter() if started is None else started
     manifest = Manifest(
         stage=stage,
         version=version,
@@ -196,7 +249,7 @@ def stage_output(
 
 
 def require_manifest(folder: Path, stage_hint: str) -> Manifest:
-    """The upstream manifest, or a DataError that says which command produces it."""
+    """The upstream manifest of a finished, intact stage folder, or a DataError that says which command makes it."""
     from mathwizard.errors import DataError
 
     manifest = read_manifest(folder)
@@ -204,4 +257,6 @@ def require_manifest(folder: Path, stage_hint: str) -> Manifest:
         raise DataError(
             f"{folder} has no {MANIFEST_NAME}: it is not a finished stage folder; run `mathwizard {stage_hint}` first"
         )
+    if (problem := damage(folder, manifest)) is not None:
+        raise DataError(f"{folder} is damaged ({problem}); run `mathwizard {stage_hint}` again to redo it")
     return manifest

@@ -26,14 +26,12 @@ import fsspec.config
 from fsspec import AbstractFileSystem
 
 from mathwizard.errors import DataError, TransientError
-from mathwizard.manifest import MANIFEST_NAME, Manifest, read_manifest, stable_hash
+from mathwizard.manifest import MANIFEST_NAME, MIRROR_MARK, Manifest, read_manifest, stable_hash
 
 log = logging.getLogger(__name__)
 
 # Resume state, not output: a downstream stage never needs it, so `pull` leaves it behind.
 RESUME_STATE = ("checkpoints", "chunks")
-# Marks a local folder that mirrors a finished remote folder by its manifest alone (see remote.py); never uploaded.
-MIRROR_MARK = ".mirror-only"
 _LOCAL_PROTOCOLS = ("file", "local")
 
 

@@ -1,4 +1,4 @@
-"""Helpers that show stage results in the Prefect UI: tables, progress, and PNG plots inline."""
+"""What the Prefect UI shows of a stage: live progress, tables, and PNG plots inline."""
 
 from __future__ import annotations
 
@@ -6,9 +6,17 @@ import base64
 import threading
 import time
 from pathlib import Path
+from typing import Any
 from uuid import UUID
 
-from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+
+from mathwizard.manifest import Manifest
 
 
 def create_image_artifact(png: Path, *, key: str, title: str, description: str | None = None) -> None:
@@ -22,47 +30,54 @@ def create_image_artifact(png: Path, *, key: str, title: str, description: str |
 
 
 class ProgressArtifact:
-    """Live progress of a long loop in the UI, fed through the library's `progress(n)` callback.
+    """Live progress of a stage in the UI: a `mathwizard.progress.Progress` callback, `progress(done, total)`.
 
-    Call it with the number of items just finished (the teacher runner's and the samplers' `Progress` callback).
-    Updates reach the server at most every `every_s` seconds and once at the end, so 6,000 items cost a few dozen
-    API calls, not 6,000. Safe to call from worker threads and from inside an event loop (it always calls the
-    synchronous API).
+    The artifact is created at the first report, so a stage that is skipped (already done) shows none. Updates reach
+    the server at most every `every_s` seconds and at the end, so 6,000 items cost a few dozen API calls, not 6,000.
+    Safe to call from worker threads and from inside an event loop (it always calls the synchronous API).
 
     Example:
-        progress = ProgressArtifact(total=len(items), key="teach-progress", description="teacher: train split")
-        runner.run(items, progress=progress)
-        progress.finish()
+        progress = ProgressArtifact(key="teach-progress", description="teach: items")
+        teach(cfg, data, out, cache, progress=progress)
     """
 
-    def __init__(self, total: int, *, key: str | None = None, description: str, every_s: float = 2.0) -> None:
-        self.total, self.done, self.every_s, self.description = max(total, 0), 0, every_s, description
+    def __init__(self, *, key: str | None = None, description: str, every_s: float = 2.0) -> None:
+        self.key, self.description, self.every_s = key, description, every_s
+        self.done = self.total = 0
+        self.id: UUID | None = None
         self._lock = threading.Lock()
-        self.id: UUID = create_progress_artifact(  # type: ignore[assignment]
-            progress=0.0, key=key, description=self._describe(), _sync=True
-        )
-        self._last = time.monotonic()  # creation showed 0 %
+        self._last = 0.0
 
-    def _describe(self) -> str:
-        return f"{self.description}: {self.done:,} of {self.total:,}"
-
-    @property
-    def percent(self) -> float:
-        return 100.0 if self.total == 0 else min(100.0, 100.0 * self.done / self.total)
-
-    def __call__(self, n: int = 1) -> None:
+    def __call__(self, done: int, total: int) -> None:
         with self._lock:
-            self.done += n
+            self.done, self.total = done, total
             now = time.monotonic()
-            if now - self._last < self.every_s and self.done < self.total:
+            if self.id is not None and now - self._last < self.every_s and done < total:
                 return
             self._last = now
-            self._send()
+            percent = 100.0 if total <= 0 else min(100.0, 100.0 * done / total)
+            text = f"{self.description}: {done:,} of {total:,}"
+            if self.id is None:
+                self.id = create_progress_artifact(progress=percent, key=self.key, description=text, _sync=True)  # type: ignore[assignment]
+            else:
+                update_progress_artifact(self.id, progress=percent, description=text, _sync=True)
 
-    def finish(self) -> None:
-        """Show the final count (also when the loop skipped items that were already done)."""
-        with self._lock:
-            self._send()
 
-    def _send(self) -> None:
-        update_progress_artifact(self.id, progress=self.percent, description=self._describe(), _sync=True)
+def training_artifacts(stage: str, manifest: Manifest, out: Path, plots: tuple[tuple[str, str], ...]) -> None:
+    """A training stage's report as a table, and its plots (loss, rewards) inline."""
+    create_table_artifact(table=report_rows(manifest), key=f"{stage}-metrics", description=f"{stage} run in {out}")
+    for metric, filename in plots:
+        png = Path(out) / filename
+        if png.is_file():
+            key = f"{stage}-{filename.removesuffix('.png').replace('_', '-')}"
+            create_image_artifact(png, key=key, title=f"{stage}: {metric}")
+
+
+def report_rows(manifest: Manifest) -> list[dict[str, Any]]:
+    """One row per scalar in the stage's report, plus the stage's wall time."""
+    rows = [
+        {"metric": name, "value": round(value, 6) if isinstance(value, float) else value}
+        for name, value in manifest.report.items()
+        if isinstance(value, int | float | str)
+    ]
+    return [*rows, {"metric": "seconds", "value": manifest.seconds}]

@@ -1,4 +1,9 @@
-"""Stable train/val/test assignment and the prepared split files.
+"""The splits: which split a row belongs to, where a stage's split file lives, and how it is read and written.
+
+Every stage reads and writes its train/val/test parquet files through this module, so one place decides where a
+split is found (`split_path`), how a damaged file is reported (`read_table`: one line, not an Arrow traceback) and
+how a file is replaced (`write_table`: a temporary file renamed into place, so a kill never leaves half a file).
+prepare writes the Hub's shard names (`train-00000-of-00001.parquet`); the later stages write `<split>.parquet`.
 
 A row's split depends only on its own content hash, never on the other rows, their order or their number:
 when MM_Math gains rows, re-running the split never moves an existing row, so scheduled retraining cannot
@@ -8,8 +13,9 @@ leak test problems into training.
 from __future__ import annotations
 
 import hashlib
-import json
+import os
 import re
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,10 +30,6 @@ if TYPE_CHECKING:
 SPLIT_FILES: dict[SplitName, str] = {split: f"{split}-00000-of-00001.parquet" for split in SPLITS}
 ID_HEX_CHARS = 16  # 64 bits: collisions are negligible for tens of thousands of rows
 COLUMNS = ("id", "question", "solution", "image", "difficult", "year", "knowledge", "file_name")
-# The `datasets` features stored in the parquet metadata, so `load_dataset("parquet", ...)` decodes `image`.
-_HF_FEATURES = {
-    name: ({"_type": "Image"} if name == "image" else {"dtype": "string", "_type": "Value"}) for name in COLUMNS
-}
 _SPACES = re.compile(r"\s+")
 
 
@@ -57,39 +59,121 @@ def split_of(row_id_hex: str, fractions: Sequence[float]) -> SplitName:
 
 
 def arrow_schema() -> pa.Schema:
-    """The columns of every prepared split, with `datasets` metadata marking `image` as an Image feature."""
-    import pyarrow as pa
+    """The columns of every prepared split, with the `datasets` features in the metadata (`image` is an Image)."""
+    import datasets
 
-    fields = [
-        pa.field(name, pa.struct([("bytes", pa.binary()), ("path", pa.string())]) if name == "image" else pa.string())
-        for name in COLUMNS
-    ]
-    metadata = {"huggingface": json.dumps({"info": {"features": _HF_FEATURES}})}
-    return pa.schema(fields, metadata=metadata)
+    string = datasets.Value("string")
+    return datasets.Features({n: datasets.Image() if n == "image" else string for n in COLUMNS}).arrow_schema
 
 
-def split_file(folder: str | Path, split: str) -> Path:
-    """The parquet file of `split` in a prepare stage folder.
+def split_path(folder: str | Path, split: str) -> Path:
+    """The parquet file of `split` in a stage folder: `<split>.parquet` or prepare's `<split>-00000-of-00001.parquet`.
 
     Raises:
-        DataError: unknown split name, or the file is missing (the folder is not a finished prepare output).
+        DataError: the folder holds neither.
     """
-    if split not in SPLIT_FILES:
-        raise DataError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
-    path = Path(folder) / SPLIT_FILES[split]  # type: ignore[index]
-    if not path.is_file():
-        raise DataError(f"{path} does not exist; run `mathwizard prepare` to create the {split} split")
-    return path
+    folder = Path(folder)
+    for candidate in (folder / f"{split}.parquet", *sorted(folder.glob(f"{split}-*.parquet"))):
+        if candidate.is_file():
+            return candidate
+    raise DataError(
+        f"{folder} has no {split}.parquet or {split}-00000-of-00001.parquet; pass a finished stage folder"
+        " (run the stage that writes it first)"
+    )
 
 
-def load_split(folder: str | Path, split: str) -> datasets.Dataset:
-    """A prepared split as a `datasets.Dataset` with `image` decoded to PIL images on access."""
-    import datasets
+def split_rows(folder: str | Path, split: str, limit: int | None = None) -> int:
+    """Rows in the split (at most `limit`), from the parquet footer alone."""
     import pyarrow.parquet as pq
 
-    path = split_file(folder, split)
-    schema = pq.read_schema(path)
-    if pq.ParquetFile(path).metadata.num_rows == 0:  # a tiny dataset can leave val or test empty
-        features = datasets.Features.from_arrow_schema(schema)
-        return datasets.Dataset.from_dict({name: [] for name in features}, features=features, split=split)
-    return datasets.load_dataset("parquet", data_files={split: str(path)}, split=split)
+    path = split_path(folder, split)
+    try:
+        rows = pq.ParquetFile(path).metadata.num_rows
+    except (OSError, ValueError) as exc:
+        raise _unreadable(path, exc) from None
+    return rows if limit is None else min(rows, limit)
+
+
+def read_table(
+    folder: str | Path,
+    split: str,
+    columns: Sequence[str] | None = None,
+    *,
+    limit: int | None = None,
+    required: bool = True,
+) -> pa.Table | None:
+    """The split's `columns` (all when None) as a pyarrow Table, first `limit` rows; images stay encoded.
+
+    Returns None for a missing file when not `required`.
+
+    Raises:
+        DataError: the file is missing (when required), unreadable or truncated, or lacks a column.
+    """
+    import pyarrow.parquet as pq
+
+    try:
+        path = split_path(folder, split)
+    except DataError:
+        if required:
+            raise
+        return None
+    try:
+        available = pq.read_schema(path).names
+        missing = [c for c in columns or () if c not in available]
+        if missing:
+            raise DataError(f"{path} lacks column(s) {', '.join(missing)}; it has {', '.join(available)}")
+        table = pq.read_table(path, columns=list(columns) if columns is not None else None)
+    except (OSError, ValueError) as exc:  # ArrowInvalid is a ValueError: a truncated or foreign file
+        raise _unreadable(path, exc) from None
+    return table.slice(0, limit) if limit is not None else table
+
+
+def read_dataset(
+    folder: str | Path,
+    split: str,
+    columns: Sequence[str] | None = None,
+    *,
+    limit: int | None = None,
+    required: bool = True,
+) -> datasets.Dataset | None:
+    """The split as an in-memory `datasets.Dataset` (no copy in the datasets cache), `image` decoded on access.
+
+    Returns None when the file is missing or empty and not `required`.
+
+    Raises:
+        DataError: as `read_table`, or the split is empty when `required`.
+    """
+    import datasets
+
+    table = read_table(folder, split, columns, limit=limit, required=required)
+    if table is None:
+        return None
+    if table.num_rows == 0:
+        if required:
+            raise DataError(f"the {split} split in {folder} has no rows; check the upstream stage's report")
+        return None
+    ds = datasets.Dataset(table)
+    if "image" in ds.column_names and not isinstance(ds.features["image"], datasets.Image):
+        ds = ds.cast_column("image", datasets.Image())
+    return ds
+
+
+def write_table(path: str | Path, table: pa.Table) -> None:
+    """Write `table` to `path` through a temporary file and a rename: readers never see half a file."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _unreadable(path: Path, exc: Exception) -> DataError:
+    reason = " ".join(str(exc).split())[:200]
+    return DataError(f"cannot read {path} ({type(exc).__name__}: {reason}); re-run the stage that wrote it")

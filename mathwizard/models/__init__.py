@@ -20,6 +20,7 @@ log = logging.getLogger(__name__)
 
 __all__ = [
     "ADAPTER_POINTER",
+    "HUB_ID",
     "adapter_base",
     "is_adapter_dir",
     "load_model",
@@ -30,7 +31,7 @@ __all__ = [
 
 # Written next to a saved adapter: which base model it belongs to, so loading the folder loads both.
 ADAPTER_POINTER = "mathwizard_adapter.json"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def resolve_model_path(name_or_dir: str | Path, *, cache_dir: str | Path | None = None) -> str:
@@ -49,7 +50,7 @@ def resolve_model_path(name_or_dir: str | Path, *, cache_dir: str | Path | None 
         return str(path.resolve())
     if path.exists():
         raise ModelError(f"model path {path} is a file; pass a model folder, an adapter folder, 'tiny' or a Hub id")
-    if _HUB_ID.match(name) and not name.startswith((".", "/", "~")):
+    if HUB_ID.match(name) and not name.startswith((".", "/", "~")):
         return _hub_adapter_snapshot(name) or name
     raise ModelError(
         f"model path {name} does not exist; pass an existing folder (e.g. <run>/03-sft/adapter), 'tiny' or a Hub id"

@@ -284,13 +284,20 @@ def _split_counts(info: RunInfo, stage: str) -> str:
     return ", ".join(found)
 
 
+_RECORDED = {
+    "teach": ("items", "written", "failed"),
+    "pairs": ("items", "written", "from_model", "from_rule", "failed"),
+}
+
+
 def _recorded_counts(info: RunInfo, stage: str) -> str:
-    return ", ".join(f"{key} {value:,}" for key, value in sorted(info.counts(stage).items()))
+    report = info.report(stage)
+    return ", ".join(f"{key} {report[key]:,}" for key in _RECORDED[stage] if key in report)
 
 
 def _rule_fallback(info: RunInfo) -> str:
     """How many rejected answers the rule fallback wrote (when the model gave no usable flawed answer)."""
-    counts = info.counts("pairs")
+    counts = info.report("pairs")
     if not counts.get("from_rule"):
         return ""
     return (

@@ -10,13 +10,14 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from mathwizard.config import STAGE_DIRS
 from mathwizard.errors import DataError, MathWizardError
 from mathwizard.manifest import Manifest, read_manifest, require_manifest
+from mathwizard.stages import evaluate
 
 log = logging.getLogger(__name__)
 
@@ -32,65 +33,25 @@ _STAGES = ("prepare", "teach", "sft", "pairs", "dpo")
 
 
 @dataclass
-class EvalReport:
-    """One `06-eval/<model>/report.json`: boxed-answer accuracy on the test split."""
-
-    model: str
-    n: int
-    accuracy: float
-    format_rate: float | None = None
-    by_difficulty: dict[str, dict[str, float]] = field(default_factory=dict)
-    split: str | None = None
-
-    def public(self) -> dict[str, Any]:
-        """The report without machine-specific fields (model locations are local paths)."""
-        return {
-            "model": self.model,
-            "split": self.split,
-            "n": self.n,
-            "accuracy": self.accuracy,
-            "format_rate": self.format_rate,
-            "by_difficulty": self.by_difficulty,
-        }
-
-    @classmethod
-    def read(cls, path: Path, name: str) -> EvalReport:
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-            return cls(
-                model=str(data.get("model", name)),
-                n=int(data["n"]),
-                accuracy=float(data["accuracy"]),
-                format_rate=None if data.get("format_rate") is None else float(data["format_rate"]),
-                by_difficulty={str(k): dict(v) for k, v in (data.get("by_difficulty") or {}).items()},
-                split=None if data.get("split") is None else str(data["split"]),
-            )
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise DataError(
-                f"{path} is not a readable eval report ({type(exc).__name__}: {exc}); re-run `mathwizard eval`"
-            ) from None
-
-
-@dataclass
 class RunInfo:
     """Manifests and eval reports of one run folder; absent stages are None."""
 
     run_dir: Path
     manifests: dict[str, Manifest | None]
-    evals: dict[str, EvalReport]
+    evals: dict[str, evaluate.Report]
     eval_manifests: dict[str, Manifest | None]
 
     @classmethod
     def read(cls, run_dir: Path) -> RunInfo:
         run_dir = Path(run_dir)
         manifests = {stage: read_manifest(run_dir / STAGE_DIRS[stage]) for stage in _STAGES}
-        evals: dict[str, EvalReport] = {}
+        evals: dict[str, evaluate.Report] = {}
         eval_manifests: dict[str, Manifest | None] = {}
         for name in EVAL_MODELS:
             folder = run_dir / STAGE_DIRS["eval"] / name
             eval_manifests[name] = read_manifest(folder)
-            if (folder / "report.json").is_file():
-                evals[name] = EvalReport.read(folder / "report.json", name)
+            if (folder / evaluate.REPORT_FILE).is_file():
+                evals[name] = evaluate.load_report(folder)
         return cls(run_dir=run_dir, manifests=manifests, evals=evals, eval_manifests=eval_manifests)
 
     def folder(self, stage: str) -> Path:
@@ -110,18 +71,15 @@ class RunInfo:
         manifest = self.manifests.get(stage)
         return dict(manifest.config) if manifest is not None else {}
 
-    def extra(self, stage: str) -> dict[str, Any]:
+    def report(self, stage: str) -> dict[str, Any]:
+        """The stage's recorded report (see each stage's `Report`), empty when the stage has not run."""
         manifest = self.manifests.get(stage)
-        return dict(manifest.extra) if manifest is not None else {}
-
-    def counts(self, stage: str) -> dict[str, int]:
-        manifest = self.manifests.get(stage)
-        return dict(manifest.counts) if manifest is not None else {}
+        return dict(manifest.report) if manifest is not None else {}
 
     # ------------------------------------------------------------------------------------- lineage
     def source(self) -> dict[str, str]:
         """Where MM_Math came from: the Hub revision when it was fetched from the Hub."""
-        config, extra = self.config("prepare"), self.extra("prepare")
+        config, extra = self.config("prepare"), self.report("prepare")
         kind = str(find(config, "source") or "unknown")
         repo = str(find(config, "hub_repo") or MM_MATH_REPO)
         keys = ("resolved_revision", "revision", "source_revision", "commit", "sha", "hub_revision")
@@ -165,7 +123,7 @@ class RunInfo:
         """
         candidates: list[str] = []
         for stage in ("dpo", "sft"):
-            value = first(self.extra(stage), ("base_model", "base_model_name_or_path"))
+            value = self.report(stage).get("base_model")
             candidates += [str(value)] if value else []
             candidates += follow_base(self.folder(stage) / "adapter")
         portable = [c for c in candidates if not is_local_path(c)]
@@ -186,7 +144,7 @@ class RunInfo:
 
     def backend(self) -> str | None:
         for stage in ("dpo", "sft"):
-            value = self.extra(stage).get("backend")
+            value = self.report(stage).get("backend")
             if value:
                 return str(value)
         return None

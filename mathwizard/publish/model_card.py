@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
@@ -19,7 +18,7 @@ from huggingface_hub import ModelCard, ModelCardData
 from mathwizard import __version__
 from mathwizard.config import STAGE_DIRS, PublishConfig
 from mathwizard.errors import ConfigError, DataError
-from mathwizard.models import ADAPTER_POINTER
+from mathwizard.models import ADAPTER_POINTER, HUB_ID
 from mathwizard.publish.layout import copy_file, copy_tree, fmt, md_table, percent, write_card
 from mathwizard.publish.lineage import (
     EVAL_MODELS,
@@ -38,7 +37,7 @@ from mathwizard.publish.lineage import (
 
 log = logging.getLogger(__name__)
 
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
 _DIFFICULTY_ORDER = ("easy", "medium", "hard")
 _LABELS = {"base": "base", "sft": "SFT", "dpo": "DPO"}
 SFT_ADAPTER = "sft-adapter"
@@ -56,7 +55,7 @@ def stacked_on_sft(info: RunInfo) -> bool:
 def hub_base_model(info: RunInfo) -> str | None:
     """The base model as a Hub id, or None when it was local or the offline tiny model (no Hub metadata then)."""
     base = info.base_model()
-    if base and _HUB_ID.fullmatch(base) and not Path(base).exists():
+    if base and HUB_ID.fullmatch(base) and not Path(base).exists():
         return base
     return None
 
@@ -153,7 +152,7 @@ def _intro(info: RunInfo, repo_id: str, datasets: dict[str, str]) -> str:
 
 
 def _rejected_source(info: RunInfo) -> str:
-    counts = info.counts("pairs")
+    counts = info.report("pairs")
     if counts.get("from_rule"):
         return (
             f"from the SFT model ({counts.get('from_model', 0):,}) and from the rule fallback"
@@ -185,7 +184,7 @@ def _eval_section(info: RunInfo) -> str:
         row = [_LABELS[name], f"{report.n:,}", percent(report.accuracy), percent(report.format_rate)]
         for difficulty in difficulties:
             cell = report.by_difficulty.get(difficulty)
-            row.append(f"{percent(float(cell['accuracy']))} (n={int(cell['n'])})" if cell else None)
+            row.append(f"{percent(cell.accuracy)} (n={cell.n})" if cell else None)
         rows.append(row)
     headers = ["model", "problems", "accuracy", "format followed", *difficulties]
     text = (

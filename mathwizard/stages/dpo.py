@@ -15,21 +15,15 @@ batch holds `pixel_values` (the original pinned a TRL that did not recognise gem
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from mathwizard.config import DPOConfig, ModelConfig
 from mathwizard.errors import DataError
-from mathwizard.manifest import (
-    Manifest,
-    file_sha256,
-    fingerprint,
-    read_manifest,
-    require_manifest,
-    reusable,
-    stage_output,
-)
+from mathwizard.manifest import Manifest, StageReport, fingerprint, require_manifest, reusable, stage_output
+from mathwizard.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -37,63 +31,61 @@ STAGE = "dpo"
 VERSION = 1  # bump when output semantics change; part of the fingerprint
 
 
-def sft_adapter(sft: Path) -> Path:
-    """The adapter folder of an SFT stage folder (`<sft>/adapter`), or `sft` itself when it is an adapter folder.
+class Report(StageReport):
+    """What a DPO run did: data, steps, parameters, losses and the final rewards."""
 
-    Raises:
-        ModelError: neither holds an adapter.
-    """
-    from mathwizard.errors import ModelError
-    from mathwizard.models import is_adapter_dir
+    train_rows: int
+    val_rows: int
+    dropped_long_prompts: int
+    steps: int
+    resumed_from_step: int | None
+    base_model: str  # the model at the bottom of the adapter chain
+    sft_adapter: str | None  # what the DPO adapter was trained on (None: DPO on the base model)
+    backend: str
+    device: str
+    dtype: str
+    trainable_parameters: int
+    total_parameters: int
+    train_loss: float | None
+    final_loss: float | None
+    eval_loss: float | None
+    rewards_accuracies: float | None
+    rewards_chosen: float | None
+    rewards_rejected: float | None
+    rewards_margins: float | None
 
-    sft = Path(sft)
-    for candidate in (sft / "adapter", sft):
-        if is_adapter_dir(candidate):
-            return candidate
-    if not sft.exists():
-        raise ModelError(f"SFT model path {sft} does not exist; pass the SFT stage folder (e.g. <run>/03-sft)")
-    raise ModelError(f"{sft} holds no adapter (adapter_config.json); run `mathwizard sft` first or pass its folder")
+    def summary(self) -> str:
+        from mathwizard.stages.sft import _training_summary
+
+        line = _training_summary(self.steps, self.train_rows, self.final_loss, self.eval_loss)
+        accuracy = self.rewards_accuracies
+        return line + (f", reward accuracy {accuracy:.2f}" if accuracy is not None else "")
 
 
-def _sft_identity(sft: Path) -> dict[str, str]:
-    """The SFT model's identity: its stage manifest's fingerprint, else a checksum of the adapter weights."""
-    adapter = sft_adapter(sft)
-    for folder in (Path(sft), adapter.parent):
-        manifest = read_manifest(folder)
-        if manifest is not None and manifest.stage == "sft":
-            return {"sft": manifest.fingerprint}
-    weights = sorted(adapter.glob("adapter_model.*"))
-    return {"sft_adapter": file_sha256(weights[0]) if weights else str(adapter.resolve())}
+def _start(model: ModelConfig, sft: Path | None) -> Any:
+    """The model DPO starts from: the SFT stage's adapter, or the base model when there is no SFT folder."""
+    from mathwizard.models.ref import resolve
+
+    return resolve(sft, adapter=True) if sft is not None else resolve(model.name)
 
 
 def expected_fingerprint(cfg: DPOConfig, model: ModelConfig, sft: Path | None, pairs: Path) -> str:
-    """Settings, the model (SFT fingerprint, or the base's identity), the training prompt and the pairs' fingerprint."""
-    from mathwizard.prompts import load_prompt
-    from mathwizard.stages.sft import _model_identity
+    """Settings, the starting model's identity, the training prompt and the pairs' fingerprint.
 
-    pairs_manifest = require_manifest(Path(pairs), "pairs")
-    upstream = {pairs_manifest.stage: pairs_manifest.fingerprint}
-    if sft is not None:
-        upstream.update(_sft_identity(Path(sft)))
-    identity = _model_identity(model) if sft is None else model.model_dump(mode="json", exclude={"name", "decode"})
-    return fingerprint(STAGE, VERSION, cfg, upstream, model=identity, prompt=load_prompt("tutor_system"))
-
-
-def check_inputs(cfg: DPOConfig, model: ModelConfig, sft: Path | None, pairs: Path) -> None:
-    """Fail fast, in one line: backend, SFT adapter (or base model) and the pairs folder.
+    Checks the inputs on the way, in one line each, before anything heavy starts.
 
     Raises:
         ModelError: the backend cannot run here, or the SFT folder holds no adapter.
-        DataError: the pairs folder is unfinished.
+        DataError: the pairs folder is unfinished or damaged.
     """
-    from mathwizard.models import resolve_backend, resolve_model_path
+    from mathwizard.models import resolve_backend
+    from mathwizard.prompts import load_prompt
 
     resolve_backend(model.backend)
-    if sft is not None:
-        sft_adapter(Path(sft))
-    elif model.name != "tiny":
-        resolve_model_path(model.name)
-    require_manifest(Path(pairs), "pairs")
+    start = _start(model, sft)
+    pairs_manifest = require_manifest(Path(pairs), "pairs")
+    upstream = {pairs_manifest.stage: pairs_manifest.fingerprint}
+    return fingerprint(STAGE, VERSION, cfg, upstream, model=start.identity(model), prompt=load_prompt("tutor_system"))
 
 
 def _trl_args(
@@ -151,6 +143,7 @@ def build_trainer(
     """
     import torch
 
+    from mathwizard.data.splits import read_dataset
     from mathwizard.models import backend as backends
     from mathwizard.models import load_model, resolve_backend
     from mathwizard.training import data as training_data
@@ -161,15 +154,14 @@ def build_trainer(
     backends.configure_compile(model.compile)  # read by Unsloth at import: bounds compile time (docs/gpu.md)
     backends.activate(backend)  # Unsloth must patch transformers/TRL before they are imported
     backends.patch_dpo(backend)
-    train_rows = training_data.read_split(pairs, "train", training_data.DPO_COLUMNS, limit=cfg.limit)
-    val_rows = training_data.read_split(pairs, "val", training_data.DPO_COLUMNS, required=False)
+    train_rows = read_dataset(pairs, "train", training_data.DPO_COLUMNS, limit=cfg.limit)
+    val_rows = read_dataset(pairs, "val", training_data.DPO_COLUMNS, required=False)
     device, dtype = runtime(model)
 
     import trl
 
-    source = str(sft_adapter(Path(sft))) if sft is not None else model.name
     merged, processor = load_model(
-        source,
+        _start(model, sft).location,
         backend,
         for_training=True,
         dtype=model.dtype,
@@ -225,9 +217,10 @@ def run(
     pairs: Path,
     out: Path,
     *,
+    progress: Progress | None = None,
     callbacks: Sequence[Any] = (),
 ) -> Manifest:
-    """Align the SFT model with DPO on `pairs/train.parquet` (evaluated on `val.parquet`), writing under `out`.
+    """Align the SFT model with DPO on the pairs' train split (evaluated on val), writing under `out`.
 
     Args:
         cfg: DPO, training and LoRA settings (defaults: the original recipe).
@@ -235,20 +228,21 @@ def run(
         sft: the SFT stage folder (or its adapter folder); None runs DPO on `model.name` directly.
         pairs: the pairs stage folder.
         out: this stage's folder.
+        progress: called as `progress(step, max_steps)` after every optimizer step.
         callbacks: extra TrainerCallbacks (tests use one to interrupt a run).
 
     Returns:
-        The manifest (also `out/manifest.json`); extra holds base_model, backend, settings and the final metrics.
+        The manifest (also `out/manifest.json`); its report is a `Report`.
 
     Raises:
         DataError: the pairs folder is unfinished or its train split is empty.
         ModelError: the SFT folder holds no adapter, or `--backend unsloth` without CUDA.
     """
+    from mathwizard.training.callbacks import progress_callback
     from mathwizard.training.checkpoints import prepare_checkpoints
     from mathwizard.training.metrics import DPO_PLOTS, last_value
     from mathwizard.training.runner import (
         CHECKPOINTS_DIR,
-        base_model_id,
         final_evaluation,
         record_outputs,
         save_adapter,
@@ -257,68 +251,60 @@ def run(
         trainable_parameters,
     )
 
+    started = time.perf_counter()
     pairs, out = Path(pairs), Path(out)
     sft = Path(sft) if sft is not None else None
-    check_inputs(cfg, model, sft, pairs)
     fp = expected_fingerprint(cfg, model, sft, pairs)
     if (done := reusable(out, fp)) is not None:
         return done
     pairs_manifest = require_manifest(pairs, "pairs")
+    start = _start(model, sft)
     upstream = {pairs_manifest.stage: pairs_manifest.fingerprint}
-    if sft is not None:
-        upstream.update(_sft_identity(sft))
+    if start.fingerprint:
+        upstream[start.stage or "model"] = start.fingerprint
     config = {"dpo": cfg, "model": model}
-    with stage_output(out, stage=STAGE, version=VERSION, fingerprint=fp, config=config, upstream=upstream) as record:
+    with stage_output(
+        out, stage=STAGE, version=VERSION, fingerprint=fp, config=config, upstream=upstream, started=started
+    ) as record:
         prepare_checkpoints(out / CHECKPOINTS_DIR, fp)
-        trainer, facts = build_trainer(cfg, model, sft, pairs, out, callbacks=callbacks)
+        extra_callbacks = [*callbacks, *([progress_callback(progress)] if progress is not None else [])]
+        trainer, facts = build_trainer(cfg, model, sft, pairs, out, callbacks=extra_callbacks)
         trainable, total = trainable_parameters(trainer.model)
         result, resumed_from = train(trainer, out / CHECKPOINTS_DIR)
         eval_metrics = final_evaluation(trainer)
 
-        base_model = str(sft_adapter(sft).resolve()) if sft is not None else base_model_id(model.name)
-        root_model = _root_model(base_model)
         save_adapter(
             trainer.model,
             trainer.processing_class,
             out,
-            base_model=base_model,
+            base_model=start.location,
             backend=facts["backend"],
-            root_model=root_model,
+            root_model=start.root,
         )
         if cfg.save_merged:
             save_merged(trainer.model, trainer.processing_class, out, facts["backend"])
         records = record_outputs(record, out, DPO_PLOTS)
-
-        record.count(
-            train=facts["train_rows"],
-            val=facts["val_rows"],
-            dropped_long_prompts=facts["dropped_long_prompts"],
-            steps=trainer.state.global_step,
-        )
-        record.manifest.extra.update(
-            base_model=root_model,
-            sft_adapter=base_model if sft is not None else None,
-            backend=facts["backend"],
-            device=facts["device"],
-            dtype=facts["dtype"],
-            train_settings=cfg.model_dump(mode="json"),
-            trainable_parameters=trainable,
-            total_parameters=total,
-            resumed_from_step=resumed_from,
-            global_step=trainer.state.global_step,
-            train_loss=result.training_loss,
-            final_loss=last_value(records, "loss"),
-            **{f"final_{k.replace('/', '_')}": last_value(records, k) for k, _ in DPO_PLOTS if k != "loss"},
-            eval_loss=eval_metrics.get("eval_loss"),
+        record.report(
+            Report(
+                train_rows=facts["train_rows"],
+                val_rows=facts["val_rows"],
+                dropped_long_prompts=facts["dropped_long_prompts"],
+                steps=trainer.state.global_step,
+                resumed_from_step=resumed_from,
+                base_model=start.root,
+                sft_adapter=start.location if sft is not None else None,
+                backend=facts["backend"],
+                device=facts["device"],
+                dtype=facts["dtype"],
+                trainable_parameters=trainable,
+                total_parameters=total,
+                train_loss=result.training_loss,
+                final_loss=last_value(records, "loss"),
+                eval_loss=eval_metrics.get("eval_loss"),
+                rewards_accuracies=last_value(records, "rewards/accuracies"),
+                rewards_chosen=last_value(records, "rewards/chosen"),
+                rewards_rejected=last_value(records, "rewards/rejected"),
+                rewards_margins=last_value(records, "rewards/margins"),
+            )
         )
     return record.manifest
-
-
-def _root_model(base: str) -> str:
-    """The model at the bottom of an adapter chain (what a DPO adapter on an SFT adapter was built from)."""
-    from mathwizard.models import adapter_base, is_adapter_dir
-
-    seen = 0
-    while is_adapter_dir(base) and seen < 8:
-        base, seen = adapter_base(Path(base)), seen + 1
-    return base

@@ -13,22 +13,27 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, Field
+
 from mathwizard.answers import answers_match, final_answer, format_problems
 from mathwizard.config import EvalConfig, ModelConfig
+from mathwizard.data.splits import read_table, split_rows
 from mathwizard.errors import DataError
-from mathwizard.generation import Completion, Generator, Request, SamplingParams, model_ref, read_split, split_path
+from mathwizard.generation import Completion, Generator, Request, SamplingParams
 from mathwizard.manifest import (
     Manifest,
+    StageReport,
     atomic_write_text,
     fingerprint,
     require_manifest,
     reusable,
     stage_output,
 )
+from mathwizard.progress import Progress, Tally
 from mathwizard.prompts import load_prompt, prompt_digest
 
 log = logging.getLogger(__name__)
@@ -39,6 +44,39 @@ PROMPT_VERSION = "v1"
 SYSTEM_PROMPT = "tutor_system"
 _INPUT_COLUMNS = ("id", "question", "solution", "image", "difficult")
 _DIFFICULTY_ORDER = ("easy", "medium", "hard")
+REPORT_FILE = "report.json"
+
+
+class Score(BaseModel):
+    """Accuracy over `n` scorable problems."""
+
+    n: int
+    accuracy: float
+
+
+class Report(StageReport):
+    """One model's evaluation: `report.json` of its folder, and the manifest's report."""
+
+    label: str = Field(description="The model's name in tables: base, sft or dpo.")
+    n: int = Field(description="Problems with a reference answer (the ones scored).")
+    accuracy: float
+    format_rate: float
+    by_difficulty: dict[str, Score]
+    generated_tokens: int
+    split: str
+    items: int = Field(description="Problems answered, scorable or not.")
+    no_reference: int
+    seconds: float
+    model_location: str = Field(description="What was loaded (a local path or a Hub id): machine-specific.")
+
+    def summary(self) -> str:
+        by = " · ".join(f"{d} {_percent(s.accuracy)}" for d, s in self.by_difficulty.items())
+        line = f"accuracy {_percent(self.accuracy)} on {self.n:,} problems, format {_percent(self.format_rate)}"
+        return line + (f" ({by})" if by else "")
+
+    def public(self) -> dict[str, Any]:
+        """The report without machine-specific fields, for published cards."""
+        return self.model_dump(mode="json", exclude={"model_location", "seconds"})
 
 
 # ------------------------------------------------------------------------------------------ scoring
@@ -60,18 +98,17 @@ def score(id_: str, difficult: str, reference_solution: str, completion: Complet
     }
 
 
-def summarize(predictions: Iterable[Mapping[str, Any]], model: str) -> dict[str, Any]:
+def summarize(predictions: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     """Accuracy and format rate over the scorable predictions (those with a reference answer), by difficulty too."""
     scored = [p for p in predictions if p["reference"] is not None]
     by: dict[str, list[Mapping[str, Any]]] = {}
     for p in scored:
         by.setdefault(p["difficult"] or "unknown", []).append(p)
     return {
-        "model": model,
         "n": len(scored),
         "accuracy": _rate(p["correct"] for p in scored),
         "format_rate": _rate(p["format_ok"] for p in scored),
-        "by_difficulty": {d: {"n": len(by[d]), "accuracy": _rate(p["correct"] for p in by[d])} for d in _ordered(by)},
+        "by_difficulty": {d: Score(n=len(by[d]), accuracy=_rate(p["correct"] for p in by[d])) for d in _ordered(by)},
         "generated_tokens": sum(p["tokens"] for p in scored),
     }
 
@@ -91,41 +128,34 @@ def _percent(value: float) -> str:
     return f"{100 * value:.1f}%"
 
 
-def markdown_table(reports: Mapping[str, Mapping[str, Any]]) -> str:
+def markdown_table(reports: Mapping[str, Report]) -> str:
     """A markdown table with one row per labelled report (in the given order) and the change in accuracy."""
     if not reports:
         return ""
-    difficulties = _ordered({d for r in reports.values() for d in r.get("by_difficulty", {})})
+    difficulties = _ordered({d for r in reports.values() for d in r.by_difficulty})
     header = ["model", "n", "accuracy", "Δ accuracy", "format", *difficulties]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     previous: float | None = None
     for label, report in reports.items():
-        accuracy = float(report["accuracy"])
-        delta = "" if previous is None else f"{100 * (accuracy - previous):+.1f} pts"
-        cells = [
-            label,
-            str(report["n"]),
-            _percent(accuracy),
-            delta,
-            _percent(float(report["format_rate"])),
-        ]
+        delta = "" if previous is None else f"{100 * (report.accuracy - previous):+.1f} pts"
+        cells = [label, str(report.n), _percent(report.accuracy), delta, _percent(report.format_rate)]
         for d in difficulties:
-            part = report.get("by_difficulty", {}).get(d)
-            cells.append(f"{_percent(float(part['accuracy']))} (n={part['n']})" if part else "–")
+            part = report.by_difficulty.get(d)
+            cells.append(f"{_percent(part.accuracy)} (n={part.n})" if part else "–")
         lines.append("| " + " | ".join(cells) + " |")
-        previous = accuracy
+        previous = report.accuracy
     return "\n".join(lines) + "\n"
 
 
-def load_report(folder: str | Path) -> dict[str, Any]:
+def load_report(folder: str | Path) -> Report:
     """The report.json of an eval folder.
 
     Raises:
         DataError: the folder has no readable report.json.
     """
-    path = Path(folder) / "report.json"
+    path = Path(folder) / REPORT_FILE
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return Report.model_validate_json(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise DataError(f"{path} is missing or unreadable ({exc.__class__.__name__}); run `mathwizard eval`") from None
 
@@ -137,7 +167,7 @@ def evaluation_table(folders: Mapping[str, str | Path], *, skip_missing: bool = 
     """
     reports = {}
     for label, folder in folders.items():
-        if skip_missing and not (Path(folder) / "report.json").is_file():
+        if skip_missing and not (Path(folder) / REPORT_FILE).is_file():
             log.debug("no evaluation of %s in %s; leaving it out of the table", label, folder)
             continue
         reports[label] = load_report(folder)
@@ -145,80 +175,78 @@ def evaluation_table(folders: Mapping[str, str | Path], *, skip_missing: bool = 
 
 
 # ------------------------------------------------------------------------------------------- stage
-def expected_fingerprint(cfg: EvalConfig, model: ModelConfig | str | Path, data: Path, label: str) -> str:
-    """Settings that change answers (not the pipeline's `models` list), the model, the data and the prompt."""
-    source = require_manifest(Path(data), "teach")
-    ref = model_ref(model)
-    upstream = {source.stage: source.fingerprint}
-    if ref.fingerprint:
-        upstream[ref.stage or "model"] = ref.fingerprint
-    settings = cfg.model_dump(exclude={"models"})
-    prompt = prompt_digest(load_prompt(SYSTEM_PROMPT, PROMPT_VERSION))
-    return fingerprint(STAGE, VERSION, settings, upstream, model=ref.identity(), label=label, prompt=prompt)
-
-
-def total_items(cfg: EvalConfig, data: Path) -> int:
-    """How many problems `run` answers (`cfg.split` cut to `cfg.limit`): the total its `progress` calls add up to.
-    Reads only the parquet footer, so a flow can size a progress bar before the run.
+def expected_fingerprint(cfg: EvalConfig, model_cfg: ModelConfig, model: str | Path, data: Path, label: str) -> str:
+    """Settings that change answers (not the pipeline's `models` list), the model, the data and the prompt.
 
     Raises:
-        DataError: the split's file is missing.
+        DataError: the data folder is unfinished or damaged.
+        ModelError: the model path does not exist.
     """
-    import pyarrow.parquet as pq
+    from mathwizard.models.ref import resolve
 
-    rows = pq.ParquetFile(split_path(data, cfg.split)).metadata.num_rows
-    return rows if cfg.limit is None else min(rows, cfg.limit)
+    source = require_manifest(Path(data), "teach")
+    ref = resolve(model)
+    settings = cfg.model_dump(exclude={"models"})
+    prompt = prompt_digest(load_prompt(SYSTEM_PROMPT, PROMPT_VERSION))
+    upstream = {source.stage: source.fingerprint}
+    return fingerprint(STAGE, VERSION, settings, upstream, model=ref.identity(model_cfg), label=label, prompt=prompt)
 
 
 def run(
     cfg: EvalConfig,
-    model: ModelConfig | str | Path,
+    model_cfg: ModelConfig,
+    model: str | Path,
     data: Path,
     out: Path,
     label: str,
     *,
     generator: Generator | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
 ) -> Manifest:
     """Evaluate one model on `cfg.split` of `data` into `out` (e.g. `<run>/06-eval/sft`).
 
     Args:
         cfg: split, batch size, token budget, limit.
-        model: the settings' ModelConfig (the base model) or a location: a stage folder (03-sft, 05-dpo), a model
-            dir, 'tiny' or a Hub id.
+        model_cfg: how models load (backend, dtype, 4-bit, decode).
+        model: what to evaluate: a stage folder (03-sft, 05-dpo), a model or adapter dir, 'tiny' or a Hub id.
         data: a teach or prepare stage folder.
         out: this evaluation's folder.
         label: the model's name in reports and tables ("base", "sft", "dpo").
         generator: replaces the model (tests); it must answer requests in order.
-        progress: called with the number of problems of each generate batch as it is scored (the calls add up to
-            `total_items(cfg, data)`); not called when the evaluation is already done.
+        progress: called as `progress(problems done, problems in total)` as generate batches are scored.
 
     Returns:
-        The manifest; the numbers are in `out/report.json`, one row per problem in `out/predictions.jsonl`.
+        The manifest; its report (a `Report`) is also `out/report.json`, one row per problem `out/predictions.jsonl`.
 
     Raises:
         DataError: the data folder is unfinished, or the split has no rows.
         ModelError: the model cannot be loaded.
     """
+    from mathwizard.models.ref import resolve
+
+    started = time.perf_counter()
     out = Path(out)
-    fp = expected_fingerprint(cfg, model, data, label)
+    fp = expected_fingerprint(cfg, model_cfg, model, data, label)
     if (done := reusable(out, fp)) is not None:
         return done
     source = require_manifest(Path(data), "teach")
-    ref = model_ref(model)
-    upstream = {
-        source.stage: source.fingerprint,
-        **({ref.stage or "model": ref.fingerprint} if ref.fingerprint else {}),
-    }
-    table = read_split(data, cfg.split, _INPUT_COLUMNS, cfg.limit)
+    ref = resolve(model)
+    upstream = {source.stage: source.fingerprint}
+    if ref.fingerprint:
+        upstream[ref.stage or "model"] = ref.fingerprint
+    table = read_table(data, cfg.split, _INPUT_COLUMNS, limit=cfg.limit)
     if table.num_rows == 0:
         raise DataError(f"{data}: the {cfg.split} split has no rows; nothing to evaluate")
-    with stage_output(out, stage=STAGE, version=VERSION, fingerprint=fp, config=cfg, upstream=upstream) as record:
-        generate = generator if generator is not None else ref.load(cfg.batch_size)
+    tally = Tally(split_rows(data, cfg.split, cfg.limit), progress)
+    config = {"eval": cfg, "model": model_cfg}
+    with stage_output(
+        out, stage=STAGE, version=VERSION, fingerprint=fp, config=config, upstream=upstream, started=started
+    ) as record:
+        generate = generator if generator is not None else ref.generator(model_cfg, cfg.batch_size)
         system = load_prompt(SYSTEM_PROMPT, PROMPT_VERSION)
         params = SamplingParams(max_new_tokens=cfg.max_new_tokens)  # greedy: the same answer on every run
         predictions: list[dict[str, Any]] = []
-        started = time.perf_counter()
+        generating = time.perf_counter()
         # One slice at a time, so only a batch's images are decoded at once.
         for offset in range(0, table.num_rows, cfg.batch_size):
             rows = table.slice(offset, cfg.batch_size).to_pylist()
@@ -228,26 +256,25 @@ def run(
                 score(str(r["id"]), str(r["difficult"] or ""), r["solution"] or "", c)
                 for r, c in zip(rows, completions, strict=True)
             ]
-            if progress is not None:
-                progress(len(rows))
-        seconds = time.perf_counter() - started
-        report = summarize(predictions, label)
-        report.update(
-            model_location=ref.location,
+            tally(len(rows))
+        scores = summarize(predictions)
+        report = Report(
+            label=label,
+            **scores,
             split=cfg.split,
             items=len(predictions),
-            no_reference=len(predictions) - report["n"],
-            seconds=round(seconds, 3),
+            no_reference=len(predictions) - scores["n"],
+            seconds=round(time.perf_counter() - generating, 3),
+            model_location=ref.location,
         )
         atomic_write_text(
             out / "predictions.jsonl", "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in predictions)
         )
         record.add_file("predictions.jsonl", rows=len(predictions))
-        atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
-        record.add_file("report.json")
+        atomic_write_text(out / REPORT_FILE, report.model_dump_json(indent=2) + "\n")
+        record.add_file(REPORT_FILE)
         atomic_write_text(out / "table.md", markdown_table({label: report}))
         record.add_file("table.md")
-        record.count(n=report["n"], correct=sum(p["correct"] for p in predictions), items=len(predictions))
-        record.manifest.extra.update(label=label, model=ref.location, accuracy=report["accuracy"])
-        log.info("%s: accuracy %s on %d problems", label, _percent(report["accuracy"]), report["n"])
+        record.report(report)
+        log.info("%s: accuracy %s on %d problems", label, _percent(report.accuracy), report.n)
     return record.manifest

@@ -11,8 +11,8 @@ text) or the item is excluded. No text that failed the checks is ever written, a
 rejected answers came from the model and how many from the rule.
 
 Work is done in chunks of `chunk_size` items; each finished chunk is written atomically to `chunks/`, so a killed
-run restarts at the first unfinished chunk. An optional `progress(n)` callback hears of every finished chunk, resumed
-ones included, so a progress bar of `total_items(cfg, data)` starts where a resumed run already is.
+run restarts at the first unfinished chunk. An optional `progress(done, total)` callback hears of every finished chunk,
+resumed ones included, so a progress bar starts where a resumed run already is.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, Field
+
 from mathwizard.answers import (
     FINAL_HEADER,
     SOLUTION_HEADER,
@@ -35,10 +37,12 @@ from mathwizard.answers import (
     format_problems,
 )
 from mathwizard.config import ModelConfig, PairsConfig
+from mathwizard.data.splits import read_table, split_rows, write_table
 from mathwizard.errors import DataError
-from mathwizard.generation import Generator, Request, SamplingParams, model_ref, read_split, split_path
+from mathwizard.generation import Generator, Request, SamplingParams
 from mathwizard.manifest import (
     Manifest,
+    StageReport,
     atomic_write_text,
     fingerprint,
     require_manifest,
@@ -46,6 +50,7 @@ from mathwizard.manifest import (
     stable_hash,
     stage_output,
 )
+from mathwizard.progress import Progress, Tally
 from mathwizard.prompts import FLAWED_STRATEGIES, load_prompt, prompt_digest
 
 log = logging.getLogger(__name__)
@@ -58,6 +63,7 @@ ANSWER_CHANGING = frozenset({"calculation_error", "misapplied_concept"})
 COLUMNS = ("id", "image", "question", "chosen", "rejected", "strategy", "difficult", "source")
 _INPUT_COLUMNS = ("id", "question", "solution", "image", "difficult")
 _CHUNK_META = b"mathwizard_chunk"
+REPORT_FILE = "report.json"
 
 USER_TEMPLATE = """Problem:
 {question}
@@ -279,35 +285,26 @@ def _prompt_texts() -> dict[str, str]:
     return {s: load_prompt(f"flawed_{s}", PROMPT_VERSION) for s in FLAWED_STRATEGIES}
 
 
-def expected_fingerprint(cfg: PairsConfig, model: ModelConfig | str | Path, sft: Path | None, data: Path) -> str:
-    """Settings, the SFT model's identity, the teach output's fingerprint and the prompt texts; never outputs."""
+def expected_fingerprint(cfg: PairsConfig, model_cfg: ModelConfig, model: str | Path, data: Path) -> str:
+    """Settings, the sampling model's identity, the teach output's fingerprint and the prompt texts; never outputs.
+
+    Raises:
+        DataError: the teach folder is unfinished or damaged.
+        ModelError: the model path does not exist.
+    """
+    from mathwizard.models.ref import resolve
+
     teach = require_manifest(Path(data), "teach")
-    ref = model_ref(model, sft)
+    ref = resolve(model)
     prompts = _prompt_texts()
-    upstream = {teach.stage: teach.fingerprint}
-    if ref.fingerprint:
-        upstream[ref.stage or "model"] = ref.fingerprint
     return fingerprint(
         STAGE,
         VERSION,
         cfg,
-        upstream,
-        model=ref.identity(),
+        {teach.stage: teach.fingerprint},
+        model=ref.identity(model_cfg),
         prompts=prompt_digest(*(prompts[s] for s in FLAWED_STRATEGIES), USER_TEMPLATE),
     )
-
-
-def total_items(cfg: PairsConfig, data: Path) -> int:
-    """How many items `run` works through (every split in `cfg.splits`, each cut to `cfg.limit`): the total that its
-    `progress` calls add up to. Reads only the parquet footers, so a flow can size a progress bar before the run.
-
-    Raises:
-        DataError: a split's file is missing.
-    """
-    import pyarrow.parquet as pq
-
-    counts = [pq.ParquetFile(split_path(data, split)).metadata.num_rows for split in cfg.splits]
-    return sum(n if cfg.limit is None else min(n, cfg.limit) for n in counts)
 
 
 @dataclass
@@ -323,31 +320,61 @@ class _Item:
     reasons: Counter[str] = field(default_factory=Counter)
 
 
-def _new_stats() -> dict[str, Any]:
-    by_strategy = {
-        s: {"items": 0, "written": 0, "from_model": 0, "from_rule": 0, "failed": 0} for s in FLAWED_STRATEGIES
-    }
-    return {
-        "items": 0,
-        "written": 0,
-        "from_model": 0,
-        "from_rule": 0,
-        "failed": 0,
-        "attempts": 0,
-        "generated_tokens": 0,
-        "seconds": 0.0,
-        "by_strategy": by_strategy,
-    }
+class Counts(BaseModel):
+    """Items of one strategy (or all): how many were paired, from where, and how many were excluded."""
 
+    items: int = 0
+    written: int = 0
+    from_model: int = 0
+    from_rule: int = 0
+    failed: int = 0
 
-def _add_stats(total: dict[str, Any], part: dict[str, Any]) -> None:
-    for key, value in part.items():
-        if key == "by_strategy":
-            for strategy, counts in value.items():
-                for name, n in counts.items():
-                    total["by_strategy"][strategy][name] += n
+    def add(self, other: Counts) -> None:
+        for name in Counts.model_fields:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+    def count(self, source: str) -> None:
+        """One more item paired, its rejected answer from `source` (model or rule)."""
+        self.written += 1
+        if source == "model":
+            self.from_model += 1
         else:
-            total[key] += value
+            self.from_rule += 1
+
+
+class Stats(Counts):
+    """A chunk's, a split's or the whole stage's counts, with the sampling effort and a per-strategy breakdown."""
+
+    attempts: int = 0
+    generated_tokens: int = 0
+    seconds: float = 0.0
+    by_strategy: dict[str, Counts] = Field(default_factory=lambda: {s: Counts() for s in FLAWED_STRATEGIES})
+
+    def add(self, other: Counts) -> None:
+        super().add(other)
+        if isinstance(other, Stats):
+            self.attempts += other.attempts
+            self.generated_tokens += other.generated_tokens
+            self.seconds = round(self.seconds + other.seconds, 3)
+            for strategy, counts in other.by_strategy.items():
+                self.by_strategy.setdefault(strategy, Counts()).add(counts)
+
+
+class Report(StageReport, Stats):
+    """The stage's totals (`report.json`), per split too."""
+
+    model: str
+    fallback: str
+    prompt_version: str
+    splits: dict[str, Stats]
+    resumed_chunks: int
+    wall_seconds: float
+
+    def summary(self) -> str:
+        return (
+            f"{self.written:,} pairs: {self.from_model:,} rejected answers from the model, {self.from_rule:,} from the"
+            f" rule fallback; {self.failed:,} excluded"
+        )
 
 
 def _features() -> Any:
@@ -365,14 +392,11 @@ def _image_struct(image: Any) -> dict[str, Any]:
 def _write_chunk(path: Path, rows: list[dict[str, Any]], meta: dict[str, Any]) -> None:
     """Rows plus the chunk's counts and failures in the parquet metadata: one file, replaced atomically."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     schema = _features().arrow_schema
     table = pa.Table.from_pylist(rows, schema=schema)
-    table = table.replace_schema_metadata({**(schema.metadata or {}), _CHUNK_META: json.dumps(meta).encode()})
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+    metadata = {**(schema.metadata or {}), _CHUNK_META: json.dumps(meta).encode()}
+    write_table(path, table.replace_schema_metadata(metadata))
 
 
 def _read_chunk(path: Path, fp: str) -> tuple[Any, dict[str, Any]] | None:
@@ -411,9 +435,9 @@ class _Sampler:
         text = USER_TEMPLATE.format(question=item.question, chosen=item.chosen)
         return Request(text=text, image=item.image, system=self.prompts[item.strategy])
 
-    def chunk(self, items: list[_Item], seed_key: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict]:
+    def chunk(self, items: list[_Item], seed_key: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]], Stats]:
         """Rows for the items that got a checked flawed answer, failure records for the rest, and the counts."""
-        cfg, stats = self.cfg, _new_stats()
+        cfg, stats = self.cfg, Stats()
         accepted: dict[int, tuple[str, str]] = {}
         started = time.perf_counter()
 
@@ -435,8 +459,8 @@ class _Sampler:
             still_pending = []
             for item, completion in zip(pending, completions, strict=True):
                 item.attempts += 1
-                stats["attempts"] += 1
-                stats["generated_tokens"] += completion.tokens
+                stats.attempts += 1
+                stats.generated_tokens += completion.tokens
                 if problems := rejected_problems(completion.text, item.chosen, item.strategy):
                     item.reasons.update(problems)
                     still_pending.append(item)
@@ -454,13 +478,13 @@ class _Sampler:
 
         rows, failures = [], []
         for item in items:
-            stats["items"] += 1
-            per_strategy = stats["by_strategy"][item.strategy]
-            per_strategy["items"] += 1
+            per_strategy = stats.by_strategy[item.strategy]
+            stats.items += 1
+            per_strategy.items += 1
             if item.index not in accepted:
                 failures.append(self._failure(item))
-                stats["failed"] += 1
-                per_strategy["failed"] += 1
+                stats.failed += 1
+                per_strategy.failed += 1
                 continue
             rejected, source = accepted[item.index]
             rows.append(
@@ -475,10 +499,9 @@ class _Sampler:
                     "source": source,
                 }
             )
-            for counts in (stats, per_strategy):
-                counts["written"] += 1
-                counts[f"from_{source}"] += 1
-        stats["seconds"] = round(time.perf_counter() - started, 3)
+            stats.count(source)
+            per_strategy.count(source)
+        stats.seconds = round(time.perf_counter() - started, 3)
         return rows, failures, stats
 
     @staticmethod
@@ -505,25 +528,25 @@ def _items(table: Any, offset: int, seed: int) -> list[_Item]:
 
 def run(
     cfg: PairsConfig,
-    model: ModelConfig | str | Path,
-    sft: Path | None,
+    model_cfg: ModelConfig,
+    model: str | Path,
     data: Path,
     out: Path,
     *,
     generator: Generator | None = None,
-    progress: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
 ) -> Manifest:
     """Build the DPO pairs of every split in `cfg.splits` into `out`.
 
     Args:
         cfg: sampling, checking and chunking settings.
-        model: the settings' ModelConfig (backend, dtype, 4-bit) or a model location ('tiny', dir, Hub id).
-        sft: the SFT stage folder whose `adapter/` samples the flawed answers (None: load `model` itself).
+        model_cfg: how the model loads (backend, dtype, 4-bit, decode).
+        model: the model that samples the flawed answers: the SFT stage folder (its `adapter/`), a model or adapter
+            dir, 'tiny' or a Hub id.
         data: the teach stage folder (`<split>.parquet`; `solution` is the chosen answer).
         out: this stage's folder.
         generator: replaces the model (tests, benchmarks); it must answer requests in order.
-        progress: called with the number of items of each chunk as it finishes or is found finished on disk
-            (the calls add up to `total_items(cfg, data)`); not called when the whole stage is already done.
+        progress: called as `progress(items done, items in total)` as chunks finish or are found finished on disk.
 
     Returns:
         The manifest (also `out/manifest.json`); counts per split and source are in `out/report.json`.
@@ -532,85 +555,83 @@ def run(
         DataError: the teach folder is unfinished, a split is missing or has no rows.
         ModelError: the SFT model cannot be loaded.
     """
+    from mathwizard.models.ref import resolve
+
+    started = time.perf_counter()
     out = Path(out)
-    fp = expected_fingerprint(cfg, model, sft, data)
+    fp = expected_fingerprint(cfg, model_cfg, model, data)
     if (done := reusable(out, fp)) is not None:
         return done
     teach = require_manifest(Path(data), "teach")
-    ref = model_ref(model, sft)
+    ref = resolve(model)
     upstream = {teach.stage: teach.fingerprint, **({ref.stage or "model": ref.fingerprint} if ref.fingerprint else {})}
-    sampler = _Sampler(cfg, (lambda: generator) if generator is not None else (lambda: ref.load(cfg.batch_size)))
+    load = (lambda: generator) if generator is not None else (lambda: ref.generator(model_cfg, cfg.batch_size))
+    sampler = _Sampler(cfg, load)
     chunk_dir = out / "chunks"
-    started = time.perf_counter()
-    with stage_output(out, stage=STAGE, version=VERSION, fingerprint=fp, config=cfg, upstream=upstream) as record:
+    tally = Tally(sum(split_rows(data, split, cfg.limit) for split in cfg.splits), progress)
+    config = {"pairs": cfg, "model": model_cfg}
+    with stage_output(
+        out, stage=STAGE, version=VERSION, fingerprint=fp, config=config, upstream=upstream, started=started
+    ) as record:
         chunk_dir.mkdir(parents=True, exist_ok=True)
-        report: dict[str, Any] = {"model": ref.location, "fallback": cfg.fallback, "splits": {}}
-        totals = _new_stats()
+        totals, per_split = Stats(), {}
         all_failures: list[dict[str, Any]] = []
         resumed = 0
         for split in cfg.splits:
-            table = read_split(data, split, _INPUT_COLUMNS, cfg.limit)
+            table = read_table(data, split, _INPUT_COLUMNS, limit=cfg.limit)
             if table.num_rows == 0:
                 raise DataError(f"{data}: the {split} split has no rows; nothing to pair")
-            split_stats, tables = _new_stats(), []
+            split_stats, tables = Stats(), []
             for k, offset in enumerate(range(0, table.num_rows, cfg.chunk_size)):
                 path = chunk_dir / f"{split}-{k:05d}.parquet"
                 finished = _read_chunk(path, fp)
                 if finished is None:
                     items = _items(table.slice(offset, cfg.chunk_size), offset, cfg.seed)
                     rows, failures, stats = sampler.chunk(items, f"{split}-{k}")
-                    meta = {"fingerprint": fp, "split": split, "chunk": k, "stats": stats, "failures": failures}
+                    meta = {
+                        "fingerprint": fp,
+                        "split": split,
+                        "chunk": k,
+                        "stats": stats.model_dump(),
+                        "failures": failures,
+                    }
                     _write_chunk(path, rows, meta)
                     finished = _read_chunk(path, fp)
                     log.info(
-                        "%s chunk %d: %d/%d written (%d by rule)",
-                        split,
-                        k,
-                        stats["written"],
-                        stats["items"],
-                        stats["from_rule"],
+                        "%s chunk %d: %d/%d written (%d by rule)", split, k, stats.written, stats.items, stats.from_rule
                     )
                 else:
                     resumed += 1
                 chunk_table, meta = finished  # type: ignore[misc]
-                if progress is not None:
-                    progress(meta["stats"]["items"])
+                chunk_stats = Stats.model_validate(meta["stats"])
+                tally(chunk_stats.items)
                 tables.append(chunk_table)
-                _add_stats(split_stats, meta["stats"])
+                split_stats.add(chunk_stats)
                 all_failures.extend({"split": split, **f} for f in meta["failures"])
             _write_split(out / f"{split}.parquet", tables)
-            record.add_file(f"{split}.parquet", rows=split_stats["written"])
-            report["splits"][split] = split_stats
-            _add_stats(totals, split_stats)
-            record.count(**{f"{split}_pairs": split_stats["written"], f"{split}_failed": split_stats["failed"]})
+            record.add_file(f"{split}.parquet", rows=split_stats.written)
+            per_split[split] = split_stats
+            totals.add(split_stats)
         atomic_write_text(out / "failures.jsonl", "".join(json.dumps(f) + "\n" for f in all_failures))
         record.add_file("failures.jsonl", rows=len(all_failures))
-        totals["seconds"] = round(totals["seconds"], 3)
-        report.update(totals)
-        report["resumed_chunks"] = resumed
-        report["wall_seconds"] = round(time.perf_counter() - started, 3)
-        atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
-        record.add_file("report.json")
-        record.count(
-            pairs=totals["written"],
-            from_model=totals["from_model"],
-            from_rule=totals["from_rule"],
-            failed=totals["failed"],
+        report = Report(
+            **totals.model_dump(),
+            model=ref.location,
+            fallback=cfg.fallback,
+            prompt_version=PROMPT_VERSION,
+            splits=per_split,
+            resumed_chunks=resumed,
+            wall_seconds=round(time.perf_counter() - started, 3),
         )
-        record.manifest.extra.update(model=ref.location, prompt_version=PROMPT_VERSION, resumed_chunks=resumed)
+        atomic_write_text(out / REPORT_FILE, report.model_dump_json(indent=2) + "\n")
+        record.add_file(REPORT_FILE)
+        record.report(report)
     return record.manifest
 
 
 def _write_split(path: Path, tables: list[Any]) -> None:
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     schema = _features().arrow_schema  # drops the chunks' private metadata, keeps `datasets`' Image feature
-    table = (
-        pa.concat_tables([t.replace_schema_metadata(schema.metadata) for t in tables])
-        if tables
-        else schema.empty_table()
-    )
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+    tables = [t.replace_schema_metadata(schema.metadata) for t in tables]
+    write_table(path, pa.concat_tables(tables) if tables else schema.empty_table())

@@ -1,8 +1,8 @@
 """Prepare MM_Math: fetch (Hub, local files or the bundled sample), clean with a quarantine, split stably.
 
 Usage: `mathwizard prepare --source sample` (library: `prepare.run(settings.prepare, Path("out/01-prepare"))`).
-The three steps write `raw/`, `clean/` and the stage folder itself, each with its own manifest and
-fingerprint, so the Prefect tasks can cache and skip them one by one, and `run` can do all three without Prefect.
+`run` is the stage. Inside it, fetch and clean write `raw/` and `clean/` with manifests of their own, so a stage
+that failed after cleaning 6,000 figures resumes at the split instead of cleaning them again.
 """
 
 from __future__ import annotations
@@ -13,12 +13,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
 from mathwizard.config import SPLITS, PrepareConfig
 from mathwizard.data import clean as cleaning
 from mathwizard.data import fetch as fetching
 from mathwizard.data.splits import SPLIT_FILES, arrow_schema, split_of
 from mathwizard.errors import ConfigError, DataError
-from mathwizard.manifest import Manifest, fingerprint, read_manifest, require_manifest, reusable, stage_output
+from mathwizard.manifest import Manifest, StageReport, fingerprint, require_manifest, reusable, stage_output
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +28,47 @@ STAGE = "prepare"
 VERSION = 2  # bump when output semantics change; part of every fingerprint below
 RAW_DIR, CLEAN_DIR = "raw", "clean"
 CLEAN_FILE, QUARANTINE_FILE = "clean.parquet", "quarantine.jsonl"
+
+
+class FetchReport(StageReport):
+    """Where the fetch step put the records and the figures (`raw/manifest.json`)."""
+
+    source: str
+    records_file: str = Field(description="The records file, relative to raw/.")
+    images_root: str = Field(description="The image folder: relative to raw/, or absolute when used in place.")
+    layout: dict[str, str]
+    resolved_revision: str | None = None
+    skipped_archive_members: int = 0
+
+
+class CleanReport(StageReport):
+    """What the clean step kept and why it quarantined the rest (`clean/manifest.json`)."""
+
+    rows_in: int
+    kept: int
+    quarantined: int
+    resized: int
+    quarantine_reasons: dict[str, int]
+    workers: int
+    rows_per_second: float
+
+
+class Report(StageReport):
+    """The prepared dataset: where it came from, what was kept, how it was split."""
+
+    source: str
+    resolved_revision: str | None
+    rows_in: int
+    kept: int
+    quarantined: int
+    resized: int
+    quarantine_reasons: dict[str, int]
+    splits: dict[str, int]
+    workers: int
+
+    def summary(self) -> str:
+        splits = " · ".join(f"{name} {n:,}" for name, n in self.splits.items())
+        return f"{self.kept:,} of {self.rows_in:,} rows kept ({splits}), {self.quarantined:,} quarantined"
 
 
 # ------------------------------------------------------------------------------------------ fingerprints
@@ -68,30 +111,26 @@ def split_fingerprint(cfg: PrepareConfig, clean_fp: str) -> str:
 
 
 def expected_fingerprint(cfg: PrepareConfig) -> str:
-    """The stage's fingerprint from settings and input identities alone (no output is read)."""
+    """The stage's fingerprint from settings and input identities alone (no output is read).
+
+    Raises:
+        DataError: local files missing.
+    """
     return split_fingerprint(cfg, clean_fingerprint(cfg, fetch_fingerprint(cfg)))
 
 
-def check_inputs(cfg: PrepareConfig, out: Path | None = None) -> None:
-    """Fail fast, in one line, on inputs that cannot work (before any Prefect run starts).
-
-    With `out`, a folder already holding this exact output passes (a pinned Hub revision prepared earlier
-    needs no network to be reused).
+def _check_source(cfg: PrepareConfig) -> None:
+    """Fail fast, in one line, on a source that cannot be fetched here.
 
     Raises:
         DataError: local files missing, the bundled sample missing, or the Hub unreachable by configuration.
     """
-    if out is not None and cfg.source != "local":
-        done = read_manifest(Path(out))
-        if done is not None and done.fingerprint == expected_fingerprint(cfg):
-            return
     if cfg.source == "local":
         fetching.check_local_paths(cfg.jsonl, cfg.images)
     elif cfg.source == "sample":
         if not fetching.SAMPLE_JSONL.is_file():
             raise DataError(
-                f"the bundled sample {fetching.SAMPLE_JSONL} is missing; "
-                "regenerate it with `python -m mathwizard.data.make_sample`"
+                f"the bundled sample {fetching.SAMPLE_JSONL} is missing; reinstall mathwizard (scripts/setup.sh)"
             )
     else:
         from huggingface_hub import constants
@@ -127,7 +166,8 @@ def fetch(cfg: PrepareConfig, out: Path) -> Manifest:
     fp = fetch_fingerprint(cfg)
     if (done := reusable(out, fp)) is not None:
         return done
-    check_inputs(cfg)
+    _check_source(cfg)
+    resolved_revision = None
     with stage_output(out, stage=f"{STAGE}.fetch", version=VERSION, fingerprint=fp, config=_fetch_config(cfg)) as rec:
         # -- locate the records and images of the chosen source
         if cfg.source == "sample":
@@ -139,7 +179,7 @@ def fetch(cfg: PrepareConfig, out: Path) -> Manifest:
             # Download the very commit the key was made from, so key and data cannot disagree.
             resolved = fetching.hub_revision(cfg.hub_repo, cfg.hub_revision)
             revision = resolved if len(resolved) == 40 else cfg.hub_revision
-            rec.manifest.extra["resolved_revision"] = revision if revision and len(revision) == 40 else None
+            resolved_revision = revision if revision and len(revision) == 40 else None
             layout = fetching.detect_layout(fetching.hub_download(cfg.hub_repo, revision, out / "hub"))
         # -- records: copied, so later edits of the source cannot change a finished run underneath
         if layout.records.resolve().is_relative_to(out.resolve()):
@@ -161,12 +201,15 @@ def fetch(cfg: PrepareConfig, out: Path) -> Manifest:
         else:
             images_ref = str(image_root.resolve())
         rec.add_file(records_rel)
-        rec.count(skipped_archive_members=skipped)
-        rec.manifest.extra.update(
-            source=cfg.source,
-            records_file=records_rel,
-            images_root=images_ref,
-            layout={"records": layout.records.name, "images": layout.images.name, "kind": layout.images_kind},
+        rec.report(
+            FetchReport(
+                source=cfg.source,
+                records_file=records_rel,
+                images_root=images_ref,
+                layout={"records": layout.records.name, "images": layout.images.name, "kind": layout.images_kind},
+                resolved_revision=resolved_revision,
+                skipped_archive_members=skipped,
+            )
         )
         log.info("fetched %s: records %s, images %s", cfg.source, records_rel, images_ref)
     return rec.manifest
@@ -183,8 +226,9 @@ def clean(cfg: PrepareConfig, raw: Path, out: Path) -> Manifest:
     fp = clean_fingerprint(cfg, fetched.fingerprint)
     if (done := reusable(out, fp)) is not None:
         return done
-    records = raw / fetched.extra["records_file"]
-    images = Path(fetched.extra["images_root"])
+    where = FetchReport.of(fetched)
+    records = raw / where.records_file
+    images = Path(where.images_root)
     images = images if images.is_absolute() else raw / images
     workers = cfg.workers or cleaning.default_workers()
     with stage_output(
@@ -208,66 +252,43 @@ def clean(cfg: PrepareConfig, raw: Path, out: Path) -> Manifest:
             )
         rec.add_file(CLEAN_FILE, rows=report.kept)
         rec.add_file(QUARANTINE_FILE, rows=report.quarantined)
-        rec.count(rows_in=report.rows_in, kept=report.kept, quarantined=report.quarantined, resized=report.resized)
-        rec.count(**{f"quarantined.{reason}": n for reason, n in sorted((report.by_reason or {}).items())})
         seconds = time.perf_counter() - started
-        rec.manifest.extra.update(workers=workers, rows_per_second=round(report.rows_in / max(seconds, 1e-9), 1))
+        rec.report(
+            CleanReport(
+                rows_in=report.rows_in,
+                kept=report.kept,
+                quarantined=report.quarantined,
+                resized=report.resized,
+                quarantine_reasons=dict(sorted((report.by_reason or {}).items())),
+                workers=workers,
+                rows_per_second=round(report.rows_in / max(seconds, 1e-9), 1),
+            )
+        )
     return rec.manifest
 
 
-def split(cfg: PrepareConfig, clean_dir: Path, out: Path, raw: Path | None = None) -> Manifest:
-    """Route each clean row to train/val/test by its id and write the stage's files and manifest.
-
-    Raises:
-        DataError: `clean_dir` is not a finished clean step.
-    """
+def _split(cfg: PrepareConfig, clean_dir: Path, out: Path) -> dict[str, int]:
+    """Route each clean row to train/val/test by its id into the stage's split files; returns the row counts."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    clean_dir, out = Path(clean_dir), Path(out)
-    cleaned = require_manifest(clean_dir, STAGE)
-    fp = split_fingerprint(cfg, cleaned.fingerprint)
-    if (done := reusable(out, fp)) is not None:
-        return done
-    fetched = require_manifest(raw, STAGE) if raw is not None else None
-    with stage_output(out, stage=STAGE, version=VERSION, fingerprint=fp, config=cfg) as rec:
-        started = time.perf_counter()
-        schema = arrow_schema()
-        counts = dict.fromkeys(SPLITS, 0)
-        writers = {s: pq.ParquetWriter(out / SPLIT_FILES[s], schema) for s in SPLITS}
-        try:
-            for batch in pq.ParquetFile(clean_dir / CLEAN_FILE).iter_batches(batch_size=128):
-                table = batch.to_pylist()
-                routed: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
-                for row in table:
-                    routed[split_of(row["id"], cfg.splits)].append(row)
-                for name, rows in routed.items():
-                    if rows:
-                        writers[name].write_table(pa.Table.from_pylist(rows, schema=schema))
-                        counts[name] += len(rows)
-        finally:
-            for writer in writers.values():
-                writer.close()
-        shutil.copyfile(clean_dir / QUARANTINE_FILE, out / QUARANTINE_FILE)
-        for name in SPLITS:
-            rec.add_file(SPLIT_FILES[name], rows=counts[name])
-        rec.add_file(QUARANTINE_FILE, rows=cleaned.counts.get("quarantined", 0))
-        rec.count(**cleaned.counts, **counts)
-        rec.manifest.extra.update(
-            steps={"fetch": cleaned.upstream.get(f"{STAGE}.fetch"), "clean": cleaned.fingerprint},
-            inputs=({"fingerprint": fetched.fingerprint, **fetched.config, **fetched.extra} if fetched else {}),
-            timings={
-                "fetch_s": fetched.seconds if fetched else None,
-                "clean_s": cleaned.seconds,
-                "split_s": round(time.perf_counter() - started, 3),
-            },
-            quarantine_reasons={
-                k.split(".", 1)[1]: v for k, v in cleaned.counts.items() if k.startswith("quarantined.")
-            },
-            workers=cleaned.extra.get("workers"),
-        )
-    log.info("prepared %s: %s", out, counts)
-    return rec.manifest
+    schema = arrow_schema()
+    counts = dict.fromkeys(SPLITS, 0)
+    writers = {s: pq.ParquetWriter(out / SPLIT_FILES[s], schema) for s in SPLITS}
+    try:
+        for batch in pq.ParquetFile(clean_dir / CLEAN_FILE).iter_batches(batch_size=128):
+            routed: dict[str, list[dict[str, Any]]] = {s: [] for s in SPLITS}
+            for row in batch.to_pylist():
+                routed[split_of(row["id"], cfg.splits)].append(row)
+            for name, rows in routed.items():
+                if rows:
+                    writers[name].write_table(pa.Table.from_pylist(rows, schema=schema))
+                    counts[name] += len(rows)
+    finally:
+        for writer in writers.values():
+            writer.close()
+    shutil.copyfile(clean_dir / QUARANTINE_FILE, out / QUARANTINE_FILE)
+    return counts
 
 
 def run(cfg: PrepareConfig, out: Path) -> Manifest:
@@ -278,19 +299,40 @@ def run(cfg: PrepareConfig, out: Path) -> Manifest:
         out: the stage folder; `raw/` and `clean/` inside it hold the intermediate steps.
 
     Returns:
-        The stage manifest, also written to `out/manifest.json` as the last step.
+        The stage manifest, also written to `out/manifest.json` as the last step; its report is a `Report`.
 
     Raises:
         DataError: missing or unusable inputs (the message names the path or flag).
         ConfigError: settings that cannot work together.
         TransientError: network trouble while downloading from the Hub.
     """
+    started = time.perf_counter()
     out = Path(out)
     if not isinstance(cfg, PrepareConfig):
         raise ConfigError(f"prepare.run needs a PrepareConfig, got {type(cfg).__name__}")
-    if (done := reusable(out, expected_fingerprint(cfg))) is not None:
+    fp = expected_fingerprint(cfg)
+    if (done := reusable(out, fp)) is not None:
         return done
-    check_inputs(cfg)
-    fetch(cfg, out / RAW_DIR)
-    clean(cfg, out / RAW_DIR, out / CLEAN_DIR)
-    return split(cfg, out / CLEAN_DIR, out, raw=out / RAW_DIR)
+    _check_source(cfg)
+    with stage_output(out, stage=STAGE, version=VERSION, fingerprint=fp, config=cfg, started=started) as rec:
+        fetched = fetch(cfg, out / RAW_DIR)
+        cleaned = CleanReport.of(clean(cfg, out / RAW_DIR, out / CLEAN_DIR))
+        counts = _split(cfg, out / CLEAN_DIR, out)
+        for name in SPLITS:
+            rec.add_file(SPLIT_FILES[name], rows=counts[name])
+        rec.add_file(QUARANTINE_FILE, rows=cleaned.quarantined)
+        rec.report(
+            Report(
+                source=cfg.source,
+                resolved_revision=FetchReport.of(fetched).resolved_revision,
+                rows_in=cleaned.rows_in,
+                kept=cleaned.kept,
+                quarantined=cleaned.quarantined,
+                resized=cleaned.resized,
+                quarantine_reasons=cleaned.quarantine_reasons,
+                splits=counts,
+                workers=cleaned.workers,
+            )
+        )
+    log.info("prepared %s: %s", out, counts)
+    return rec.manifest

@@ -12,12 +12,15 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
-from typing import Any
+from typing import Literal
+
+from pydantic import BaseModel, Field
 
 from mathwizard.config import PublishConfig
 from mathwizard.errors import DataError, PublishError
-from mathwizard.manifest import Manifest, fingerprint, reusable, stage_output
+from mathwizard.manifest import Manifest, StageReport, fingerprint, reusable, stage_output
 from mathwizard.publish import hub
 from mathwizard.publish.dataset_card import build_dataset_repo
 from mathwizard.publish.lineage import RunInfo
@@ -31,20 +34,38 @@ VERSION = 1  # bump when the repo layout or the cards change meaning; part of th
 REPO_TYPES = {"model": "model", "sft_dataset": "dataset", "dpo_dataset": "dataset"}
 
 
-def destination(cfg: PublishConfig, upload: bool) -> str:
+class Repo(BaseModel):
+    """One published repo: where it was laid out and, after an upload, where it went."""
+
+    part: Literal["model", "sft_dataset", "dpo_dataset"]
+    repo_id: str
+    repo_type: Literal["model", "dataset"]
+    private: bool
+    folder: str = Field(description="The laid-out folder: relative to the stage folder when inside it, else absolute.")
+    files: list[str]
+    url: str | None = None
+    commit: str | None = Field(None, description="The commit made by the upload; None when nothing changed.")
+    uploaded: list[str] = Field(default_factory=list)
+    deleted: list[str] = Field(default_factory=list)
+
+
+class Report(StageReport):
+    """Where the run was published."""
+
+    destination: Literal["hub", "local"]
+    endpoint: str | None
+    root: str = Field(description="The folder the repos were laid out under.")
+    repos: list[Repo]
+
+    def summary(self) -> str:
+        if self.destination == "hub":
+            return f"{len(self.repos)} repos on {self.endpoint}: " + ", ".join(r.url or r.repo_id for r in self.repos)
+        return f"{len(self.repos)} repos written under {self.root} (not uploaded)"
+
+
+def destination(upload: bool) -> Literal["hub", "local"]:
     """Where the repos go, as part of the fingerprint: a run published locally is not yet on the Hub."""
     return "hub" if upload else "local"
-
-
-def expected_fingerprint(cfg: PublishConfig, run_dir: Path, *, upload: bool | None = None) -> str:
-    """Settings, the destination and the fingerprints of every stage the repos are made from (no output read).
-
-    `upload` defaults to whether a token is found now (environment, .env or the HF login).
-    """
-    if upload is None:
-        upload = hub.will_upload(cfg, hub.resolve_token())
-    info = RunInfo.read(Path(run_dir))
-    return fingerprint(STAGE, VERSION, cfg, info.upstream(), destination=destination(cfg, upload))
 
 
 def check_gate(cfg: PublishConfig, info: RunInfo) -> None:
@@ -87,8 +108,8 @@ def run(cfg: PublishConfig, run_dir: Path, out: Path, *, token: str | None = Non
             Used only for the HTTP calls: never logged, written or put in the manifest.
 
     Returns:
-        The manifest; `extra["repos"]` lists each repo with its id, type, local folder and, after an upload,
-        its URL, commit (None when nothing changed) and the files uploaded or deleted.
+        The manifest; its report (a `Report`) lists each repo with its id, type, local folder and, after an
+        upload, its URL, commit (None when nothing changed) and the files uploaded or deleted.
 
     Raises:
         DataError: an upstream stage folder is missing or incomplete.
@@ -96,6 +117,7 @@ def run(cfg: PublishConfig, run_dir: Path, out: Path, *, token: str | None = Non
         PublishError: the gate refused the model, or the Hub refused an upload.
         TransientError: the Hub failed (5xx, 429) or could not be reached; a retry is safe.
     """
+    started = time.perf_counter()
     run_dir, out = Path(run_dir), Path(out)
     if not run_dir.is_dir():
         raise DataError(f"run folder {run_dir} does not exist; pass --run-dir or run the pipeline first")
@@ -108,7 +130,7 @@ def run(cfg: PublishConfig, run_dir: Path, out: Path, *, token: str | None = Non
 
     token = hub.resolve_token(token)
     upload = hub.will_upload(cfg, token)
-    fp = fingerprint(STAGE, VERSION, cfg, info.upstream(), destination=destination(cfg, upload))
+    fp = fingerprint(STAGE, VERSION, cfg, info.upstream(), destination=destination(upload))
     if (done := reusable(out, fp)) is not None:
         return done
     if token and not upload:
@@ -118,25 +140,27 @@ def run(cfg: PublishConfig, run_dir: Path, out: Path, *, token: str | None = Non
     root = Path(cfg.target) if cfg.target else out
     repo_ids = {part: repo for part, repo in cfg.repo_ids().items() if part in cfg.include}
     datasets = {part: repo for part, repo in repo_ids.items() if part != "model"}
-    with stage_output(out, stage=STAGE, version=VERSION, fingerprint=fp, config=cfg, upstream=info.upstream()) as rec:
+    with stage_output(
+        out, stage=STAGE, version=VERSION, fingerprint=fp, config=cfg, upstream=info.upstream(), started=started
+    ) as rec:
         for kind in ("models", "datasets"):  # our own folder holds only this publication's repos
             shutil.rmtree(out / kind, ignore_errors=True)
         folders: dict[str, Path] = {}
-        repos: list[dict[str, Any]] = []
+        repos: list[Repo] = []
         for part, repo_id in repo_ids.items():
             folder = folders[part] = root / f"{REPO_TYPES[part]}s" / repo_id
             _lay_out(folder, lambda tmp, part=part, repo_id=repo_id: _build(info, part, repo_id, tmp, cfg, datasets))
             files = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
             where = _relative(folder, out)
             repos.append(
-                {
-                    "part": part,
-                    "repo_id": repo_id,
-                    "repo_type": REPO_TYPES[part],
-                    "private": cfg.private,
-                    "folder": where,
-                    "files": files,
-                }
+                Repo(
+                    part=part,  # type: ignore[arg-type]
+                    repo_id=repo_id,
+                    repo_type=REPO_TYPES[part],  # type: ignore[arg-type]
+                    private=cfg.private,
+                    folder=where,
+                    files=files,
+                )
             )
             if not Path(where).is_absolute():  # inside the stage folder: checksums in the manifest too
                 for rel in files:
@@ -147,22 +171,19 @@ def run(cfg: PublishConfig, run_dir: Path, out: Path, *, token: str | None = Non
             api = hub.make_api(cfg, token)
             endpoint = api.endpoint
             message = f"Publish Math Wizard run {run_dir.name} ({fp[:12]})"
-            for entry in repos:
+            for repo in repos:
                 result = hub.push_folder(
                     api,
-                    entry["repo_id"],
-                    entry["repo_type"],
-                    folders[entry["part"]],
+                    repo.repo_id,
+                    repo.repo_type,
+                    folders[repo.part],
                     private=cfg.private,
                     message=message,
                     delete_stale=cfg.delete_stale,
                 )
-                entry.update(url=result.url, commit=result.commit, uploaded=result.uploaded, deleted=result.deleted)
-            rec.count(commits=sum(1 for e in repos if e["commit"]), uploaded=sum(len(e["uploaded"]) for e in repos))
-        rec.count(repos=len(repos), files=sum(len(e["files"]) for e in repos))
-        rec.manifest.extra.update(
-            destination=destination(cfg, upload), endpoint=endpoint, root=str(root.resolve()), repos=repos
-        )
+                repo.url, repo.commit = result.url, result.commit
+                repo.uploaded, repo.deleted = result.uploaded, result.deleted
+        rec.report(Report(destination=destination(upload), endpoint=endpoint, root=str(root.resolve()), repos=repos))
     return rec.manifest
 
 

@@ -9,12 +9,14 @@ Writes `adapter/` (PEFT adapter + processor + base-model pointer, loadable by `m
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from mathwizard.config import ModelConfig, SFTConfig
-from mathwizard.manifest import Manifest, fingerprint, require_manifest, reusable, stage_output
+from mathwizard.manifest import Manifest, StageReport, fingerprint, require_manifest, reusable, stage_output
+from mathwizard.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -22,43 +24,58 @@ STAGE = "sft"
 VERSION = 1  # bump when output semantics change; part of the fingerprint
 
 
-def _model_identity(model: ModelConfig) -> dict[str, Any]:
-    from mathwizard.models.tiny import TINY_VERSION
+class Report(StageReport):
+    """What an SFT run did: data, steps, parameters and losses."""
 
-    identity: dict[str, Any] = model.model_dump(mode="json", exclude={"decode"})  # speed, not weights
-    if model.name == "tiny":
-        identity["tiny_version"] = TINY_VERSION
-    return identity
+    train_rows: int
+    val_rows: int
+    steps: int
+    resumed_from_step: int | None
+    base_model: str
+    backend: str
+    device: str
+    dtype: str
+    trainable_parameters: int
+    total_parameters: int
+    train_loss: float | None
+    final_loss: float | None
+    eval_loss: float | None
+
+    def summary(self) -> str:
+        return _training_summary(self.steps, self.train_rows, self.final_loss, self.eval_loss)
+
+
+def _training_summary(steps: int, rows: int, loss: float | None, eval_loss: float | None) -> str:
+    """`N steps on M rows, loss L, val loss V`: the line both training stages start their summary with."""
+    line = f"{steps} steps on {rows:,} rows"
+    line += f", loss {loss:.4f}" if loss is not None else ""
+    return line + (f", val loss {eval_loss:.4f}" if eval_loss is not None else "")
 
 
 def expected_fingerprint(cfg: SFTConfig, model: ModelConfig, data: Path) -> str:
-    """Settings, the base model's identity, the training prompt and the teach output's fingerprint."""
+    """Settings, the base model's identity, the training prompt and the teach output's fingerprint.
+
+    Checks the inputs on the way, in one line each, before anything heavy starts.
+
+    Raises:
+        ModelError: the backend cannot run here or the model path does not exist.
+        DataError: the teach folder is unfinished or damaged.
+    """
+    from mathwizard.models import resolve_backend
+    from mathwizard.models.ref import resolve
     from mathwizard.prompts import load_prompt
 
+    resolve_backend(model.backend)
+    base = resolve(model.name)
     teach = require_manifest(Path(data), "teach")
     return fingerprint(
         STAGE,
         VERSION,
         cfg,
         {teach.stage: teach.fingerprint},
-        model=_model_identity(model),
+        model=base.identity(model),
         prompt=load_prompt("tutor_system"),
     )
-
-
-def check_inputs(cfg: SFTConfig, model: ModelConfig, data: Path) -> None:
-    """Fail fast, in one line, before anything heavy starts.
-
-    Raises:
-        ModelError: the backend cannot run here or the model path does not exist.
-        DataError: the teach folder is unfinished.
-    """
-    from mathwizard.models import resolve_backend, resolve_model_path
-
-    resolve_backend(model.backend)
-    if model.name != "tiny":
-        resolve_model_path(model.name)
-    require_manifest(Path(data), "teach")
 
 
 def _trl_args(
@@ -95,6 +112,7 @@ def build_trainer(
         DataError: train split missing or empty, a column missing.
         ModelError: the model cannot be loaded or the backend cannot run here.
     """
+    from mathwizard.data.splits import read_dataset
     from mathwizard.models import backend as backends
     from mathwizard.models import load_model, resolve_backend
     from mathwizard.training import data as training_data
@@ -104,8 +122,8 @@ def build_trainer(
     backend = resolve_backend(model.backend)
     backends.configure_compile(model.compile)  # read by Unsloth at import: bounds compile time (docs/gpu.md)
     backends.activate(backend)  # Unsloth must patch transformers/TRL before they are imported
-    train_rows = training_data.read_split(data, "train", training_data.SFT_COLUMNS, limit=cfg.limit)
-    val_rows = training_data.read_split(data, "val", training_data.SFT_COLUMNS, required=False)
+    train_rows = read_dataset(data, "train", training_data.SFT_COLUMNS, limit=cfg.limit)
+    val_rows = read_dataset(data, "val", training_data.SFT_COLUMNS, required=False)
     device, dtype = runtime(model)
     if cfg.pad_to_multiple_of and backend == "hf":
         log.warning("sft.pad_to_multiple_of applies to the Unsloth collator only; TRL's vision collator ignores it")
@@ -149,28 +167,38 @@ def build_trainer(
     return trainer, facts
 
 
-def run(cfg: SFTConfig, model: ModelConfig, data: Path, out: Path, *, callbacks: Sequence[Any] = ()) -> Manifest:
-    """Train LoRA adapters on `data/train.parquet` (evaluated on `val.parquet`) and write them under `out`.
+def run(
+    cfg: SFTConfig,
+    model: ModelConfig,
+    data: Path,
+    out: Path,
+    *,
+    progress: Progress | None = None,
+    callbacks: Sequence[Any] = (),
+) -> Manifest:
+    """Train LoRA adapters on the teach folder's train split (evaluated on val) and write them under `out`.
 
     Args:
         cfg: training and LoRA settings (defaults: the original recipe).
         model: base model and backend.
         data: the teach stage folder.
         out: this stage's folder.
+        progress: called as `progress(step, max_steps)` after every optimizer step.
         callbacks: extra TrainerCallbacks (tests use one to interrupt a run).
 
     Returns:
-        The manifest (also `out/manifest.json`); extra holds base_model, backend, settings and the final losses.
+        The manifest (also `out/manifest.json`); its report is a `Report`.
 
     Raises:
         DataError: the teach folder is unfinished or its train split is empty.
         ModelError: the model cannot be loaded, or `--backend unsloth` without CUDA.
     """
+    from mathwizard.models.ref import resolve
+    from mathwizard.training.callbacks import progress_callback
     from mathwizard.training.checkpoints import prepare_checkpoints
     from mathwizard.training.metrics import SFT_PLOTS, last_value
     from mathwizard.training.runner import (
         CHECKPOINTS_DIR,
-        base_model_id,
         final_evaluation,
         record_outputs,
         save_adapter,
@@ -179,41 +207,44 @@ def run(cfg: SFTConfig, model: ModelConfig, data: Path, out: Path, *, callbacks:
         trainable_parameters,
     )
 
+    started = time.perf_counter()
     data, out = Path(data), Path(out)
-    check_inputs(cfg, model, data)
     fp = expected_fingerprint(cfg, model, data)
     if (done := reusable(out, fp)) is not None:
         return done
     teach = require_manifest(data, "teach")
     config = {"sft": cfg, "model": model}
+    upstream = {teach.stage: teach.fingerprint}
     with stage_output(
-        out, stage=STAGE, version=VERSION, fingerprint=fp, config=config, upstream={teach.stage: teach.fingerprint}
+        out, stage=STAGE, version=VERSION, fingerprint=fp, config=config, upstream=upstream, started=started
     ) as record:
         prepare_checkpoints(out / CHECKPOINTS_DIR, fp)
-        trainer, facts = build_trainer(cfg, model, data, out, callbacks=callbacks)
+        extra_callbacks = [*callbacks, *([progress_callback(progress)] if progress is not None else [])]
+        trainer, facts = build_trainer(cfg, model, data, out, callbacks=extra_callbacks)
         trainable, total = trainable_parameters(trainer.model)
         result, resumed_from = train(trainer, out / CHECKPOINTS_DIR)
         eval_metrics = final_evaluation(trainer)
 
-        base_model = base_model_id(model.name)
+        base_model = resolve(model.name).location
         save_adapter(trainer.model, trainer.processing_class, out, base_model=base_model, backend=facts["backend"])
         if cfg.save_merged:
             save_merged(trainer.model, trainer.processing_class, out, facts["backend"])
         records = record_outputs(record, out, SFT_PLOTS)
-
-        record.count(train=facts["train_rows"], val=facts["val_rows"], steps=trainer.state.global_step)
-        record.manifest.extra.update(
-            base_model=base_model,
-            backend=facts["backend"],
-            device=facts["device"],
-            dtype=facts["dtype"],
-            train_settings=cfg.model_dump(mode="json"),
-            trainable_parameters=trainable,
-            total_parameters=total,
-            resumed_from_step=resumed_from,
-            global_step=trainer.state.global_step,
-            train_loss=result.training_loss,
-            final_loss=last_value(records, "loss"),
-            eval_loss=eval_metrics.get("eval_loss"),
+        record.report(
+            Report(
+                train_rows=facts["train_rows"],
+                val_rows=facts["val_rows"],
+                steps=trainer.state.global_step,
+                resumed_from_step=resumed_from,
+                base_model=base_model,
+                backend=facts["backend"],
+                device=facts["device"],
+                dtype=facts["dtype"],
+                trainable_parameters=trainable,
+                total_parameters=total,
+                train_loss=result.training_loss,
+                final_loss=last_value(records, "loss"),
+                eval_loss=eval_metrics.get("eval_loss"),
+            )
         )
     return record.manifest

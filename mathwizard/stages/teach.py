@@ -1,34 +1,37 @@
 """Teach: rewrite every prepared solution into numbered steps and a `### Final Answer` block, and keep only valid ones.
 
-Usage: `mathwizard teach --teacher openai --model gpt-4o-mini` (library: `teach.run(cfg, prepare_dir, out, cache_dir)`).
+Usage: `mathwizard teach --teacher openai --teacher-model gpt-4o-mini` (library: `teach.run(cfg, data, out, cache)`).
 The teacher is an OpenAI-compatible API (concurrent, rate-limited, retried, cached per item) or the offline rule
-teacher. The stage comes in pieces so Prefect can run it as chunk tasks: `plan` lists the chunks, `run_chunk` fills
-the reply cache for one chunk, `assemble` writes the splits, `failures.jsonl` and `report.json` from the cache.
-`run` does all of it in one call. Every API reply is validated; an item that never gets a valid one is excluded
-and reported, never written, so `written + failed == items`.
+teacher. Every API reply is validated; an item that never gets a valid one is excluded and reported, never written,
+so `written + failed == items`. The per-item cache makes a re-run after any failure pay only for what is missing.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import re
-import tempfile
-import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel
 
 from mathwizard.answers import final_answer
 from mathwizard.config import SPLITS, TeacherConfig
-from mathwizard.errors import ConfigError, MathWizardError, TeacherError
-from mathwizard.manifest import Manifest, atomic_write_text, fingerprint, require_manifest, reusable, stage_output
+from mathwizard.data.splits import read_table, write_table
+from mathwizard.errors import ConfigError, TeacherError
+from mathwizard.manifest import (
+    Manifest,
+    StageReport,
+    atomic_write_text,
+    fingerprint,
+    require_manifest,
+    reusable,
+    stage_output,
+)
+from mathwizard.progress import Progress, Tally
 from mathwizard.prompts import load_prompt, prompt_digest
 from mathwizard.teacher import rule
 from mathwizard.teacher.cache import ReplyCache, endpoint_host, reply_key
@@ -43,16 +46,7 @@ VERSION = 1  # bump when output semantics change; part of the fingerprint
 REPORT_FILE, FAILURES_FILE = "report.json", "failures.jsonl"
 PROMPT_NAMES = ("rewrite_system", "rewrite_user", "rewrite_reask")
 Kind = Literal["rule", "openai"]
-ProgressFn = Callable[[int, int], None]  # (items done, items in total)
 _PLACEHOLDER = re.compile(r"\{(question|solution|answer|problems)\}")
-
-
-class Chunk(BaseModel):
-    """A slice of one split: the unit of a Prefect task."""
-
-    split: str
-    start: int
-    stop: int
 
 
 class Failure(BaseModel):
@@ -65,18 +59,36 @@ class Failure(BaseModel):
     last_error: str = ""
 
 
-class ChunkResult(BaseModel):
-    """What filling one chunk cost and which items failed; small enough to pass between Prefect tasks."""
+class SplitCounts(BaseModel):
+    items: int
+    written: int
+    failed: int
 
-    chunk: Chunk
-    items: int = 0
-    cache_hits: int = 0
-    api_calls: int = 0
-    retries: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    seconds: float = 0.0
-    failures: list[Failure] = Field(default_factory=list)
+
+class Report(StageReport):
+    """What teaching cost and produced (`report.json`, and the manifest's report)."""
+
+    teacher: Kind
+    model: str
+    host: str | None
+    prompt_version: str
+    items: int
+    written: int
+    failed: int
+    cache_hits: int
+    api_calls: int
+    retries: int
+    prompt_tokens: int
+    completion_tokens: int
+    seconds: float
+    failures_by_reason: dict[str, int]
+    splits: dict[str, SplitCounts]
+
+    def summary(self) -> str:
+        return (
+            f"{self.written:,} of {self.items:,} items written by {self.model}, {self.failed:,} failed; "
+            f"{self.api_calls:,} API calls, {self.cache_hits:,} cache hits"
+        )
 
 
 @dataclass(frozen=True)
@@ -86,6 +98,16 @@ class _Row:
     id: str
     question: str
     solution: str
+
+
+@dataclass
+class _Taught:
+    """The outcome for a set of rows: the text of each written row (by split and index) and the failures."""
+
+    texts: dict[tuple[str, int], str]
+    failures: list[Failure]
+    cache_hits: int = 0
+    stats: Stats | None = None
 
 
 # --------------------------------------------------------------------------------------- settings
@@ -155,44 +177,15 @@ def _prompt_version(cfg: TeacherConfig, kind: Kind) -> str:
 
 
 # ------------------------------------------------------------------------------------------- input
-def _read_rows(data: Path, split: str, limit: int | None, start: int = 0, stop: int | None = None) -> list[_Row]:
+def _read_rows(data: Path, split: str, limit: int | None) -> list[_Row]:
     """The text columns of a split (no images), cheaply, straight from its parquet file."""
-    import pyarrow.parquet as pq
-
-    from mathwizard.data.splits import split_file
-
-    table = pq.read_table(split_file(data, split), columns=["id", "question", "solution"])
-    end = table.num_rows if limit is None else min(limit, table.num_rows)
-    stop = end if stop is None else min(stop, end)
-    table = table.slice(start, max(0, stop - start))
-    columns = table.to_pydict()
+    columns = read_table(data, split, ["id", "question", "solution"], limit=limit).to_pydict()  # type: ignore[union-attr]
     return [
-        _Row(split, start + i, id_, question or "", solution or "")
+        _Row(split, i, id_, question or "", solution or "")
         for i, (id_, question, solution) in enumerate(
             zip(columns["id"], columns["question"], columns["solution"], strict=True)
         )
     ]
-
-
-def _split_size(data: Path, split: str, limit: int | None) -> int:
-    import pyarrow.parquet as pq
-
-    from mathwizard.data.splits import split_file
-
-    rows = pq.ParquetFile(split_file(data, split)).metadata.num_rows
-    return rows if limit is None else min(limit, rows)
-
-
-def plan(cfg: TeacherConfig, data: Path) -> list[Chunk]:
-    """The chunks of `chunk_size` items covering the selected splits (none for an empty split)."""
-    require_manifest(Path(data), "prepare")
-    chunks: list[Chunk] = []
-    for split in _splits(cfg):
-        size = _split_size(Path(data), split, cfg.limit)
-        chunks += [
-            Chunk(split=split, start=i, stop=min(i + cfg.chunk_size, size)) for i in range(0, size, cfg.chunk_size)
-        ]
-    return chunks
 
 
 def _fill(template: str, **values: str) -> str:
@@ -232,281 +225,62 @@ def _cached_valid(cache: ReplyCache, answers: dict[str, str]) -> dict[str, str]:
     return {key: hit.text for key, hit in found.items() if not reply_problems(hit.text, answers[key])}
 
 
-# ---------------------------------------------------------------------------------------- runners
-_SESSIONS: dict[tuple[str, str], ApiRunner] = {}
-_STOPPED: set[str] = set()
-_SESSIONS_LOCK = threading.Lock()
-
-
-def _runner(cfg: TeacherConfig, cache_dir: Path, session: str | None) -> tuple[ApiRunner, bool]:
-    """A runner for this call, or the one shared by all chunks of `session` (one set of limits per stage run)."""
-    if session is None:
-        return ApiRunner(cfg, ReplyCache.in_dir(cache_dir)), True
-    key = (session, cfg.model_dump_json() + str(Path(cache_dir).resolve()))
-    with _SESSIONS_LOCK:
-        runner = _SESSIONS.get(key)
-        if runner is None:
-            runner = _SESSIONS[key] = ApiRunner(cfg, ReplyCache.in_dir(cache_dir))
-    return runner, False
-
-
-def stop(session: str) -> None:
-    """Make chunks of `session` that have not started yet fail at once instead of probing a failing API."""
-    with _SESSIONS_LOCK:
-        _STOPPED.add(session)
-
-
-def release(session: str) -> None:
-    """Stop `session` and close its shared runners (call when the flow that created them ends)."""
-    with _SESSIONS_LOCK:
-        _STOPPED.add(session)
-        keys = [key for key in _SESSIONS if key[0] == session]
-        runners = [_SESSIONS.pop(key) for key in keys]
-    for runner in runners:
-        runner.cache.close()
-        runner.close()
-
-
-def _run_rows(
-    cfg: TeacherConfig,
-    rows: list[_Row],
-    cache_dir: Path,
-    *,
-    session: str | None = None,
-    progress: Callable[[int], None] | None = None,
-) -> tuple[int, Stats, list[Failure]]:
-    """Get a valid reply for every row into the cache; returns (rows served by the cache, API stats, failures)."""
-    kind = resolve_kind(cfg)
-    failures: list[Failure] = []
+# ------------------------------------------------------------------------------------------ teaching
+def _teach(cfg: TeacherConfig, kind: Kind, rows: list[_Row], cache_dir: Path, tally: Tally) -> _Taught:
+    """A valid rewrite for every row that can get one (from the cache, the API or the rule), failures for the rest."""
+    taught = _Taught(texts={}, failures=[])
     answered: list[tuple[_Row, str]] = []
     for row in rows:
         answer = final_answer(row.solution)
         if answer is None:  # nothing to check a rewrite against: never pay for it
-            failures.append(Failure(id=row.id, split=row.split, reason="no_source_answer", attempts=0))
+            taught.failures.append(Failure(id=row.id, split=row.split, reason="no_source_answer"))
         else:
             answered.append((row, answer))
+    tally(len(rows) - len(answered))
     if kind == "rule":
         for row, answer in answered:
-            problems = reply_problems(rule.rewrite(row.solution), answer)
-            if problems:
-                failures.append(Failure(id=row.id, split=row.split, reason=problems[0], attempts=1))
-        if progress is not None:
-            progress(len(rows))
-        return 0, Stats(), failures
+            text = rule.rewrite(row.solution)
+            if problems := reply_problems(text, answer):
+                taught.failures.append(Failure(id=row.id, split=row.split, reason=problems[0], attempts=1))
+            else:
+                taught.texts[(row.split, row.index)] = text
+        tally(len(answered))
+        return taught
 
     prompts = _prompts(cfg)
-    pairs = [(row, _item(cfg, prompts, row, answer)) for row, answer in answered]
-    unique = {item.key: item for _, item in pairs}  # identical question + solution: asked once
+    keyed = [(row, _item(cfg, prompts, row, answer)) for row, answer in answered]
+    unique = {item.key: item for _, item in keyed}  # identical question + solution: asked once
     with ReplyCache.in_dir(cache_dir) as cache:
-        hits = _cached_valid(cache, {key: item.source_answer for key, item in unique.items()})
-    cache_hits = sum(1 for _, item in pairs if item.key in hits)
-    if progress is not None:
-        progress(len(rows) - len(pairs) + cache_hits)
-    todo = [item for key, item in unique.items() if key not in hits]
-    stats = Stats()
-    if todo:
-        runner, private = _runner(cfg, cache_dir, session)
-        try:
-            outcomes, stats = runner.run(todo, progress)
-        finally:
-            if private:
-                runner.cache.close()
-                runner.close()
-        failed = {outcome.key: outcome for outcome in outcomes if not outcome.ok}
-        for row, item in pairs:
-            if (outcome := failed.get(item.key)) is not None:
-                failures.append(
-                    Failure(
-                        id=row.id,
-                        split=row.split,
-                        reason=outcome.reason or "unknown",
-                        attempts=outcome.attempts,
-                        last_error=outcome.last_error,
-                    )
-                )
-        if progress is not None and len(pairs) - cache_hits > len(todo):
-            progress(len(pairs) - cache_hits - len(todo))  # duplicates answered along with their twin
-    return cache_hits, stats, failures
-
-
-def run_chunk(
-    cfg: TeacherConfig,
-    data: Path,
-    cache_dir: Path,
-    chunk: Chunk,
-    *,
-    session: str | None = None,
-    progress: Callable[[int], None] | None = None,
-) -> ChunkResult:
-    """Get a valid reply into the cache for every item of `chunk` that lacks one.
-
-    Args:
-        cfg: teacher settings.
-        data: the prepare stage folder.
-        cache_dir: the shared cache folder (`<home>/cache`).
-        chunk: which rows.
-        session: chunks run with the same session share one runner, hence one set of concurrency and rate limits.
-        progress: called with the number of items just finished (from the runner's thread).
-
-    Raises:
-        TeacherError: the API refused the work (wrong key, unknown model).
-        TransientError: the API stayed down; what finished is cached.
-    """
-    if session is not None and session in _STOPPED:
-        raise MathWizardError(f"teach run {session[:8]} stopped after an earlier chunk failed; this chunk was skipped")
-    started = time.perf_counter()
-    rows = _read_rows(Path(data), chunk.split, cfg.limit, chunk.start, chunk.stop)
-    hits, stats, failures = _run_rows(cfg, rows, Path(cache_dir), session=session, progress=progress)
-    result = ChunkResult(
-        chunk=chunk,
-        items=len(rows),
-        cache_hits=hits,
-        api_calls=stats.api_calls,
-        retries=stats.retries,
-        prompt_tokens=stats.prompt_tokens,
-        completion_tokens=stats.completion_tokens,
-        seconds=round(time.perf_counter() - started, 3),
-        failures=failures,
-    )
-    log.info(
-        "teach %s[%d:%d]: %d items, %d cached, %d API calls, %d failed",
-        chunk.split, chunk.start, chunk.stop, result.items, hits, stats.api_calls, len(failures),
-    )  # fmt: skip
-    return result
-
-
-# --------------------------------------------------------------------------------------- assemble
-def assemble(
-    cfg: TeacherConfig,
-    data: Path,
-    out: Path,
-    cache_dir: Path,
-    results: Iterable[ChunkResult] = (),
-    *,
-    started_at: float | None = None,
-) -> Manifest:
-    """Write the splits, `failures.jsonl`, `report.json` and the manifest from the cache (or the rule teacher).
-
-    An item with a valid cached reply is written; any other is a failure (the reason from `results` when a
-    chunk recorded one, else `not_attempted`), so `written + failed == items` holds whatever happened before.
-    `started_at` (a `time.time()`) is when the stage began, for the report's `seconds`.
-
-    Raises:
-        TeacherError: more than `max_failed_fraction` of the items failed (after the report is written; the
-            manifest is not, so a re-run pays only for the failed items).
-    """
-    data, out, cache_dir = Path(data), Path(out), Path(cache_dir)
-    started = time.perf_counter()
-    kind = resolve_kind(cfg)
-    upstream = require_manifest(data, "prepare")
-    fp = fingerprint(STAGE, VERSION, _output_config(cfg, kind), {"prepare": upstream.fingerprint})
-    results = list(results)
-    recorded = {(f.split, f.id): f for r in results for f in r.failures}
-    prompts = _prompts(cfg) if kind == "openai" else None
-    model_name, prompt_version = _model_name(cfg, kind), _prompt_version(cfg, kind)
-
-    with stage_output(
-        out, stage=STAGE, version=VERSION, fingerprint=fp, config=cfg, upstream={"prepare": upstream.fingerprint}
-    ) as record:
-        failures: list[Failure] = []
-        per_split: dict[str, dict[str, int]] = {}
-        cache = ReplyCache.in_dir(cache_dir) if kind == "openai" else None
-        try:
-            for split in _splits(cfg):
-                rows = _read_rows(data, split, cfg.limit)
-                texts: dict[int, str] = {}
-                keyed: dict[str, list[_Row]] = {}  # rows with identical question and solution share a key
-                answers: dict[str, str] = {}
-                for row in rows:
-                    answer = final_answer(row.solution)
-                    if answer is None:
-                        failures.append(
-                            recorded.get((split, row.id))
-                            or Failure(id=row.id, split=split, reason="no_source_answer", attempts=0)
-                        )
-                    elif kind == "rule":
-                        text = rule.rewrite(row.solution)
-                        problems = reply_problems(text, answer)
-                        if problems:
-                            failures.append(Failure(id=row.id, split=split, reason=problems[0], attempts=1))
-                        else:
-                            texts[row.index] = text
-                    else:
-                        key = _key(cfg, prompts, row)  # type: ignore[arg-type]
-                        keyed.setdefault(key, []).append(row)
-                        answers[key] = answer
-                if cache is not None:
-                    valid = _cached_valid(cache, answers)
-                    for key, same in keyed.items():
-                        for row in same:
-                            if key in valid:
-                                texts[row.index] = valid[key]
-                            else:
-                                failures.append(
-                                    recorded.get((split, row.id))
-                                    or Failure(id=row.id, split=split, reason="not_attempted", attempts=0)
-                                )
-                _write_split(data, out, split, rows, texts, model_name, prompt_version)
-                record.add_file(f"{split}.parquet", rows=len(texts))
-                per_split[split] = {"items": len(rows), "written": len(texts), "failed": len(rows) - len(texts)}
-        finally:
-            if cache is not None:
-                cache.close()
-
-        # ------------------------------------------------------------------------------ report
-        items = sum(s["items"] for s in per_split.values())
-        written = sum(s["written"] for s in per_split.values())
-        by_reason = Counter(f.reason for f in failures)
-        totals = {
-            name: sum(getattr(r, name) for r in results)
-            for name in ("cache_hits", "api_calls", "retries", "prompt_tokens", "completion_tokens")
-        }
-        if started_at is not None:
-            elapsed = time.time() - started_at
+        replies = _cached_valid(cache, {key: item.source_answer for key, item in unique.items()})
+        taught.cache_hits = sum(1 for _, item in keyed if item.key in replies)
+        tally(taught.cache_hits)
+        todo = [item for key, item in unique.items() if key not in replies]
+        failed = {}
+        if todo:
+            with ApiRunner(cfg, cache) as runner:
+                outcomes, taught.stats = runner.run(todo, tally)
+            replies.update({o.key: o.text for o in outcomes if o.ok})  # type: ignore[misc]
+            failed = {o.key: o for o in outcomes if not o.ok}
+    for row, item in keyed:
+        if item.key in replies:
+            taught.texts[(row.split, row.index)] = replies[item.key]
         else:
-            elapsed = sum(r.seconds for r in results) + time.perf_counter() - started
-        report = {
-            "teacher": kind,
-            "model": model_name,
-            "host": endpoint_host(cfg.base_url) if kind == "openai" else None,
-            "prompt_version": prompt_version,
-            "items": items,
-            "written": written,
-            "failed": len(failures),
-            **totals,
-            "seconds": round(elapsed, 3),
-            "failures_by_reason": dict(by_reason.most_common()),
-            "splits": per_split,
-        }
-        lines = "".join(f.model_dump_json() + "\n" for f in failures)
-        atomic_write_text(out / FAILURES_FILE, lines)
-        atomic_write_text(out / REPORT_FILE, json.dumps(report, indent=2) + "\n")
-        record.add_file(FAILURES_FILE, rows=len(failures))
-        record.add_file(REPORT_FILE)
-        record.count(items=items, written=written, failed=len(failures), **totals)
-        record.manifest.extra.update(
-            teacher=kind,
-            teacher_model=model_name,
-            prompt_version=prompt_version,
-            failures_by_reason=report["failures_by_reason"],
-            seconds=report["seconds"],
-        )
-        log.info(
-            "teach: %d of %d items written, %d failed %s; %d API calls, %d cache hits, %d retries",
-            written, items, len(failures), dict(by_reason),
-            totals["api_calls"], totals["cache_hits"], totals["retries"],
-        )  # fmt: skip
-        if items and len(failures) > cfg.max_failed_fraction * items:
-            top = ", ".join(f"{reason} ({n})" for reason, n in by_reason.most_common(3))
-            raise TeacherError(
-                f"{len(failures):,} / {items:,} items failed (teacher.max_failed_fraction={cfg.max_failed_fraction}); "
-                f"top errors: {top}; see {out / FAILURES_FILE} and re-run to retry only those"
+            outcome = failed[item.key]
+            taught.failures.append(
+                Failure(
+                    id=row.id,
+                    split=row.split,
+                    reason=outcome.reason or "unknown",
+                    attempts=outcome.attempts,
+                    last_error=outcome.last_error,
+                )
             )
-    return record.manifest
+    tally(len(rows) - tally.done)  # rows that shared a key with one just asked
+    return taught
 
 
 def _write_split(
-    data: Path, out: Path, split: str, rows: list[_Row], texts: dict[int, str], model_name: str, prompt_version: str
+    data: Path, out: Path, split: str, texts: dict[int, str], model_name: str, prompt_version: str
 ) -> None:
     """`<out>/<split>.parquet`: the written rows with the rewritten solution, the source one and provenance.
 
@@ -515,11 +289,8 @@ def _write_split(
     """
     import datasets
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    from mathwizard.data.splits import split_file
-
-    source = pq.read_table(split_file(data, split))
+    source: pa.Table = read_table(data, split)  # type: ignore[assignment]
     keep = sorted(texts)
     taken = source.take(pa.array(keep, type=pa.int64()))
     source_features = datasets.Features.from_arrow_schema(source.schema)
@@ -537,65 +308,93 @@ def _write_split(
     columns["prompt_version"] = pa.array([prompt_version] * len(keep), pa.string())
     features.update(teacher_model=string, prompt_version=string)
     schema = datasets.Features(features).arrow_schema
-    table = pa.table(columns).cast(schema)
-    out.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{split}.", suffix=".parquet.tmp")
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, out / f"{split}.parquet")
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_table(out / f"{split}.parquet", pa.table(columns).cast(schema))
 
 
 # -------------------------------------------------------------------------------------------- run
-def run(cfg: TeacherConfig, data: Path, out: Path, cache_dir: Path, progress: ProgressFn | None = None) -> Manifest:
-    """Rewrite the selected splits of the prepare folder `data` into `out`, all in one call.
+def run(cfg: TeacherConfig, data: Path, out: Path, cache_dir: Path, *, progress: Progress | None = None) -> Manifest:
+    """Rewrite the selected splits of the prepare folder `data` into `out`.
 
     Args:
         cfg: teacher settings (no secrets: the API key is read from the environment or `.env` when needed).
         data: the prepare stage folder.
         out: this stage's folder.
         cache_dir: where the per-item reply cache lives (shared across runs).
-        progress: called as `progress(done, total)` while items finish.
+        progress: called as `progress(items done, items in total)` while items finish.
 
     Returns:
-        The manifest, also written to `out / "manifest.json"` as the last step.
+        The manifest, also written to `out / "manifest.json"` as the last step; its report is a `Report`.
 
     Raises:
         DataError: `data` is not a finished prepare folder.
         ConfigError: kind=openai without an API key.
-        TeacherError: the API refused the work, or more than `max_failed_fraction` of the items failed.
+        TeacherError: the API refused the work, or more than `max_failed_fraction` of the items failed (raised
+            after the report and failures are written; the manifest is not, so a re-run pays only for those).
         TransientError: the API stayed down; re-run to resume from the cache.
     """
+    started = time.perf_counter()
     data, out, cache_dir = Path(data), Path(out), Path(cache_dir)
     fp = expected_fingerprint(cfg, data)
     if (done := reusable(out, fp)) is not None:
         return done
-    started_at = time.time()
-    total = sum(c.stop - c.start for c in plan(cfg, data))
-    finished = 0
-    lock = threading.Lock()
+    kind = resolve_kind(cfg)
+    upstream = require_manifest(data, "prepare")
+    model_name, prompt_version = _model_name(cfg, kind), _prompt_version(cfg, kind)
+    with stage_output(
+        out,
+        stage=STAGE,
+        version=VERSION,
+        fingerprint=fp,
+        config=cfg,
+        upstream={"prepare": upstream.fingerprint},
+        started=started,
+    ) as record:
+        # Every split in one pass: no boundaries where the request pipeline would drain.
+        rows = [row for split in _splits(cfg) for row in _read_rows(data, split, cfg.limit)]
+        taught = _teach(cfg, kind, rows, cache_dir, Tally(len(rows), progress))
 
-    def advance(n: int) -> None:
-        nonlocal finished
-        with lock:
-            finished += n
-            if progress is not None:
-                progress(finished, total)
+        splits: dict[str, SplitCounts] = {}
+        for split in _splits(cfg):
+            texts = {i: text for (s, i), text in taught.texts.items() if s == split}
+            _write_split(data, out, split, texts, model_name, prompt_version)
+            record.add_file(f"{split}.parquet", rows=len(texts))
+            items = sum(1 for row in rows if row.split == split)
+            splits[split] = SplitCounts(items=items, written=len(texts), failed=items - len(texts))
 
-    # Every split in one pass: no chunk boundaries where the request pipeline would drain.
-    rows = [row for split in _splits(cfg) for row in _read_rows(data, split, cfg.limit)]
-    hits, stats, failures = _run_rows(cfg, rows, cache_dir, progress=advance)
-    whole = ChunkResult(
-        chunk=Chunk(split=cfg.split, start=0, stop=len(rows)),
-        items=len(rows),
-        cache_hits=hits,
-        api_calls=stats.api_calls,
-        retries=stats.retries,
-        prompt_tokens=stats.prompt_tokens,
-        completion_tokens=stats.completion_tokens,
-        failures=failures,
-    )
-    return assemble(cfg, data, out, cache_dir, [whole], started_at=started_at)
+        stats = taught.stats or Stats()
+        by_reason = Counter(f.reason for f in taught.failures)
+        report = Report(
+            teacher=kind,
+            model=model_name,
+            host=endpoint_host(cfg.base_url) if kind == "openai" else None,
+            prompt_version=prompt_version,
+            items=len(rows),
+            written=len(taught.texts),
+            failed=len(taught.failures),
+            cache_hits=taught.cache_hits,
+            api_calls=stats.api_calls,
+            retries=stats.retries,
+            prompt_tokens=stats.prompt_tokens,
+            completion_tokens=stats.completion_tokens,
+            seconds=round(time.perf_counter() - started, 3),
+            failures_by_reason=dict(by_reason.most_common()),
+            splits=splits,
+        )
+        atomic_write_text(out / FAILURES_FILE, "".join(f.model_dump_json() + "\n" for f in taught.failures))
+        atomic_write_text(out / REPORT_FILE, report.model_dump_json(indent=2) + "\n")
+        record.add_file(FAILURES_FILE, rows=len(taught.failures))
+        record.add_file(REPORT_FILE)
+        record.report(report)
+        log.info(
+            "teach: %d of %d items written, %d failed %s; %d API calls, %d cache hits, %d retries",
+            report.written, report.items, report.failed, dict(by_reason),
+            report.api_calls, report.cache_hits, report.retries,
+        )  # fmt: skip
+        if rows and report.failed > cfg.max_failed_fraction * report.items:
+            top = ", ".join(f"{reason} ({n})" for reason, n in by_reason.most_common(3))
+            raise TeacherError(
+                f"{report.failed:,} / {report.items:,} items failed (teacher.max_failed_fraction="
+                f"{cfg.max_failed_fraction}); top errors: {top}; see {out / FAILURES_FILE}"
+                " and re-run to retry only those"
+            )
+    return record.manifest

@@ -7,8 +7,8 @@ is reported as failed; only valid replies enter the cache. Per run: the first re
 key or model costs one request, not thousands; a `TeacherError` stops everything at once; and when items keep
 exhausting their retries (the API is down) the run stops with a `TransientError`, to be resumed from the cache.
 
-The runner owns an event loop in a background thread, so several chunk tasks (threads) can share one set of
-limits: that is what keeps `concurrency` and `rpm` true for the whole stage rather than per chunk.
+The runner owns an event loop in a background thread: callers stay synchronous, and every request of a stage
+shares one set of limits, which keeps `concurrency` and `rpm` true for the whole stage.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from mathwizard.teacher.validate import describe, reply_problems
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[int], None]  # called with the number of items just finished
+Progress = Callable[[int], None]  # called with the number of items just finished (e.g. a progress.Tally)
 Sleep = Callable[[float], Awaitable[None]]
 _CHARS_PER_TOKEN = 3.5  # LaTeX-heavy English; only used to estimate a request's size for the TPM bucket
 

@@ -9,50 +9,12 @@ from (`mathwizard.generation.chat_messages` with the `tutor_system` prompt), so 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
-
-from mathwizard.errors import DataError
 
 log = logging.getLogger(__name__)
 
 SFT_COLUMNS = ("question", "solution", "image")
 DPO_COLUMNS = ("question", "chosen", "rejected", "image")
-
-
-def read_split(folder: Path, split: str, columns: Sequence[str], *, required: bool = True, limit: int | None = None):
-    """`folder/<split>.parquet` as a datasets.Dataset (images stay encoded until a batch needs them).
-
-    Raises:
-        DataError: the file is missing (when required), lacks a column, or has no rows (when required).
-    """
-    import datasets
-
-    path = Path(folder) / f"{split}.parquet"
-    if not path.is_file():
-        if required:
-            raise DataError(f"{path} does not exist; point the stage at a finished upstream folder")
-        return None
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except (OSError, ValueError) as exc:
-        raise DataError(f"cannot read {path}: {exc}") from None
-    ds = datasets.Dataset(table)  # in memory: no copy in the datasets cache
-    missing = [c for c in columns if c not in ds.column_names]
-    if missing:
-        raise DataError(f"{path} lacks column(s) {', '.join(missing)} (has: {', '.join(ds.column_names)})")
-    if limit is not None:
-        ds = ds.select(range(min(limit, len(ds))))
-    if len(ds) == 0:
-        if required:
-            raise DataError(f"{path} has no rows; nothing to train on (check the upstream stage's report)")
-        return None
-    if not isinstance(ds.features["image"], datasets.Image):
-        ds = ds.cast_column("image", datasets.Image())
-    return ds
 
 
 def tutor_prompt(question: str, system: str | None = None) -> list[dict[str, Any]]:

@@ -1,0 +1,124 @@
+"""The Prefect task of every stage: the library's `run`, plus the stage's operational policy in the decorator.
+
+Whether a stage runs or is skipped is decided by the stage itself, from its folder's manifest
+(`mathwizard.manifest.reusable`); so no task keeps a Prefect cache (`NO_CACHE`): two caches could disagree.
+Retries: fetching and publishing retry network hiccups; teach at most once (per-item retries happen inside); the
+GPU stages never (an OOM repeats itself; a re-run resumes from the last checkpoint or chunk instead).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.tasks import exponential_backoff
+
+from mathwizard.config import (
+    DPOConfig,
+    EvalConfig,
+    ModelConfig,
+    PairsConfig,
+    PrepareConfig,
+    PublishConfig,
+    SFTConfig,
+    TeacherConfig,
+)
+from mathwizard.errors import is_transient
+from mathwizard.manifest import Manifest
+from mathwizard.progress import Progress
+from mathwizard.stages import dpo as dpo_stage
+from mathwizard.stages import evaluate as eval_stage
+from mathwizard.stages import pairs as pairs_stage
+from mathwizard.stages import prepare as prepare_stage
+from mathwizard.stages import publish as publish_stage
+from mathwizard.stages import sft as sft_stage
+from mathwizard.stages import teach as teach_stage
+
+
+def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """retry_condition_fn: retry network/Hub/API hiccups, never our permanent errors (bad config, bad data)."""
+    try:
+        state.result()
+    except Exception as exc:
+        return is_transient(exc)
+    return False
+
+
+_NETWORK_RETRIES = {
+    "retries": 3,
+    "retry_delay_seconds": exponential_backoff(backoff_factor=2),
+    "retry_jitter_factor": 0.5,
+    "retry_condition_fn": retry_if_transient,
+}
+
+
+@task(name="prepare", cache_policy=NO_CACHE, **_NETWORK_RETRIES)
+def prepare(cfg: PrepareConfig, out: str) -> Manifest:
+    """Fetch, clean and split MM_Math into `out`."""
+    return prepare_stage.run(cfg, Path(out))
+
+
+@task(name="teach", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=30, retry_condition_fn=retry_if_transient)
+def teach(cfg: TeacherConfig, data: str, out: str, cache_dir: str, progress: Progress | None = None) -> Manifest:
+    """Rewrite the prepared splits in `data` into `out`, replies cached per item in `cache_dir`."""
+    return teach_stage.run(cfg, Path(data), Path(out), Path(cache_dir), progress=progress)
+
+
+@task(name="sft", cache_policy=NO_CACHE, retries=0)
+def sft(cfg: SFTConfig, model: ModelConfig, data: str, out: str, progress: Progress | None = None) -> Manifest:
+    """Train the SFT LoRA adapter on the teach output in `data`, into `out`."""
+    return sft_stage.run(cfg, model, Path(data), Path(out), progress=progress)
+
+
+@task(name="pairs", cache_policy=NO_CACHE, retries=0)
+def pairs(
+    cfg: PairsConfig, model_cfg: ModelConfig, model: str, data: str, out: str, progress: Progress | None = None
+) -> Manifest:
+    """Sample and check flawed answers from `model` (the SFT folder) for the teach output in `data`, into `out`."""
+    return pairs_stage.run(cfg, model_cfg, model, Path(data), Path(out), progress=progress)
+
+
+@task(name="dpo", cache_policy=NO_CACHE, retries=0)
+def dpo(
+    cfg: DPOConfig, model: ModelConfig, sft: str | None, pairs: str, out: str, progress: Progress | None = None
+) -> Manifest:
+    """Align the SFT model in `sft` with DPO on the pairs in `pairs`, into `out`."""
+    return dpo_stage.run(cfg, model, Path(sft) if sft else None, Path(pairs), Path(out), progress=progress)
+
+
+@task(name="eval", task_run_name="eval-{label}", cache_policy=NO_CACHE, retries=0)
+def evaluate(
+    cfg: EvalConfig,
+    model_cfg: ModelConfig,
+    model: str,
+    data: str,
+    out: str,
+    label: str,
+    progress: Progress | None = None,
+) -> Manifest:
+    """Evaluate `model` (a stage folder, model dir, 'tiny' or Hub id) on `data` into `out`."""
+    return eval_stage.run(cfg, model_cfg, model, Path(data), Path(out), label, progress=progress)
+
+
+@task(name="publish", cache_policy=NO_CACHE, **_NETWORK_RETRIES)
+def publish(cfg: PublishConfig, run_dir: str, out: str) -> Manifest:
+    """Push the run's DPO model and SFT/DPO datasets to the Hub, or lay them out in the target folder.
+
+    The Hub token may come from a Prefect Secret block (`publish.token_block`); it is read here, at call time, so it
+    is never a task parameter nor part of a persisted result.
+    """
+    return publish_stage.run(cfg, Path(run_dir), Path(out), token=secret_block_token(cfg.token_block))
+
+
+def secret_block_token(name: str | None) -> str | None:
+    """The value of the Prefect Secret block `name`, or None when there is no such block (or no name)."""
+    if not name:
+        return None
+    from prefect.blocks.system import Secret
+
+    try:
+        return str(Secret.load(name).get())
+    except ValueError:  # no block of that name: fall back to HF_TOKEN / the HF login
+        return None
