@@ -52,7 +52,7 @@ def main() -> None:
         MATHWIZARD_TEACHER_API_KEY=KEY,
         PREFECT_LOCAL_STORAGE_PATH=str(work / "results"),
     )
-    from mathwizard.localstack import LocalStack
+    from deployments.localstack import LocalStack
 
     stack = LocalStack(home=work / "prefect")
     try:

@@ -44,7 +44,7 @@ def make_prepared(folder: Path, n: int) -> Path:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from mathwizard.data.make_sample import SAMPLE_DIR
+    from mathwizard.data.fetch import SAMPLE_DIR
     from mathwizard.data.splits import SPLIT_FILES, arrow_schema
     from mathwizard.manifest import stage_output
 

@@ -21,10 +21,10 @@ from prefect.deployments import run_deployment
 from pydantic import BaseModel, Field, ValidationError
 
 from mathwizard import storage
-from mathwizard.config import Settings, load_settings
+from mathwizard.config import STAGE_DIRS, Settings, load_settings
 from mathwizard.errors import ConfigError, MathWizardError
 from mathwizard.remote import run_on_storage
-from mathwizard.stages import report_of
+from mathwizard.stages import module_name, report_of
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,24 +81,14 @@ def resolve(params: PipelineParams | None, settings: Settings | None) -> Setting
 
 
 # ------------------------------------------------------------------------------------------------- stages
-# Each stage's own flow, imported when first needed (stage modules pull in heavy libraries).
-STAGE_FLOWS = {
-    "prepare": "flows.prepare:prepare_flow",
-    "teach": "flows.teach:teach_flow",
-    "sft": "flows.sft:sft_flow",
-    "pairs": "flows.pairs:pairs_flow",
-    "dpo": "flows.dpo:dpo_flow",
-    "eval": "flows.evaluate:eval_flow",
-    "publish": "flows.publish:publish_flow",
-}
-
-
 def stage_flow(stage: str) -> Callable[..., dict[str, Any]]:
-    """The stage's own flow."""
-    if stage not in STAGE_FLOWS:
-        raise ConfigError(f"unknown stage {stage!r}; use one of {', '.join(STAGE_FLOWS)}")
-    module, name = STAGE_FLOWS[stage].split(":")
-    return getattr(importlib.import_module(module), name)
+    """The stage's own flow, `flows.<module>:<stage>_flow`, imported when first needed (it pulls in heavy libraries).
+
+    The stages and their order are `config.STAGE_DIRS`; a stage's flow module is named like its library module.
+    """
+    if stage not in STAGE_DIRS:
+        raise ConfigError(f"unknown stage {stage!r}; use one of {', '.join(STAGE_DIRS)}")
+    return getattr(importlib.import_module(f"flows.{module_name(stage)}"), f"{stage}_flow")
 
 
 def run_stage(

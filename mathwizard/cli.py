@@ -87,6 +87,25 @@ def prepare_prefect_env() -> None:
     logging.getLogger("mathwizard").setLevel(logging.INFO)
 
 
+def _from_checkout(module: str) -> Any:
+    """A module of the source checkout (flows/, tasks/, deployments/), or one line saying why it is missing."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("flows", "tasks", "deployments"):
+            raise
+        raise MathWizardError(
+            "the Prefect flows live in the Math Wizard source checkout, not in the wheel; clone the repository and"
+            " install it with scripts/setup.sh (an editable install puts flows/, tasks/ and deployments/ on the path)"
+        ) from None
+
+
+def _pipeline() -> Any:
+    return _from_checkout("flows.pipeline")
+
+
 def run_stage(stage: str, settings: Settings, out: Path | None, **inputs: Path | str | None) -> dict[str, Any]:
     """Run one stage's flow on `settings` and print its summary; inputs left None default to the run's folders.
 
@@ -125,9 +144,7 @@ def _root(
 def run_pipeline(config: ConfigOpt = None, home: HomeOpt = None, run_name: RunNameOpt = None) -> None:
     """Run the whole pipeline; finished stages are skipped, so re-running resumes after any failure."""
     settings = load(config, home, run_name)
-    from flows.pipeline import math_wizard
-
-    result = math_wizard(settings=settings)
+    result = _pipeline().math_wizard(settings=settings)
     for stage, info in result.items():
         console.print(f"[bold green]✓[/] {stage:<12} {info['seconds']:>8.1f} s  {info['summary']}", highlight=False)
     console.print(f"[dim]{settings.run_dir}[/]", highlight=False)
@@ -556,8 +573,8 @@ def up(
     """Start a local Prefect stack: server, work pools, deployments, workers; Ctrl-C stops it (workers first)."""
     import time
 
+    from deployments.localstack import up as start_stack
     from mathwizard import storage
-    from mathwizard.localstack import up as start_stack
 
     settings = load(config, home)
     root = settings.home if storage.is_remote(settings.home) else str(Path(settings.home).resolve())

@@ -2,7 +2,7 @@
 
 The stage models are plain values (no secrets), so the same models serve as Prefect flow parameters and the
 UI shows them as a form. Secrets live in `Secrets`, read at call time and never passed as parameters.
-Defaults reproduce the original scripts' recipe (see README, "Defaults").
+Defaults reproduce the original scripts' recipe (README, "sft, pairs, dpo, eval"); a default that differs says so.
 """
 
 from __future__ import annotations

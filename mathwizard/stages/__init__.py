@@ -12,9 +12,14 @@ from mathwizard.manifest import Manifest, StageReport
 _MODULES = {"eval": "evaluate"}  # `eval` is a builtin's name
 
 
+def module_name(stage: str) -> str:
+    """The module name of `stage` under mathwizard.stages (and flows/): the stage's name, but `evaluate` for eval."""
+    return _MODULES.get(stage, stage)
+
+
 def stage_module(stage: str) -> ModuleType:
     """The library module of `stage` (imported when first asked for: stage modules import heavy libraries lazily)."""
-    return importlib.import_module(f"mathwizard.stages.{_MODULES.get(stage, stage)}")
+    return importlib.import_module(f"mathwizard.stages.{module_name(stage)}")
 
 
 def report_of(stage: str, manifest: Manifest | dict[str, Any]) -> StageReport:

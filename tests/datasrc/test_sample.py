@@ -11,8 +11,8 @@ import numpy as np
 from PIL import Image
 
 from mathwizard.answers import boxed_answers
-from mathwizard.data import make_sample
 from mathwizard.data.fetch import SAMPLE_DIR, SAMPLE_IMAGES, SAMPLE_JSONL
+from scripts import make_sample
 
 
 def _rows() -> list[dict[str, str]]:

@@ -134,7 +134,7 @@ def prefect_stack(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) ->
 
     The workers see the local S3 (its endpoint and test credentials are in the environment) and a dummy teacher
     key, and each has its own scratch folder, as two machines would."""
-    from mathwizard.localstack import LocalStack
+    from deployments.localstack import LocalStack
 
     root = tmp_path_factory.mktemp("stack")
     env = {

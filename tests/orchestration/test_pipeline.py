@@ -164,7 +164,7 @@ def test_run_command_runs_the_pipeline_on_the_given_recipe(monkeypatch, tmp_path
 
 
 def test_up_command_starts_the_stack_and_stops_it(monkeypatch, tmp_path: Path) -> None:
-    from mathwizard import localstack
+    from deployments import localstack
     from mathwizard.cli import app
 
     events: list[str] = []

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from mathwizard.answers import answers_match, boxed_answers, final_answer, format_problems
-from mathwizard.data.make_sample import problems
 from mathwizard.teacher.rule import RuleError, rewrite
 from mathwizard.teacher.validate import reply_problems
+from scripts.make_sample import problems
 
 
 def _steps(text: str) -> list[str]:

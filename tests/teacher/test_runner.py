@@ -11,11 +11,11 @@ import pytest
 from teacher_fixtures import api_config
 
 from mathwizard.answers import final_answer
-from mathwizard.data.make_sample import problems
 from mathwizard.errors import TeacherError, TransientError
 from mathwizard.teacher.cache import ReplyCache
 from mathwizard.teacher.runner import ApiRunner, Item, RateLimiter
 from mathwizard.testing import OpenAITestServer
+from scripts.make_sample import problems
 
 SAMPLE = problems()
 

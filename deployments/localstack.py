@@ -1,6 +1,7 @@
 """A local Prefect stack for `mathwizard up` and the tests: server, work pools, deployments and workers.
 
-Everything runs as child processes of the `prefect` command line (this library never imports Prefect): a server on
+It lives beside `prefect.yaml` because it deploys that file from this source checkout (the deployments' pull step
+runs flows from the checkout too). Everything runs as child processes of the `prefect` command line: a server on
 127.0.0.1 with SQLite under its own PREFECT_HOME and analytics off, the `cpu` and `cuda` process pools (`cuda` runs
 one flow at a time), the deployments of `deployments/prefect.yaml`, and workers. `stop()` stops the workers first and
 the server last: stopped together, the server can hang for a minute waiting on its clients.
@@ -28,7 +29,7 @@ from mathwizard.errors import ConfigError, MathWizardError, TransientError
 log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
-PREFECT_YAML = REPO / "deployments" / "prefect.yaml"
+PREFECT_YAML = Path(__file__).resolve().with_name("prefect.yaml")
 POOLS: dict[str, int | None] = {"cpu": None, "cuda": 1}  # pool -> concurrency limit (one GPU job at a time)
 OFFLINE_ENV = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
 

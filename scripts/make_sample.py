@@ -1,6 +1,6 @@
 """Regenerate the bundled MM_Math-format sample: 60 geometry problems with figures drawn here with PIL.
 
-Usage: `python -m mathwizard.data.make_sample [OUT_DIR]` (default: the package's `sample/` folder).
+Usage: `.venv/bin/python scripts/make_sample.py [OUT_DIR]` (default: the package's `mathwizard/data/sample/` folder).
 The output is deterministic (fixed seed, fixed drawing order), so re-running it reproduces the same files.
 Problems follow MM_Math's fields and style: LaTeX questions, `\\textbf{Solution:} ... \\\\ ... \\boxed{...}`
 solutions whose final answers are computed from the same numbers the figure shows.
@@ -20,7 +20,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw, ImageFont
 
 SEED = 57  # chosen so the default 90/5/5 split gives val and test >= 3 rows each (51 / 4 / 5)
-SAMPLE_DIR = Path(__file__).parent / "sample"
+SAMPLE_DIR = Path(__file__).resolve().parents[1] / "mathwizard" / "data" / "sample"
 JSONL_NAME = "mm_math_sample.jsonl"
 IMAGES_NAME = "images"
 WIDTHS = (220, 300, 380, 460, 560, 700, 900)  # some exceed the default 512 px, so resizing is exercised
