@@ -4,8 +4,8 @@ Usage: `.venv/bin/python benchmarks/bench_prefect_overhead.py [--items 6000] [--
 
 Both run in this process, alternating (library, flow, library, flow, ...), each with a fresh reply cache, against
 `mathwizard.testing`'s OpenAI-compatible server in a subprocess (latency 0.2 s, no faults) and a real
-`prefect server start` on 127.0.0.1 (SQLite) started here. The flow is `flows/teach.py:teach_flow` (chunk tasks of
-`chunk_size` items, a progress artifact, a table artifact); the library call is `mathwizard.stages.teach.run` on the
+`prefect server start` on 127.0.0.1 (SQLite) started here. The flow is `flows/teach.py:teach_flow` (one task, a
+progress artifact, a table artifact); the library call is `mathwizard.stages.teach.run` on the
 same data. Overhead = (flow - library) / flow, medians over the repeats; goal <= 5 %.
 """
 
@@ -28,7 +28,6 @@ ITEMS = 6000
 REPEATS = 2
 LATENCY_S = 0.2  # per reply; real APIs take seconds, which would only shrink Prefect's share
 CONCURRENCY = 64  # limit: 64 / 0.2 s = 320 items/s, above what the client reaches on 2 cores
-CHUNK_SIZE = 250  # the default TeacherConfig.chunk_size: 6,000 items -> 24 chunk tasks
 KEY = "sk-bench-not-a-real-key"
 # ---------------------------------------------------------------------------------------------------------
 
@@ -84,7 +83,6 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
             split="train",
             concurrency=CONCURRENCY,
             rpm=None,  # no rate limit: the benchmark measures Prefect, not the limiter
-            chunk_size=CHUNK_SIZE,
         )
         settings = load_settings(home=str(work / "home")).model_copy(update={"teacher": teacher})
         for i in range(args.repeats):
@@ -93,15 +91,15 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
             started = time.perf_counter()
             manifest = teach.run(settings.teacher, data, work / f"lib-{i}" / "02-teach", work / f"lib-{i}" / "cache")
             library.append(time.perf_counter() - started)
-            checks.append(("library", manifest.counts["written"], server.requests))
+            checks.append(("library", teach.Report.of(manifest).written, server.requests))
 
-            # The flow on the real server: chunk tasks, artifacts, state reports; fresh cache under its own home.
+            # The flow on the real server: the task, artifacts, state reports; fresh cache under its own home.
             server.reset_counts()
             run_settings = settings.model_copy(update={"home": str(work / f"flow-{i}")})
             started = time.perf_counter()
             result = teach_flow(settings=run_settings, data=str(data), out=str(work / f"flow-{i}" / "02-teach"))
             flow.append(time.perf_counter() - started)
-            checks.append(("flow", result["counts"]["written"], server.requests))
+            checks.append(("flow", teach.Report.of(result).written, server.requests))
             print(f"repeat {i + 1}: library {library[-1]:.1f} s, flow {flow[-1]:.1f} s", flush=True)
     from prefect.logging.handlers import APILogHandler
 
@@ -123,7 +121,7 @@ def report(args: argparse.Namespace, result: dict) -> None:
     env = env_line()
     print(env)
     if args.json:
-        numbers = {"items": args.items, "latency_s": args.latency, "concurrency": CONCURRENCY, "chunk_size": CHUNK_SIZE}
+        numbers = {"items": args.items, "latency_s": args.latency, "concurrency": CONCURRENCY}
         numbers |= result | {"library_median_s": lib, "flow_median_s": flow, "overhead": share, "env": env}
         args.json.write_text(json.dumps(numbers, indent=2) + "\n")
 

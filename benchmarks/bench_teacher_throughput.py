@@ -9,7 +9,7 @@ Scenarios, all against `mathwizard.testing`'s server in a subprocess (so it does
      retries; an error becomes the text "Error: API call failed..."), same server, same faults
   4. cached re-run: the whole stage (`teach.run`) over 6,000 items whose replies are all cached (goal <= 5 s)
 Faults: 10 % of requests (2 % each: 429 with Retry-After 1 s, 500, 503, dropped connection, wrong answer).
-The throughput figure is the cache-filling phase (`run_chunk`: read, key, ask, validate, store) over all items;
+The throughput figure is the whole stage (`teach.run`: read, key, ask, validate, store, write) over all items;
 goal >= 0.9 x the limit. A fault costs a retry (transport) or a second full-latency ask (wrong answer), so with
 10 % faults the rpm-bound ceiling itself is about 1 / 1.1 = 0.91 x the limit: every retry spends an RPM token.
 """
@@ -82,7 +82,7 @@ def teacher_config(base_url: str, **overrides):
 
 
 def fill(cfg, data: Path, cache_dir: Path, n: int) -> tuple[float, float, dict]:
-    """Seconds and steady items/s of filling the cache for the first `n` train items in one chunk, and its result.
+    """Seconds and steady items/s of the teach stage over the first `n` train items (an empty cache), and its report.
 
     Steady rate: items finished between the 10 % and 90 % marks over the time between them, i.e. without the
     start (the first request goes alone) and the tail (the last items waiting out a Retry-After).
@@ -91,15 +91,17 @@ def fill(cfg, data: Path, cache_dir: Path, n: int) -> tuple[float, float, dict]:
 
     stamps: list[float] = []
 
-    def progress(k: int) -> None:
-        stamps.extend([time.perf_counter()] * k)
+    def progress(done: int, total: int) -> None:
+        stamps.extend([time.perf_counter()] * (done - len(stamps)))
 
+    out = cache_dir.with_name(f"{cache_dir.name}-out")
+    cfg = cfg.model_copy(update={"limit": n, "max_failed_fraction": 1.0})  # count failures, don't stop on them
     started = time.perf_counter()
-    result = teach.run_chunk(cfg, data, cache_dir, teach.Chunk(split="train", start=0, stop=n), progress=progress)
+    manifest = teach.run(cfg, data, out, cache_dir, progress=progress)
     seconds = time.perf_counter() - started
     lo, hi = int(0.1 * len(stamps)), int(0.9 * len(stamps)) - 1
     steady = (hi - lo) / (stamps[hi] - stamps[lo]) if hi > lo and stamps[hi] > stamps[lo] else float("nan")
-    return seconds, steady, result.model_dump(exclude={"failures"}) | {"failed": len(result.failures)}
+    return seconds, steady, teach.Report.of(manifest).model_dump(exclude={"splits", "failures_by_reason"})
 
 
 def sequential_baseline(base_url: str, data: Path, n: int) -> tuple[float, int, int]:
@@ -214,7 +216,8 @@ def main() -> None:
                 started = time.perf_counter()
                 manifest = teach.run(cfg.model_copy(update={"limit": args.cached_items}), data, out, cache_dir)
                 runs.append(time.perf_counter() - started)
-                assert manifest.counts["written"] == args.cached_items and manifest.counts["api_calls"] == 0
+                report = teach.Report.of(manifest)
+                assert report.written == args.cached_items and report.api_calls == 0
             assert server.requests == sent  # not one request
             cached_s = statistics.median(runs)
             results["cached"] = {
