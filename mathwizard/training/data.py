@@ -14,6 +14,7 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 SFT_COLUMNS = ("question", "solution", "image")
+RECORDS_VERSION = 1  # bump when the record layout below changes (part of the map fingerprint)
 DPO_COLUMNS = ("question", "chosen", "rejected", "image")
 
 
@@ -51,7 +52,7 @@ def sft_records(ds, system: str | None = None):
             "completion": _messages_feature(),
         }
     )
-    return ds.map(convert, remove_columns=ds.column_names, features=features, keep_in_memory=True)
+    return _map(ds, convert, features, "sft", system)
 
 
 def dpo_records(ds, system: str | None = None):
@@ -74,7 +75,22 @@ def dpo_records(ds, system: str | None = None):
             "rejected": _messages_feature(),
         }
     )
-    return ds.map(convert, remove_columns=ds.column_names, features=features, keep_in_memory=True)
+    return _map(ds, convert, features, "dpo", system)
+
+
+def _map(ds, convert, features, kind: str, system: str | None):
+    """`ds.map(convert)` in memory, with a fingerprint of our own.
+
+    Without one, `datasets` fingerprints the transform by pickling the `convert` closure with dill, which
+    disassembles its bytecode: under Prefect's `log_prints` that printed about a hundred lines of `LOAD_GLOBAL`
+    into every SFT and DPO log. The input's fingerprint, the record kind and the system prompt decide the output.
+    """
+    from mathwizard.manifest import stable_hash
+
+    fingerprint = stable_hash("records", RECORDS_VERSION, kind, ds._fingerprint, system)[:16]
+    return ds.map(
+        convert, remove_columns=ds.column_names, features=features, keep_in_memory=True, new_fingerprint=fingerprint
+    )
 
 
 def prompt_lengths(records, processor) -> list[int]:
