@@ -9,9 +9,11 @@ they receive artifact locations and hand their manifests back through storage.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,7 @@ from pydantic import BaseModel, Field, ValidationError
 from mathwizard import storage
 from mathwizard.config import STAGE_DIRS, Settings, load_settings
 from mathwizard.errors import ConfigError, MathWizardError
+from mathwizard.lock import run_lock
 from mathwizard.remote import run_on_storage
 from mathwizard.stages import module_name, report_of
 
@@ -92,9 +95,18 @@ def stage_flow(stage: str) -> Callable[..., dict[str, Any]]:
 
 
 def run_stage(
-    stage: str, settings: Settings, out: str, inputs: dict[str, str | None] | None = None, **params: Any
+    stage: str,
+    settings: Settings,
+    out: str,
+    inputs: dict[str, str | None] | None = None,
+    *,
+    lock_holder: str,
+    **params: Any,
 ) -> dict[str, Any]:
-    """Run one stage here (pulling and pushing remote folders) or, when configured, on its GPU deployment."""
+    """Run one stage here (pulling and pushing remote folders) or, when configured, on its GPU deployment.
+
+    `lock_holder` is the id of the run-folder lock the pipeline holds; a dispatched stage works under it.
+    """
     logger = get_run_logger()
     inputs = inputs or {}
     deployment = settings.orchestration.gpu_deployments.get(stage)
@@ -103,7 +115,7 @@ def run_stage(
     logger.info("stage %s: starting on %s → %s", name, where, out)
     started = time.perf_counter()
     if deployment:
-        manifest = dispatch(deployment, stage, settings, out, inputs, params)
+        manifest = dispatch(deployment, stage, settings, out, inputs, params, lock_holder)
     else:
         manifest = run_on_storage(stage, stage_flow(stage), settings, inputs, out, **params)
     logger.info(
@@ -114,7 +126,13 @@ def run_stage(
 
 
 def dispatch(
-    deployment: str, stage: str, settings: Settings, out: str, inputs: dict[str, str | None], params: dict[str, Any]
+    deployment: str,
+    stage: str,
+    settings: Settings,
+    out: str,
+    inputs: dict[str, str | None],
+    params: dict[str, Any],
+    lock_holder: str,
 ) -> dict[str, Any]:
     """Run the stage as a deployment (a subflow in the UI) and read its manifest from storage when it finishes.
 
@@ -129,6 +147,7 @@ def dispatch(
             "out": out,
             "inputs": inputs,
             "params": params,
+            "lock_holder": lock_holder,
         },
         poll_interval=settings.orchestration.poll_seconds,
         flow_run_name=f"{stage}-{params['label']}" if "label" in params else None,
@@ -149,6 +168,14 @@ def dispatch(
 
 
 # -------------------------------------------------------------------------------------------------- flows
+@contextmanager
+def _locked(settings: Settings) -> Iterator[Callable[..., dict[str, Any]]]:
+    """The run folder's lock for the flow's duration, and a `run_stage` that works under it."""
+    options = settings.orchestration.storage_options
+    with run_lock(settings.run_dir, wait_s=settings.orchestration.lock_wait_s, storage_options=options) as holder:
+        yield functools.partial(run_stage, lock_holder=holder)
+
+
 @flow(name="math-wizard", log_prints=True)
 def math_wizard(params: PipelineParams | None = None, settings: Settings | None = None) -> dict[str, Any]:
     """Every stage in order; returns each stage's manifest fingerprint (eval: per model)."""
@@ -158,16 +185,17 @@ def math_wizard(params: PipelineParams | None = None, settings: Settings | None 
     prepared, taught = s.stage_dir("prepare"), s.stage_dir("teach")
     sft, pairs, dpo = s.stage_dir("sft"), s.stage_dir("pairs"), s.stage_dir("dpo")
 
-    done = {"prepare": run_stage("prepare", s, prepared)}
-    done["teach"] = run_stage("teach", s, taught, {"data": prepared})
-    done["sft"] = run_stage("sft", s, sft, {"data": taught})
-    done["pairs"] = run_stage("pairs", s, pairs, {"sft": sft, "data": taught})
-    done["dpo"] = run_stage("dpo", s, dpo, {"sft": sft, "pairs": pairs})
-    models = {"base": None, "sft": sft, "dpo": dpo}
-    for label in s.eval.models:
-        out = f"{s.stage_dir('eval')}/{label}"
-        done[f"eval-{label}"] = run_stage("eval", s, out, {"model": models[label], "data": taught}, label=label)
-    done["publish"] = run_stage("publish", s, s.stage_dir("publish"), {"run_dir": s.run_dir})
+    with _locked(s) as stage:
+        done = {"prepare": stage("prepare", s, prepared)}
+        done["teach"] = stage("teach", s, taught, {"data": prepared})
+        done["sft"] = stage("sft", s, sft, {"data": taught})
+        done["pairs"] = stage("pairs", s, pairs, {"sft": sft, "data": taught})
+        done["dpo"] = stage("dpo", s, dpo, {"sft": sft, "pairs": pairs})
+        models = {"base": None, "sft": sft, "dpo": dpo}
+        for label in s.eval.models:
+            out = f"{s.stage_dir('eval')}/{label}"
+            done[f"eval-{label}"] = stage("eval", s, out, {"model": models[label], "data": taught}, label=label)
+        done["publish"] = stage("publish", s, s.stage_dir("publish"), {"run_dir": s.run_dir})
     return summary(done)
 
 
@@ -175,8 +203,9 @@ def math_wizard(params: PipelineParams | None = None, settings: Settings | None 
 def teacher_only(params: PipelineParams | None = None, settings: Settings | None = None) -> dict[str, Any]:
     """prepare → teach only: refresh the distilled dataset (e.g. after the source grew) without touching models."""
     s = resolve(params, settings)
-    done = {"prepare": run_stage("prepare", s, s.stage_dir("prepare"))}
-    done["teach"] = run_stage("teach", s, s.stage_dir("teach"), {"data": s.stage_dir("prepare")})
+    with _locked(s) as stage:
+        done = {"prepare": stage("prepare", s, s.stage_dir("prepare"))}
+        done["teach"] = stage("teach", s, s.stage_dir("teach"), {"data": s.stage_dir("prepare")})
     return summary(done)
 
 

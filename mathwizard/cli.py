@@ -10,6 +10,7 @@ a bad input is one red line from the stage, whichever way it is started.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -41,6 +42,10 @@ ConfigOpt = Annotated[
 HomeOpt = Annotated[str | None, typer.Option("--home", help="Artifact root folder or URL (MATHWIZARD_HOME).")]
 RunNameOpt = Annotated[str | None, typer.Option("--run-name", help="Run folder under <home>/runs (default: default).")]
 OutOpt = Annotated[Path | None, typer.Option("--out", help="Output folder (default: the run's folder of the stage).")]
+WaitOpt = Annotated[
+    float | None,
+    typer.Option("--wait", help="Seconds to wait while another run writes the run folder (default: stop at once)."),
+]
 BackendOpt = Annotated[str | None, typer.Option("--backend", metavar="auto|hf|unsloth", help="Model backend.")]
 # Training options (sft, dpo).
 MaxStepsOpt = Annotated[int | None, typer.Option("--max-steps", help="Optimizer steps.")]
@@ -70,8 +75,15 @@ def handles_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def load(config: Path | None, home: str | None = None, run_name: str | None = None, **overrides: Any) -> Settings:
+def load(
+    config: Path | None,
+    home: str | None = None,
+    run_name: str | None = None,
+    wait: float | None = None,
+    **overrides: Any,
+) -> Settings:
     """Settings from the file, env and flags, with Prefect set up for this machine."""
+    overrides.setdefault("orchestration", {})["lock_wait_s"] = wait
     settings = load_settings(config, home=home, run_name=run_name, **overrides)
     prepare_prefect_env()
     return settings
@@ -85,6 +97,14 @@ def prepare_prefect_env() -> None:
     # The ephemeral API's 20 s default ran out on a freshly started GPU machine (cold imports and database).
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     logging.getLogger("mathwizard").setLevel(logging.INFO)
+
+
+def run_folder_lock(settings: Settings) -> contextlib.AbstractContextManager[str]:
+    """The run folder's lock (`mathwizard.lock`), taken before Prefect starts, so a busy folder is one line at once."""
+    from mathwizard.lock import run_lock
+
+    orchestration = settings.orchestration
+    return run_lock(settings.run_dir, wait_s=orchestration.lock_wait_s, storage_options=orchestration.storage_options)
 
 
 def _from_checkout(module: str) -> Any:
@@ -109,14 +129,17 @@ def _pipeline() -> Any:
 def run_stage(stage: str, settings: Settings, out: Path | None, **inputs: Path | str | None) -> dict[str, Any]:
     """Run one stage's flow on `settings` and print its summary; inputs left None default to the run's folders.
 
+    Writing into the run folder (no `--out`) takes the run folder's lock first, so two commands never write it at once.
+
     Returns:
         The stage's manifest as a dict.
     """
-    from flows.pipeline import stage_flow
     from mathwizard.stages import report_of
 
     given = {name: str(value) for name, value in {**inputs, "out": out}.items() if value is not None}
-    manifest = stage_flow(stage)(settings=settings, **given)
+    flow = _pipeline().stage_flow(stage)
+    with run_folder_lock(settings) if out is None else contextlib.nullcontext():
+        manifest = flow(settings=settings, **given)
     label = given.get("label")
     name = f"{stage} ({label})" if label else stage
     console.print(f"[bold green]{name}[/]: {report_of(stage, manifest).summary()}", highlight=False)
@@ -141,10 +164,14 @@ def _root(
 # ---------------------------------------------------------------------------------------------------- run
 @app.command("run")
 @handles_errors
-def run_pipeline(config: ConfigOpt = None, home: HomeOpt = None, run_name: RunNameOpt = None) -> None:
+def run_pipeline(
+    config: ConfigOpt = None, home: HomeOpt = None, run_name: RunNameOpt = None, wait: WaitOpt = None
+) -> None:
     """Run the whole pipeline; finished stages are skipped, so re-running resumes after any failure."""
-    settings = load(config, home, run_name)
-    result = _pipeline().math_wizard(settings=settings)
+    settings = load(config, home, run_name, wait)
+    pipeline = _pipeline()
+    with run_folder_lock(settings):
+        result = pipeline.math_wizard(settings=settings)
     for stage, info in result.items():
         console.print(f"[bold green]✓[/] {stage:<12} {info['seconds']:>8.1f} s  {info['summary']}", highlight=False)
     console.print(f"[dim]{settings.run_dir}[/]", highlight=False)
@@ -157,6 +184,7 @@ def prepare(
     config: ConfigOpt = None,
     home: HomeOpt = None,
     run_name: RunNameOpt = None,
+    wait: WaitOpt = None,
     out: OutOpt = None,
     source: Annotated[
         str | None,
@@ -178,6 +206,7 @@ def prepare(
         config,
         home,
         run_name,
+        wait,
         prepare={
             "source": source,
             "jsonl": str(jsonl) if jsonl else None,
@@ -198,6 +227,7 @@ def teach(
     config: ConfigOpt = None,
     home: HomeOpt = None,
     run_name: RunNameOpt = None,
+    wait: WaitOpt = None,
     data: Annotated[Path | None, typer.Option(help="Prepare folder (default: <home>/runs/<run>/01-prepare).")] = None,
     out: OutOpt = None,
     split: Annotated[str | None, typer.Option(metavar="train|val|test|all", help="Split(s) to rewrite.")] = None,
@@ -219,6 +249,7 @@ def teach(
         config,
         home,
         run_name,
+        wait,
         teacher={
             "split": split,
             "kind": teacher,
@@ -269,6 +300,7 @@ def sft(
     config: ConfigOpt = None,
     home: HomeOpt = None,
     run_name: RunNameOpt = None,
+    wait: WaitOpt = None,
     data: Annotated[Path | None, typer.Option(help="Teach stage folder (default: <home>/runs/<run>/02-teach).")] = None,
     out: OutOpt = None,
     base_model: Annotated[str | None, typer.Option(help="Base model: 'tiny', a Hub id or a model folder.")] = None,
@@ -287,6 +319,7 @@ def sft(
         config,
         home,
         run_name,
+        wait,
         model={"name": base_model, "backend": backend},
         sft=_training_overrides(
             max_steps, batch_size, grad_accum, learning_rate, max_length, save_steps, save_merged, limit
@@ -302,6 +335,7 @@ def pairs(
     config: ConfigOpt = None,
     home: HomeOpt = None,
     run_name: RunNameOpt = None,
+    wait: WaitOpt = None,
     data: Annotated[Path | None, typer.Option(help="Teach stage folder (default: <home>/runs/<run>/02-teach).")] = None,
     out: OutOpt = None,
     sft: Annotated[
@@ -325,6 +359,7 @@ def pairs(
         config,
         home,
         run_name,
+        wait,
         model={"backend": backend},
         pairs={
             "limit": limit,
@@ -347,6 +382,7 @@ def dpo(
     config: ConfigOpt = None,
     home: HomeOpt = None,
     run_name: RunNameOpt = None,
+    wait: WaitOpt = None,
     pairs: Annotated[
         Path | None, typer.Option(help="Pairs stage folder (default: <home>/runs/<run>/04-pairs).")
     ] = None,
@@ -370,6 +406,7 @@ def dpo(
         config,
         home,
         run_name,
+        wait,
         model={"backend": backend},
         dpo={
             "beta": beta,
@@ -388,6 +425,7 @@ def evaluate(
     config: ConfigOpt = None,
     home: HomeOpt = None,
     run_name: RunNameOpt = None,
+    wait: WaitOpt = None,
     data: Annotated[Path | None, typer.Option(help="Teach or prepare folder (default: 02-teach).")] = None,
     out: Annotated[
         Path | None, typer.Option(help="Output folder (default: <home>/runs/<run>/06-eval/<label>).")
@@ -407,6 +445,7 @@ def evaluate(
         config,
         home,
         run_name,
+        wait,
         model={"backend": backend},
         eval={"limit": limit, "batch_size": batch_size, "max_new_tokens": max_new_tokens},
     )
@@ -420,6 +459,7 @@ def publish(
     config: ConfigOpt = None,
     home: HomeOpt = None,
     run_name: RunNameOpt = None,
+    wait: WaitOpt = None,
     run_dir: Annotated[
         Path | None, typer.Option(help="Run folder holding 01-prepare ... 06-eval (default: <home>/runs/<run>).")
     ] = None,
@@ -448,6 +488,7 @@ def publish(
         config,
         home,
         run_name,
+        wait,
         publish={
             "target": str(target) if target else None,
             "namespace": namespace,

@@ -292,6 +292,11 @@ class OrchestrationConfig(_Stage):
         description="Stage -> deployment name ('sft': 'mathwizard-sft/cuda'); listed stages run on that work pool.",
     )
     poll_seconds: float = Field(5.0, gt=0, description="How often the pipeline checks a dispatched GPU stage.")
+    lock_wait_s: float = Field(
+        0.0,
+        ge=0,
+        description="Seconds to wait while another run writes the same run folder (0: stop at once with its name).",
+    )
     scratch: str | None = Field(
         None, description="Local folder caching remote stage folders (default: <temp dir>/mathwizard-scratch)."
     )
