@@ -614,9 +614,9 @@ def up(
     """Start a local Prefect stack: server, work pools, deployments, workers; Ctrl-C stops it (workers first)."""
     import time
 
-    from deployments.localstack import up as start_stack
     from mathwizard import storage
 
+    start_stack = _from_checkout("deployments.localstack").up
     settings = load(config, home)
     root = settings.home if storage.is_remote(settings.home) else str(Path(settings.home).resolve())
     state_home = prefect_home or (Path("mathwizard-prefect") if storage.is_remote(root) else Path(root) / "prefect")
