@@ -17,6 +17,7 @@ from prefect.artifacts import (
 )
 
 from mathwizard.manifest import Manifest
+from mathwizard.progress import announce
 
 
 def create_image_artifact(png: Path, *, key: str, title: str, description: str | None = None) -> None:
@@ -30,33 +31,34 @@ def create_image_artifact(png: Path, *, key: str, title: str, description: str |
 
 
 class ProgressArtifact:
-    """Live progress of a stage in the UI: a `mathwizard.progress.Progress` callback, `progress(done, total)`.
+    """Live progress of a stage in the UI: a `mathwizard.progress.Progress`, `progress(done, total, **metrics)`.
 
     The artifact is created at the first report, so a stage that is skipped (already done) shows none. Updates reach
     the server at most every `every_s` seconds and at the end, so 6,000 items cost a few dozen API calls, not 6,000.
-    Safe to call from worker threads and from inside an event loop (it always calls the synchronous API).
+    Every report is also `announce`d to this process's watchers (the CLI's live display). Safe to call from worker
+    threads and from inside an event loop (it always calls the synchronous API).
 
     Example:
         progress = ProgressArtifact(key="teach-progress", description="teach: items")
         teach(cfg, data, out, cache, progress=progress)
     """
 
-    def __init__(self, *, key: str | None = None, description: str, every_s: float = 2.0) -> None:
+    def __init__(self, *, key: str, description: str, every_s: float = 2.0) -> None:
         self.key, self.description, self.every_s = key, description, every_s
-        self.done = self.total = 0
         self.id: UUID | None = None
         self._lock = threading.Lock()
         self._last = 0.0
 
-    def __call__(self, done: int, total: int) -> None:
+    def __call__(self, done: int, total: int, /, **metrics: float) -> None:
+        announce(self.key, self.description, done, total, metrics)
         with self._lock:
-            self.done, self.total = done, total
             now = time.monotonic()
             if self.id is not None and now - self._last < self.every_s and done < total:
                 return
             self._last = now
             percent = 100.0 if total <= 0 else min(100.0, 100.0 * done / total)
-            text = f"{self.description}: {done:,} of {total:,}"
+            shown = "".join(f" · {name} {value:.4g}" for name, value in metrics.items())
+            text = f"{self.description}: {done:,} of {total:,}{shown}"
             if self.id is None:
                 self.id = create_progress_artifact(progress=percent, key=self.key, description=text, _sync=True)  # type: ignore[assignment]
             else:

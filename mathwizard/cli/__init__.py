@@ -13,8 +13,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
-import logging
-import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -32,7 +31,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
-console = Console(stderr=True)
+# Piped to a file (CI logs), lines are not cut at 80 columns.
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 F = TypeVar("F", bound=Callable[..., Any])
 
 # Options every command shares.
@@ -84,19 +84,21 @@ def load(
 ) -> Settings:
     """Settings from the file, env and flags, with Prefect set up for this machine."""
     overrides.setdefault("orchestration", {})["lock_wait_s"] = wait
-    settings = load_settings(config, home=home, run_name=run_name, **overrides)
-    prepare_prefect_env()
-    return settings
+    return load_settings(config, home=home, run_name=run_name, **overrides)
 
 
-def prepare_prefect_env() -> None:
-    """Offline-friendly Prefect defaults, set before prefect is imported; explicit env vars win."""
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("DO_NOT_TRACK", "1")
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "mathwizard")
-    # The ephemeral API's 20 s default ran out on a freshly started GPU machine (cold imports and database).
-    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    logging.getLogger("mathwizard").setLevel(logging.INFO)
+def run_flow(settings: Settings, call: Callable[[Any], dict[str, Any]], *, lock: bool = True) -> dict[str, Any]:
+    """`call(flows.pipeline)` under the run folder's lock, with this process's own Prefect API and a live display.
+
+    The lock comes first, so a busy run folder is one line before anything starts.
+    """
+    from mathwizard.cli.display import live_progress
+    from mathwizard.cli.runtime import console_without_tracebacks, prefect_api
+
+    pipeline = _pipeline()
+    console_without_tracebacks()
+    with run_folder_lock(settings) if lock else contextlib.nullcontext(), prefect_api(), live_progress(console):
+        return call(pipeline)
 
 
 def run_folder_lock(settings: Settings) -> contextlib.AbstractContextManager[str]:
@@ -137,15 +139,58 @@ def run_stage(stage: str, settings: Settings, out: Path | None, **inputs: Path |
     from mathwizard.stages import report_of
 
     given = {name: str(value) for name, value in {**inputs, "out": out}.items() if value is not None}
-    flow = _pipeline().stage_flow(stage)
-    with run_folder_lock(settings) if out is None else contextlib.nullcontext():
-        manifest = flow(settings=settings, **given)
+    manifest = run_flow(
+        settings, lambda pipeline: pipeline.stage_flow(stage)(settings=settings, **given), lock=out is None
+    )
     label = given.get("label")
     name = f"{stage} ({label})" if label else stage
     console.print(f"[bold green]{name}[/]: {report_of(stage, manifest).summary()}", highlight=False)
     folder = out or Path(settings.stage_dir(stage) + (f"/{label}" if label else ""))
     console.print(f"[dim]{folder} · {manifest['seconds']:.1f} s · fingerprint {manifest['fingerprint'][:12]}[/]")
     return manifest
+
+
+def _where(settings: Settings) -> None:
+    """Where the run's model and datasets are, and how to try the tutor."""
+    from mathwizard.manifest import read_manifest
+    from mathwizard.stages.publish import Report
+
+    sft, dpo = settings.stage_dir("sft"), settings.stage_dir("dpo")
+    console.print(f"\n[bold]{'model':<10}[/] {dpo}/adapter  (SFT: {sft}/adapter)", highlight=False)
+    published = read_manifest(Path(settings.stage_dir("publish")))
+    if published is not None:
+        report = Report.of(published)
+        names = {"model": "model repo", "sft_dataset": "SFT data", "dpo_dataset": "DPO data"}
+        for repo in report.repos:
+            where = repo.url or (repo.folder if Path(repo.folder).is_absolute() else f"{report.root}/{repo.folder}")
+            console.print(f"[bold]{names[repo.part]:<10}[/] {where}", highlight=False)
+    figure = _example_figure(settings)
+    console.print(
+        f"[bold]{'try it':<10}[/] mathwizard ask --model {settings.stage_dir('dpo')} --image {figure}"
+        ' "What is the measure of the marked angle?"',
+        highlight=False,
+    )
+    console.print(f"[dim]{settings.run_dir}[/]", highlight=False)
+
+
+def _example_figure(settings: Settings) -> str:
+    """A figure of the run's test split on disk (the prepared images), else a placeholder."""
+    from mathwizard.data.splits import read_table
+    from mathwizard.errors import DataError
+    from mathwizard.manifest import read_manifest
+    from mathwizard.stages.prepare import RAW_DIR, FetchReport
+
+    raw = Path(settings.stage_dir("prepare")) / RAW_DIR
+    fetched = read_manifest(raw)
+    try:
+        names = read_table(settings.stage_dir("prepare"), "test", ["file_name"], limit=1)
+    except DataError:
+        return "figure.png"
+    if fetched is None or names is None or names.num_rows == 0:
+        return "figure.png"
+    root = Path(FetchReport.of(fetched).images_root)
+    path = (root if root.is_absolute() else raw / root) / str(names.column("file_name")[0])
+    return str(path) if path.is_file() else "figure.png"
 
 
 def print_json(data: Any) -> None:
@@ -155,10 +200,16 @@ def print_json(data: Any) -> None:
 @app.callback(invoke_without_command=True)
 def _root(
     version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+    verbose: Annotated[
+        int, typer.Option("--verbose", "-v", count=True, help="-v: the stages' log lines too; -vv: debug.")
+    ] = 0,
 ) -> None:
     if version:
         typer.echo(f"mathwizard {__version__}")
         raise typer.Exit()
+    from mathwizard.cli.runtime import quiet_console
+
+    quiet_console(verbose)  # before anything imports Prefect
 
 
 # ---------------------------------------------------------------------------------------------------- run
@@ -168,13 +219,12 @@ def run_pipeline(
     config: ConfigOpt = None, home: HomeOpt = None, run_name: RunNameOpt = None, wait: WaitOpt = None
 ) -> None:
     """Run the whole pipeline; finished stages are skipped, so re-running resumes after any failure."""
+    from mathwizard.cli.display import stage_table
+
     settings = load(config, home, run_name, wait)
-    pipeline = _pipeline()
-    with run_folder_lock(settings):
-        result = pipeline.math_wizard(settings=settings)
-    for stage, info in result.items():
-        console.print(f"[bold green]✓[/] {stage:<12} {info['seconds']:>8.1f} s  {info['summary']}", highlight=False)
-    console.print(f"[dim]{settings.run_dir}[/]", highlight=False)
+    result = run_flow(settings, lambda pipeline: pipeline.math_wizard(settings=settings))
+    console.print(stage_table(result))
+    _where(settings)
 
 
 # ------------------------------------------------------------------------------------------------ prepare
