@@ -16,6 +16,7 @@ changes typography still agrees with its source.
 from __future__ import annotations
 
 import re
+from typing import NamedTuple
 
 SOLUTION_HEADER = "### Solution"
 FINAL_HEADER = "### Final Answer"
@@ -28,9 +29,22 @@ _REFUSAL = re.compile(
 )
 
 
-def boxed_answers(text: str) -> list[str]:
-    """Contents of every `\\boxed{...}` in order, with nested braces kept whole (`\\boxed{\\frac{1}{2}}`)."""
-    found: list[str] = []
+class Boxed(NamedTuple):
+    """One boxed expression: its content is `text[start:end]`, between the braces of `\\boxed{...}`."""
+
+    start: int
+    end: int
+    content: str
+
+
+def boxed_spans(text: str) -> list[Boxed]:
+    """Every `\\boxed{...}` and `\\fbox{...}` in `text`, in order of their opening.
+
+    Nested braces are kept whole (`\\boxed{\\frac{1}{2}}` holds `\\frac{1}{2}`), escaped braces (`\\{`) do not
+    count, and a box whose braces never close is left out. The one brace matcher: answers are read and rule-made
+    flaws (`mathwizard.flaws`) edit them through it.
+    """
+    found: list[Boxed] = []
     for match in _BOXED.finditer(text):
         depth, start = 1, match.end()
         for i in range(start, len(text)):
@@ -40,15 +54,20 @@ def boxed_answers(text: str) -> list[str]:
             elif char == "}" and text[i - 1] != "\\":
                 depth -= 1
                 if depth == 0:
-                    found.append(text[start:i])
+                    found.append(Boxed(start, i, text[start:i]))
                     break
     return found
 
 
+def boxed_answers(text: str) -> list[str]:
+    """Contents of every boxed expression in order (see `boxed_spans`)."""
+    return [box.content for box in boxed_spans(text)]
+
+
 def final_answer(text: str) -> str | None:
     """The last boxed answer, which is the final one in MM_Math and in our format; None when there is none."""
-    answers = boxed_answers(text)
-    return answers[-1] if answers else None
+    spans = boxed_spans(text)
+    return spans[-1].content if spans else None
 
 
 _REPLACEMENTS: tuple[tuple[str, str], ...] = (

@@ -1,14 +1,13 @@
 """DPO preference pairs: the teacher's solution as `chosen`, a flawed answer sampled from the SFT model as `rejected`.
 
-Usage: `mathwizard pairs --model <run>/03-sft --data <run>/02-teach`.
+Usage: `mathwizard pairs --sft <run>/03-sft --data <run>/02-teach`.
 
-Each problem gets one of three flaws (a calculation error, a misapplied concept, a broken process), chosen from its
-id and the seed. The flawed answers are sampled in batches (left padding, many prompts per `generate`) and every
-one is checked: it follows the answer format, differs from the chosen answer, and, for the two flaws that must
-change the result, has a different final answer. Failures are re-sampled up to `max_attempts` times; then either
-a deterministic rule writes the flaw (`fallback="rule"`, the offline demo: a random tiny model never writes valid
-text) or the item is excluded. No text that failed the checks is ever written, and the report counts how many
-rejected answers came from the model and how many from the rule.
+Each problem gets one of three flaws, chosen from its id and the seed; what a flawed answer must pass and the
+rule-made flaws are in `mathwizard.flaws`. The flawed answers are sampled in batches (left padding, many prompts per
+`generate`) with the flaw's system prompt and the `flawed_user` prompt, and every one is checked. Failures are
+re-sampled up to `max_attempts` times; then either a deterministic rule writes the flaw (`fallback="rule"`, the
+offline demo: a random tiny model never writes valid text) or the item is excluded. No text that failed the checks is
+ever written, and the report counts how many rejected answers came from the model and how many from the rule.
 
 Work is done in chunks of `chunk_size` items; each finished chunk is written atomically to `chunks/`, so a killed
 run restarts at the first unfinished chunk. An optional `progress(done, total)` callback hears of every finished chunk,
@@ -19,7 +18,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -29,16 +27,11 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from mathwizard.answers import (
-    FINAL_HEADER,
-    SOLUTION_HEADER,
-    answers_match,
-    final_answer,
-    format_problems,
-)
+from mathwizard.answers import format_problems
 from mathwizard.config import ModelConfig, PairsConfig
 from mathwizard.data.splits import read_table, split_rows, write_table
 from mathwizard.errors import DataError
+from mathwizard.flaws import FLAWED_STRATEGIES, choose_strategy, rejected_problems, rule_flaw
 from mathwizard.generation import Generator, Request, SamplingParams
 from mathwizard.manifest import (
     Manifest,
@@ -51,238 +44,29 @@ from mathwizard.manifest import (
     stage_output,
 )
 from mathwizard.progress import Progress, Tally
-from mathwizard.prompts import FLAWED_STRATEGIES, load_prompt, prompt_digest
+from mathwizard.prompts import fill_prompt, load_prompt, prompt_digest
 
 log = logging.getLogger(__name__)
 
 STAGE = "pairs"
 VERSION = 1
 PROMPT_VERSION = "v1"
-# The two flaws that must change the final answer; a broken process may keep it.
-ANSWER_CHANGING = frozenset({"calculation_error", "misapplied_concept"})
 COLUMNS = ("id", "image", "question", "chosen", "rejected", "strategy", "difficult", "source")
 _INPUT_COLUMNS = ("id", "question", "solution", "image", "difficult")
 _CHUNK_META = b"mathwizard_chunk"
 REPORT_FILE = "report.json"
-
-USER_TEMPLATE = """Problem:
-{question}
-
-Correct solution (for reference only; your answer must contain the flaw described above):
-{chosen}
-
-Write the flawed solution now, in the same format: "### Solution" with numbered steps, then "### Final Answer" \
-with exactly one \\boxed{{}} answer."""
+USER_PROMPT = "flawed_user"  # the user message: the problem and the chosen answer, `{question}` and `{chosen}`
+# The system prompt of each flaw, then the user message; their texts are part of the fingerprint.
+PROMPT_NAMES = (*(f"flawed_{s}" for s in FLAWED_STRATEGIES), USER_PROMPT)
 
 
-# ------------------------------------------------------------------------------------------ checks
-def _normalized_text(text: str) -> str:
-    return " ".join(text.split()).casefold()
+def _prompts() -> dict[str, str]:
+    return {name: load_prompt(name, PROMPT_VERSION) for name in PROMPT_NAMES}
 
 
-def rejected_problems(rejected: str, chosen: str, strategy: str) -> list[str]:
-    """Why `rejected` cannot be the flawed answer for `chosen` under `strategy`; empty when it can."""
-    problems = [f"format:{reason}" for reason in format_problems(rejected)]
-    if _normalized_text(rejected) == _normalized_text(chosen):
-        problems.append("same_as_chosen")
-    if strategy in ANSWER_CHANGING and answers_match(final_answer(rejected), final_answer(chosen)):
-        problems.append("same_final_answer")
-    return problems
-
-
-def choose_strategy(item_id: str, seed: int) -> str:
-    """The item's flaw: fixed by its id and the seed, so a re-run (or a resumed run) asks for the same flaw."""
-    return FLAWED_STRATEGIES[int(stable_hash("strategy", seed, item_id)[:8], 16) % len(FLAWED_STRATEGIES)]
-
-
-# ------------------------------------------------------------------------------------ rule fallback
-_STEP_START = re.compile(r"^(\s*)(\d+)([.)])(\s+)")
-_NUMBER = re.compile(r"(?<![\d.])\d+(?:\.\d+)?(?!\d|\.\d)")
-_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
-# Concept confusions a student makes; the first that occurs in the steps is swapped in (either direction).
-_CONCEPT_SWAPS: tuple[tuple[str, str], ...] = (
-    ("complementary", "supplementary"),
-    ("perpendicular", "parallel"),
-    ("\\perp", "\\parallel"),
-    ("\\sin", "\\cos"),
-    ("radius", "diameter"),
-    ("congruent", "similar"),
-    ("\\cong", "\\sim"),
-    ("isosceles", "equilateral"),
-    ("area", "perimeter"),
-    ("midpoint", "endpoint"),
-    ("bisector", "median"),
-    ("inscribed", "central"),
-)
-
-
-@dataclass
-class _Solution:
-    """An answer split into the text up to its first step, the numbered steps, and the final-answer part."""
-
-    head: str
-    steps: list[str]
-    tail: str
-
-    @classmethod
-    def parse(cls, text: str) -> _Solution | None:
-        start, end = text.find(SOLUTION_HEADER), text.find(FINAL_HEADER)
-        if start < 0 or end < start:
-            return None
-        head, steps = text[: start + len(SOLUTION_HEADER)], []
-        for line in text[start + len(SOLUTION_HEADER) : end].splitlines(keepends=True):
-            if _STEP_START.match(line):
-                steps.append(line)
-            elif steps:
-                steps[-1] += line  # a step's continuation line
-            else:
-                head += line
-        return cls(head, steps, text[end:]) if steps else None
-
-    def render(self) -> str:
-        steps = [_STEP_START.sub(rf"\g<1>{n}\g<3>\g<4>", step, count=1) for n, step in enumerate(self.steps, 1)]
-        return self.head + "".join(s if s.endswith("\n") else s + "\n" for s in steps) + self.tail
-
-
-def _last_boxed_span(text: str) -> tuple[int, int] | None:
-    """Start and end of the last boxed answer's content (nested braces kept whole)."""
-    spans = []
-    for match in _BOXED.finditer(text):
-        depth = 1
-        for i in range(match.end(), len(text)):
-            if text[i] == "{" and text[i - 1] != "\\":
-                depth += 1
-            elif text[i] == "}" and text[i - 1] != "\\":
-                depth -= 1
-                if depth == 0:
-                    spans.append((match.end(), i))
-                    break
-    return spans[-1] if spans else None
-
-
-def _format_number(value: float, like: str) -> str:
-    decimals = len(like.split(".")[1]) if "." in like else 0
-    return f"{value:.{decimals}f}" if decimals else str(round(value))
-
-
-def _replace_last_number(text: str, old: str, new: str, start: int = 0) -> str | None:
-    found = [m for m in _NUMBER.finditer(text) if m[0] == old and m.start() >= start]
-    return None if not found else text[: found[-1].start()] + new + text[found[-1].end() :]
-
-
-def _change_result(
-    text: str, change: Callable[[str], str], *, number: int = -1, in_steps: bool = True
-) -> tuple[str, str, str] | None:
-    """Change one number (`number`: its index, -1 the last) of the boxed answer and, with `in_steps`, that number
-    where the last step that states it does.
-
-    Returns the new text and the boxed answer before and after, or None when the boxed answer holds no number.
-    """
-    span = _last_boxed_span(text)
-    numbers = list(_NUMBER.finditer(text[span[0] : span[1]])) if span else []
-    if not span or not numbers:
-        return None
-    target = numbers[number]
-    old, new = target[0], change(target[0])
-    before = text[span[0] : span[1]]
-    after = before[: target.start()] + new + before[target.end() :]
-    text = text[: span[0]] + after + text[span[1] :]
-    solution = _Solution.parse(text)
-    if not in_steps or solution is None:
-        return text, before, after
-    for i in range(len(solution.steps) - 1, -1, -1):
-        number_end = _STEP_START.match(solution.steps[i]).end()  # type: ignore[union-attr]  # skip "3. " itself
-        changed = _replace_last_number(solution.steps[i], old, new, number_end)
-        if changed is not None:
-            solution.steps[i] = changed
-            break
-    return solution.render(), before, after
-
-
-def _calculation_error(chosen: str) -> str | None:
-    """An off-by-one slip in the last computation: the final step and the boxed answer both carry it."""
-    changed = _change_result(chosen, lambda old: _format_number(float(old) + 1, old))
-    return changed[0] if changed else None
-
-
-def _swap_concept(text: str) -> str | None:
-    """`text` with its first known concept term replaced by the one students confuse it with."""
-    hits = []
-    for a, b in _CONCEPT_SWAPS:
-        for old, new in ((a, b), (b, a)):
-            pattern = rf"{re.escape(old)}(?![A-Za-z])" if old.startswith("\\") else rf"\b{re.escape(old)}\b"
-            if match := re.search(pattern, text):
-                hits.append((match.start(), match.end(), new))
-    if not hits:
-        return None
-    start, end, new = min(hits)
-    return text[:start] + new + text[end:]
-
-
-def _misapplied_concept(chosen: str) -> str | None:
-    """A confused concept (e.g. supplementary for complementary) that doubles the result."""
-    solution = _Solution.parse(chosen)
-    if solution is None:
-        return None
-    swapped = next((i for i, step in enumerate(solution.steps) if _swap_concept(step) is not None), None)
-    if swapped is not None:
-        solution.steps[swapped] = _swap_concept(solution.steps[swapped])  # type: ignore[assignment]
-        changed = _change_result(solution.render(), _doubled, number=0)
-        if changed is not None:
-            return changed[0]
-    else:
-        changed = _change_result(chosen, _doubled, number=0, in_steps=False)
-        if changed is not None:
-            # No known concept to confuse: wrongly invoke a symmetry, stated as a step, that doubles the result.
-            text, old, new = changed
-            solution = _Solution.parse(text)
-            solution.steps.append(  # type: ignore[union-attr]
-                f"1. Since the figure is symmetric about this line, the result doubles: 2 \\times {old} = {new}.\n"
-            )
-            return solution.render()  # type: ignore[union-attr]
-    # A non-numeric answer (a relation, a name): confuse the concept inside the boxed answer itself.
-    text = solution.render()
-    span = _last_boxed_span(text)
-    inner = _swap_concept(text[span[0] : span[1]]) if span else None
-    return None if inner is None or span is None else text[: span[0]] + inner + text[span[1] :]
-
-
-def _doubled(old: str) -> str:
-    return _format_number(float(old) * 2 if float(old) else 1.0, old)
-
-
-def _broken_process(chosen: str) -> str | None:
-    """A skipped step: the middle step is dropped (the first of two), so the reasoning jumps to the result."""
-    solution = _Solution.parse(chosen)
-    if solution is None:
-        return None
-    if len(solution.steps) >= 3:
-        del solution.steps[len(solution.steps) // 2]
-    elif len(solution.steps) == 2:
-        del solution.steps[0]
-    else:
-        solution.steps = ["1. From the figure, the result follows directly.\n"]
-    return solution.render()
-
-
-_RULES: dict[str, Callable[[str], str | None]] = {
-    "calculation_error": _calculation_error,
-    "misapplied_concept": _misapplied_concept,
-    "broken_process": _broken_process,
-}
-
-
-def rule_flaw(chosen: str, strategy: str) -> str | None:
-    """A deterministic flawed version of `chosen` that passes `rejected_problems`, or None when the rule cannot."""
-    flawed = _RULES[strategy](chosen)
-    if flawed is None or rejected_problems(flawed, chosen, strategy):
-        return None
-    return flawed
-
-
-# ------------------------------------------------------------------------------------------- stage
-def _prompt_texts() -> dict[str, str]:
-    return {s: load_prompt(f"flawed_{s}", PROMPT_VERSION) for s in FLAWED_STRATEGIES}
+def user_prompt(question: str, chosen: str) -> str:
+    """The user message that asks for a flawed answer to `question`, showing the correct `chosen` one."""
+    return fill_prompt(load_prompt(USER_PROMPT, PROMPT_VERSION), question=question, chosen=chosen)
 
 
 def expected_fingerprint(cfg: PairsConfig, model_cfg: ModelConfig, model: str | Path, data: Path) -> str:
@@ -296,14 +80,13 @@ def expected_fingerprint(cfg: PairsConfig, model_cfg: ModelConfig, model: str | 
 
     teach = require_manifest(Path(data), "teach")
     ref = resolve(model)
-    prompts = _prompt_texts()
     return fingerprint(
         STAGE,
         VERSION,
         cfg,
         {teach.stage: teach.fingerprint},
         model=ref.identity(model_cfg),
-        prompts=prompt_digest(*(prompts[s] for s in FLAWED_STRATEGIES), USER_TEMPLATE),
+        prompts=prompt_digest(*_prompts().values()),
     )
 
 
@@ -371,9 +154,10 @@ class Report(StageReport, Stats):
     wall_seconds: float
 
     def summary(self) -> str:
+        per_split = " · ".join(f"{split} {stats.written:,}" for split, stats in self.splits.items())
         return (
-            f"{self.written:,} pairs: {self.from_model:,} rejected answers from the model, {self.from_rule:,} from the"
-            f" rule fallback; {self.failed:,} excluded"
+            f"{self.written:,} pairs ({per_split}): {self.from_model:,} rejected answers from the model,"
+            f" {self.from_rule:,} from the rule fallback; {self.failed:,} excluded"
         )
 
 
@@ -421,7 +205,7 @@ class _Sampler:
 
     def __init__(self, cfg: PairsConfig, generator_factory: Callable[[], Generator]) -> None:
         self.cfg = cfg
-        self.prompts = _prompt_texts()
+        self.prompts = _prompts()
         self._factory = generator_factory
         self._generator: Generator | None = None
 
@@ -432,8 +216,8 @@ class _Sampler:
         return self._generator
 
     def request(self, item: _Item) -> Request:
-        text = USER_TEMPLATE.format(question=item.question, chosen=item.chosen)
-        return Request(text=text, image=item.image, system=self.prompts[item.strategy])
+        system = self.prompts[f"flawed_{item.strategy}"]
+        return Request(text=user_prompt(item.question, item.chosen), image=item.image, system=system)
 
     def chunk(self, items: list[_Item], seed_key: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]], Stats]:
         """Rows for the items that got a checked flawed answer, failure records for the rest, and the counts."""

@@ -9,7 +9,6 @@ so `written + failed == items`. The per-item cache makes a re-run after any fail
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -32,7 +31,7 @@ from mathwizard.manifest import (
     stage_output,
 )
 from mathwizard.progress import Progress, Tally
-from mathwizard.prompts import load_prompt, prompt_digest
+from mathwizard.prompts import fill_prompt, load_prompt, prompt_digest
 from mathwizard.teacher import rule
 from mathwizard.teacher.cache import ReplyCache, endpoint_host, reply_key
 from mathwizard.teacher.client import api_key_configured
@@ -46,7 +45,6 @@ VERSION = 1  # bump when output semantics change; part of the fingerprint
 REPORT_FILE, FAILURES_FILE = "report.json", "failures.jsonl"
 PROMPT_NAMES = ("rewrite_system", "rewrite_user", "rewrite_reask")
 Kind = Literal["rule", "openai"]
-_PLACEHOLDER = re.compile(r"\{(question|solution|answer|problems)\}")
 
 
 class Failure(BaseModel):
@@ -188,11 +186,6 @@ def _read_rows(data: Path, split: str, limit: int | None) -> list[_Row]:
     ]
 
 
-def _fill(template: str, **values: str) -> str:
-    # One pass, so a question that happens to contain "{solution}" is left as it is.
-    return _PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), template)
-
-
 def _key(cfg: TeacherConfig, prompts: tuple[str, str, str], row: _Row) -> str:
     return reply_key(
         model=cfg.model,
@@ -211,10 +204,10 @@ def _item(cfg: TeacherConfig, prompts: tuple[str, str, str], row: _Row, answer: 
         key=_key(cfg, prompts, row),
         messages=(
             {"role": "system", "content": system},
-            {"role": "user", "content": _fill(user, question=row.question, solution=row.solution, answer=boxed)},
+            {"role": "user", "content": fill_prompt(user, question=row.question, solution=row.solution, answer=boxed)},
         ),
         source_answer=answer,
-        reask=_fill(reask, answer=boxed),
+        reask=fill_prompt(reask, answer=boxed),
     )
 
 

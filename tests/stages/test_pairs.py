@@ -1,4 +1,8 @@
-"""Flawed-answer sampling for DPO pairs: the rejected-answer checks, the rule fallback, counts, resume, the CLI."""
+"""The pairs stage: sampling and checking per chunk, the rule fallback, counts, resume, the user prompt, CLI and flow.
+
+The flaws themselves (which flaw, the checks, the rule-made flaws) are tested in `tests/test_flaws.py`, whose solution
+templates are the chosen answers here.
+"""
 
 from __future__ import annotations
 
@@ -12,38 +16,16 @@ import pytest
 
 from mathwizard.config import ModelConfig, PairsConfig
 from mathwizard.errors import DataError, ModelError
+from mathwizard.flaws import FLAWED_STRATEGIES
 from mathwizard.generation import Completion, Request, SamplingParams
-from mathwizard.manifest import read_manifest, stage_output
-from mathwizard.prompts import FLAWED_STRATEGIES, load_prompt
+from mathwizard.manifest import Manifest, read_manifest, stage_output
+from mathwizard.prompts import load_prompt
 from mathwizard.stages import pairs
-from mathwizard.stages.pairs import choose_strategy, rejected_problems, rule_flaw
+from mathwizard.stages.pairs import Counts, Report, Stats
 from tests.cli_runner import invoke
+from tests.test_flaws import ISOSCELES, solution
 
 # ------------------------------------------------------------------------------------------ fixture
-ISOSCELES = (
-    "### Solution\n"
-    "1. Since AB = AC, triangle ABC is isosceles, so angle B = angle C = {b}^\\circ.\n"
-    "2. The angles of a triangle sum to 180^\\circ.\n"
-    "3. So angle A = 180^\\circ - 2 \\times {b}^\\circ = {a}^\\circ.\n"
-    "### Final Answer\n"
-    "\\boxed{{{a}^\\circ}}"
-)
-CHORD = (
-    "### Solution\n"
-    "1. The radius OA is 5 and the chord AB is 8, so AD = 4 where D is the midpoint of AB.\n"
-    "2. OD is perpendicular to AB, so OD = \\sqrt{{5^2 - 4^2}} = {a}.\n"
-    "### Final Answer\n"
-    "The distance is \\boxed{{{a}}}."
-)
-RELATION = (
-    "### Solution\n"
-    "1. Both lines make a right angle with BC.\n"
-    "2. Two lines perpendicular to the same line are parallel.\n"
-    "### Final Answer\n"
-    "\\boxed{{AB \\parallel CD}}"
-)
-NOT_FORMATTED = "The answer is 7 by symmetry."
-
 # id -> (template, strategy with seed 42). The strategies are pinned here so a change in the choice shows up.
 TRAIN = {
     "q0": ("isosceles", "broken_process"),
@@ -68,21 +50,11 @@ def _png(seed: int) -> bytes:
     return buffer.getvalue()
 
 
-def _solution(template: str, n: int) -> str:
-    b = 40 + n % 20
-    return {
-        "isosceles": ISOSCELES.format(b=b, a=180 - 2 * b),
-        "chord": CHORD.format(a=3),
-        "relation": RELATION.format(),
-        "invalid": NOT_FORMATTED,
-    }[template]
-
-
-def _row(item_id: str, template: str, n: int) -> dict:
+def _row(item_id: str, template: str, n: int, question: str | None = None) -> dict:
     return {
         "id": item_id,
-        "question": f"[{item_id}] Find the marked quantity in the figure.",
-        "solution": _solution(template, n),
+        "question": question or f"[{item_id}] Find the marked quantity in the figure.",
+        "solution": solution(template, n),
         "image": {"bytes": _png(n), "path": None},
         "difficult": ("easy", "medium", "hard")[n % 3],
         "source_solution": "\\boxed{0}",
@@ -91,15 +63,21 @@ def _row(item_id: str, template: str, n: int) -> dict:
     }
 
 
-def make_teach(folder: Path, splits: dict[str, dict[str, tuple[str, str]]] | None = None) -> Path:
-    """A finished 02-teach-like folder (parquet with `datasets` Image metadata + manifest)."""
+def make_teach(
+    folder: Path, splits: dict[str, dict[str, tuple[str, str]]] | None = None, questions: dict[str, str] | None = None
+) -> Path:
+    """A finished 02-teach-like folder (parquet with `datasets` Image metadata + manifest); `questions` by id replace
+    the default question (which starts with the id in brackets, as FakeGenerator needs)."""
     import datasets
     import pyarrow.parquet as pq
 
     splits = splits if splits is not None else {"train": TRAIN, "val": VAL}
     with stage_output(folder, stage="teach", version=1, fingerprint=f"teach-{folder.name}") as record:
         for split, items in splits.items():
-            rows = [_row(item_id, template, n) for n, (item_id, (template, _)) in enumerate(items.items())]
+            rows = [
+                _row(item_id, template, n, (questions or {}).get(item_id))
+                for n, (item_id, (template, _)) in enumerate(items.items())
+            ]
             features = datasets.Features(
                 {k: datasets.Image() if k == "image" else datasets.Value("string") for k in _row("x", "chord", 0)}
             )
@@ -160,134 +138,45 @@ def _cfg(**overrides) -> PairsConfig:
     return PairsConfig(**{**values, **overrides})
 
 
-# ------------------------------------------------------------------------------------------- checks
-CHOSEN = ISOSCELES.format(b=50, a=80)
-VALID_OTHER_ANSWER = "### Solution\n1. Angle A = 180 - 2 x 49 = 82.\n### Final Answer\n\\boxed{82^\\circ}"
-VALID_SAME_ANSWER = "### Solution\n1. Angle A is 80 degrees by the figure.\n### Final Answer\n\\boxed{80°}"
-
-
-@pytest.mark.parametrize(
-    ("rejected", "strategy", "expected"),
-    [
-        (VALID_OTHER_ANSWER, "calculation_error", []),
-        (VALID_OTHER_ANSWER, "misapplied_concept", []),
-        (VALID_OTHER_ANSWER, "broken_process", []),
-        # 80° and 80^\circ normalise to the same answer: a wrong-answer flaw must change it, a broken process may not.
-        (VALID_SAME_ANSWER, "calculation_error", ["same_final_answer"]),
-        (VALID_SAME_ANSWER, "misapplied_concept", ["same_final_answer"]),
-        (VALID_SAME_ANSWER, "broken_process", []),
-        # Only whitespace and case differ from the chosen answer.
-        (CHOSEN.replace("\n", " \n\n").replace("So angle", "so angle"), "broken_process", ["same_as_chosen"]),
-        (CHOSEN, "calculation_error", ["same_as_chosen", "same_final_answer"]),
-        ("", "broken_process", ["format:empty"]),
-        (
-            "The answer is \\boxed{82}.",
-            "calculation_error",
-            ["format:missing_solution_header", "format:missing_final_answer_header"],
-        ),
-        (
-            "### Solution\nAngle A is 82.\n### Final Answer\n\\boxed{82}",
-            "calculation_error",
-            ["format:no_numbered_steps"],
-        ),
-        (
-            "### Solution\n1. Angle A is 82.\n### Final Answer\n\\boxed{82} or \\boxed{83}",
-            "broken_process",
-            ["format:final_answer_needs_exactly_one_boxed"],
-        ),
-        ("### Solution\n1. Angle A is 82.\n### Final Answer\n82", "calculation_error", ["format:no_boxed_answer"]),
-    ],
-)
-def test_rejected_answer_checks(rejected: str, strategy: str, expected: list[str]) -> None:
-    assert rejected_problems(rejected, CHOSEN, strategy) == expected
-
-
-@pytest.mark.parametrize("template", ["isosceles", "chord"])
-@pytest.mark.parametrize("strategy", FLAWED_STRATEGIES)
-def test_rule_fallback_passes_the_checks(template: str, strategy: str) -> None:
-    from mathwizard.answers import final_answer
-
-    chosen = _solution(template, 10)
-    flawed = rule_flaw(chosen, strategy)
-    assert flawed is not None and rejected_problems(flawed, chosen, strategy) == []
-    if strategy == "broken_process":
-        assert flawed.count("\n1. ") == 1 and flawed.count(". ") < chosen.count(". ")  # a step is gone
-        assert final_answer(flawed) == final_answer(chosen)
-    else:
-        assert final_answer(flawed) != final_answer(chosen)
-
-
-def test_rule_flaws_are_what_they_say() -> None:
-    chosen = ISOSCELES.format(b=50, a=80)
-    calc = rule_flaw(chosen, "calculation_error")
-    # The final step and the boxed answer carry the same slip: 80 -> 81.
-    assert "= 81^\\circ.\n### Final Answer\n\\boxed{81^\\circ}" in calc  # type: ignore[operator]
-    misapplied = rule_flaw(chosen, "misapplied_concept")
-    # "isosceles" becomes "equilateral" and the result doubles: 80 -> 160.
-    assert "equilateral" in misapplied and misapplied.endswith("\\boxed{160^\\circ}")  # type: ignore[operator]
-    broken = rule_flaw(chosen, "broken_process")
-    # Three steps -> the middle one is dropped, the rest renumbered 1, 2.
-    assert "sum to 180" not in broken and "\n2. So angle A" in broken  # type: ignore[operator]
-
-
-def test_rule_fallback_gives_up_rather_than_write_an_invalid_flaw() -> None:
-    relation = _solution("relation", 0)
-    assert rule_flaw(relation, "calculation_error") is None  # no number in \boxed{AB \parallel CD}
-    swapped = rule_flaw(relation, "misapplied_concept")
-    assert swapped is not None and swapped.endswith("\\boxed{AB \\perp CD}")  # the concept inside the answer
-    assert rule_flaw(NOT_FORMATTED, "broken_process") is None
-
-
-def test_strategy_is_fixed_by_id_and_seed() -> None:
-    assert {i: choose_strategy(i, 42) for i in TRAIN} == {i: s for i, (_, s) in TRAIN.items()}
-    spread = Counter(choose_strategy(f"id{i}", 42) for i in range(300))
-    assert set(spread) == set(FLAWED_STRATEGIES) and min(spread.values()) > 60  # roughly a third each
-    assert [choose_strategy(f"id{i}", 1) for i in range(30)] != [choose_strategy(f"id{i}", 42) for i in range(30)]
-
-
 # ---------------------------------------------------------------------------------------------- run
 def test_counts_sources_and_failures(tmp_path: Path) -> None:
+    import datasets
+
+    from mathwizard.data.splits import read_table
+
     teach = make_teach(tmp_path / "02-teach")
     fake = FakeGenerator(POLICY)
-    manifest = pairs.run(_cfg(), ModelConfig(), None, teach, tmp_path / "04-pairs", generator=fake)
     out = tmp_path / "04-pairs"
-    report = json.loads((out / "report.json").read_text())
+    manifest = pairs.run(_cfg(), ModelConfig(), "tiny", teach, out, generator=fake)
+    report = Report.of(manifest)
+    assert json.loads((out / "report.json").read_text()) == report.model_dump(mode="json")  # one report, two places
     # 8 items: model q0 (1st try) and q1 (2nd try); rule q3, q4, q6, q7 after 3 tries; failed q2 (rule cannot
     # perturb a relation) and q5 (chosen answer unformatted, never sampled).
-    assert {k: report[k] for k in ("items", "written", "from_model", "from_rule", "failed")} == {
-        "items": 8,
-        "written": 6,
-        "from_model": 2,
-        "from_rule": 4,
-        "failed": 2,
-    }
-    assert report["attempts"] == 1 + 2 + 3 * 5  # q0, q1, then q2 q3 q4 q6 q7 three times each = 18
-    assert report["generated_tokens"] == 18 * 5
+    assert Counts.model_validate(report.model_dump(include=set(Counts.model_fields))) == Counts(
+        items=8, written=6, from_model=2, from_rule=4, failed=2
+    )
+    assert report.attempts == 1 + 2 + 3 * 5  # q0, q1, then q2 q3 q4 q6 q7 three times each = 18
+    assert report.generated_tokens == 18 * 5
     # Chunks [q0 q1 q2] [q3 q4 q5] [q6 q7]: every chunk needs 3 rounds (q2; q3/q4; q6/q7 never pass).
     assert fake.calls == 9
-    assert report["by_strategy"]["broken_process"] == {
-        "items": 5,
-        "written": 4,
-        "from_model": 2,
-        "from_rule": 2,
-        "failed": 1,
-    }
-    assert report["by_strategy"]["calculation_error"]["failed"] == 1
-    assert manifest.counts["pairs"] == 6 and manifest.files["train.parquet"].rows == 6
+    assert report.by_strategy["broken_process"] == Counts(items=5, written=4, from_model=2, from_rule=2, failed=1)
+    assert report.by_strategy["calculation_error"].failed == 1
+    assert report.splits["train"].written == 6 and manifest.files["train.parquet"].rows == 6
+    assert (report.model, report.fallback, report.prompt_version, report.resumed_chunks) == ("tiny", "rule", "v1", 0)
 
     # Sampling settings, prompts and images reach the generator.
     assert {(p.temperature, p.top_p, p.max_new_tokens) for p in fake.params} == {(1.0, 0.95, 64)}
     first = fake.requests[0]
     assert first.system == load_prompt("flawed_broken_process") and "[q0]" in first.text
     assert first.image["bytes"][:4] == b"\x89PNG"
+    assert first.text == pairs.user_prompt("[q0] Find the marked quantity in the figure.", solution("isosceles", 0))
     assert "Correct solution" in first.text and "angle B = angle C" in first.text
 
-    import datasets
-
-    rows = datasets.load_dataset("parquet", data_files=str(out / "train.parquet"), split="train")
-    assert rows.column_names == list(pairs.COLUMNS)
+    rows = datasets.Dataset(read_table(out, "train"))  # features from the file's own `datasets` metadata
+    assert rows.column_names == list(pairs.COLUMNS) and isinstance(rows.features["image"], datasets.Image)
     by_id = {r["id"]: r for r in rows}
     assert sorted(by_id) == ["q0", "q1", "q3", "q4", "q6", "q7"]
+    assert {i: r["strategy"] for i, r in by_id.items()} == {i: TRAIN[i][1] for i in by_id}  # the pinned flaws
     assert by_id["q1"]["rejected"] == MODEL_FLAW.format(a=3) and by_id["q1"]["source"] == "model"
     assert by_id["q6"]["source"] == "rule" and by_id["q6"]["rejected"].endswith(
         "\\boxed{89^\\circ}"
@@ -295,7 +184,10 @@ def test_counts_sources_and_failures(tmp_path: Path) -> None:
     assert by_id["q0"]["image"].size == (48, 36)  # decoded as an image by `datasets`
 
     failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
-    assert [(f["id"], f["attempts"]) for f in failures] == [("q2", 3), ("q5", 0)]
+    assert [(f["id"], f["strategy"], f["attempts"]) for f in failures] == [
+        ("q2", "calculation_error", 3),
+        ("q5", "broken_process", 0),
+    ]
     assert failures[0]["reasons"]["rule_not_applicable"] == 1
     assert failures[0]["reasons"]["format:missing_solution_header"] == 3
     assert "chosen:missing_solution_header" in failures[1]["reasons"]
@@ -307,10 +199,12 @@ def test_counts_sources_and_failures(tmp_path: Path) -> None:
 
 def test_fallback_none_excludes_what_the_model_could_not_do(tmp_path: Path) -> None:
     teach = make_teach(tmp_path / "02-teach")
-    pairs.run(_cfg(fallback="none"), ModelConfig(), None, teach, tmp_path / "out", generator=FakeGenerator(POLICY))
-    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    manifest = pairs.run(
+        _cfg(fallback="none"), ModelConfig(), "tiny", teach, tmp_path / "out", generator=FakeGenerator(POLICY)
+    )
+    report = Report.of(manifest)
     # Only q0 and q1 came from the model; the 4 the rule would have written are excluded with q2 and q5.
-    assert (report["written"], report["from_model"], report["from_rule"], report["failed"]) == (2, 2, 0, 6)
+    assert (report.written, report.from_model, report.from_rule, report.failed) == (2, 2, 0, 6)
     failures = (tmp_path / "out" / "failures.jsonl").read_text().splitlines()
     assert [json.loads(line)["id"] for line in failures] == ["q2", "q3", "q4", "q5", "q6", "q7"]
 
@@ -320,30 +214,30 @@ def test_resumes_at_the_first_unfinished_chunk(tmp_path: Path) -> None:
     out = tmp_path / "04-pairs"
     # Killed at the 4th generate call: chunk 0 (3 calls) is finished, chunk 1 is not.
     with pytest.raises(KeyboardInterrupt):
-        pairs.run(_cfg(), ModelConfig(), None, teach, out, generator=FakeGenerator(POLICY, fail_on_call=4))
+        pairs.run(_cfg(), ModelConfig(), "tiny", teach, out, generator=FakeGenerator(POLICY, fail_on_call=4))
     assert sorted(p.name for p in (out / "chunks").iterdir()) == ["train-00000.parquet"]
     assert read_manifest(out) is None  # not finished, so nothing downstream trusts it
 
     resumed = FakeGenerator(POLICY)
-    pairs.run(_cfg(), ModelConfig(), None, teach, out, generator=resumed)
+    report = Report.of(pairs.run(_cfg(), ModelConfig(), "tiny", teach, out, generator=resumed))
     assert resumed.calls == 6  # chunks 1 and 2 only, 3 rounds each
     assert resumed.asked["q0"] == 0 and resumed.asked["q3"] == 3
-    report = json.loads((out / "report.json").read_text())
-    assert (report["written"], report["from_model"], report["failed"], report["resumed_chunks"]) == (6, 2, 2, 1)
-    assert report["attempts"] == 18  # the same as an uninterrupted run: chunk 0's counts were kept
+    assert (report.written, report.from_model, report.failed, report.resumed_chunks) == (6, 2, 2, 1)
+    assert report.attempts == 18  # the same as an uninterrupted run: chunk 0's counts were kept
 
     clean = tmp_path / "clean"
-    pairs.run(_cfg(), ModelConfig(), None, teach, clean, generator=FakeGenerator(POLICY))
+    pairs.run(_cfg(), ModelConfig(), "tiny", teach, clean, generator=FakeGenerator(POLICY))
     assert (out / "train.parquet").read_bytes() == (clean / "train.parquet").read_bytes()
 
     # Finished: a rerun loads nothing and generates nothing.
     idle = FakeGenerator(POLICY, fail_on_call=1)
     assert (
-        pairs.run(_cfg(), ModelConfig(), None, teach, out, generator=idle).fingerprint == read_manifest(out).fingerprint
+        pairs.run(_cfg(), ModelConfig(), "tiny", teach, out, generator=idle).fingerprint
+        == read_manifest(out).fingerprint  # type: ignore[union-attr]
     )
     # Other settings: a new fingerprint, so the old chunks are stale and everything is sampled again.
     again = FakeGenerator(POLICY)
-    pairs.run(_cfg(max_attempts=2), ModelConfig(), None, teach, out, generator=again)
+    pairs.run(_cfg(max_attempts=2), ModelConfig(), "tiny", teach, out, generator=again)
     assert again.calls == 6  # 3 chunks x 2 rounds
 
 
@@ -351,68 +245,140 @@ def test_progress_counts_every_item_and_resumed_chunks_at_once(tmp_path: Path) -
     teach = make_teach(tmp_path / "02-teach")
     out = tmp_path / "04-pairs"
     cfg = _cfg(splits=["train", "val"])
-    assert pairs.total_items(cfg, teach) == 10  # 8 train + 2 val items
-    # Killed at the 4th generate call: only chunk 0 (3 rounds) finished and was reported.
+    # Killed at the 4th generate call: only chunk 0 (3 rounds) finished and was reported, of 8 train + 2 val items.
     killed = FakeGenerator(POLICY, fail_on_call=4)
-    seen: list[tuple[int, int]] = []  # (items reported, generate calls made so far)
+    seen: list[tuple[int, int, int]] = []  # (items done, items in total, generate calls made so far)
     with pytest.raises(KeyboardInterrupt):
         pairs.run(
-            cfg, ModelConfig(), None, teach, out, generator=killed, progress=lambda n: seen.append((n, killed.calls))
+            cfg,
+            ModelConfig(),
+            "tiny",
+            teach,
+            out,
+            generator=killed,
+            progress=lambda done, total: seen.append((done, total, killed.calls)),
         )
-    assert seen == [(3, 3)]
+    assert seen == [(3, 10, 3)]
 
     resumed = FakeGenerator(POLICY)
     seen = []
     pairs.run(
-        cfg, ModelConfig(), None, teach, out, generator=resumed, progress=lambda n: seen.append((n, resumed.calls))
+        cfg,
+        ModelConfig(),
+        "tiny",
+        teach,
+        out,
+        generator=resumed,
+        progress=lambda done, total: seen.append((done, total, resumed.calls)),
     )
     # Chunk 0 comes from disk before any sampling, so the bar starts at 3 of 10; then train [q3 q4 q5] and [q6 q7]
-    # (3 rounds each) and val [q100 q101] (3 rounds): 3 + 3 + 2 + 2 = 10 = total_items.
-    assert seen == [(3, 0), (3, 3), (2, 6), (2, 9)]
-    assert sum(n for n, _ in seen) == pairs.total_items(cfg, teach)
+    # (3 rounds each) and val [q100 q101] (3 rounds): 3 + 3 + 2 + 2 = 10.
+    assert seen == [(3, 10, 0), (6, 10, 3), (8, 10, 6), (10, 10, 9)]
 
     # Already done: nothing to report (the flow shows a skipped stage as complete itself).
-    counts: list[int] = []
+    calls: list[tuple[int, int]] = []
     pairs.run(
-        cfg, ModelConfig(), None, teach, out, generator=FakeGenerator(POLICY, fail_on_call=1), progress=counts.append
+        cfg,
+        ModelConfig(),
+        "tiny",
+        teach,
+        out,
+        generator=FakeGenerator(POLICY, fail_on_call=1),
+        progress=lambda *call: calls.append(call),
     )
-    assert counts == []
+    assert calls == []
 
     # With a limit: train cut to 5 items, val keeps its 2 -> chunks of 3 + 2 + 2 = 7.
     limited = _cfg(splits=["train", "val"], limit=5)
     pairs.run(
         limited,
         ModelConfig(),
-        None,
+        "tiny",
         teach,
         tmp_path / "limited",
         generator=FakeGenerator(POLICY),
-        progress=counts.append,
+        progress=lambda *call: calls.append(call),
     )
-    assert counts == [3, 2, 2] and pairs.total_items(limited, teach) == 7
+    assert calls == [(3, 7), (5, 7), (7, 7)]
 
 
 def test_bad_inputs_fail_in_one_line(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="run `mathwizard teach` first"):
-        pairs.run(_cfg(), ModelConfig(), None, tmp_path / "nothing", tmp_path / "out", generator=FakeGenerator({}))
+        pairs.run(_cfg(), ModelConfig(), "tiny", tmp_path / "nothing", tmp_path / "out", generator=FakeGenerator({}))
     teach = make_teach(tmp_path / "02-teach", {"train": {}})
     with pytest.raises(DataError, match="train split has no rows"):
-        pairs.run(_cfg(), ModelConfig(), None, teach, tmp_path / "out", generator=FakeGenerator({}))
+        pairs.run(_cfg(), ModelConfig(), "tiny", teach, tmp_path / "out", generator=FakeGenerator({}))
     with pytest.raises(DataError, match=r"no val\.parquet"):
-        pairs.run(_cfg(splits=["val"]), ModelConfig(), None, teach, tmp_path / "out", generator=FakeGenerator({}))
+        pairs.run(_cfg(splits=["val"]), ModelConfig(), "tiny", teach, tmp_path / "out", generator=FakeGenerator({}))
+    # A missing split is found before any sampling, even when it comes after one that exists.
+    full = make_teach(tmp_path / "full", {"train": TRAIN})
+    unasked = FakeGenerator(POLICY)
     with pytest.raises(DataError, match=r"no val\.parquet"):
-        pairs.total_items(_cfg(splits=["train", "val"]), teach)
+        pairs.run(_cfg(splits=["train", "val"]), ModelConfig(), "tiny", full, tmp_path / "out2", generator=unasked)
+    assert unasked.calls == 0
+    with pytest.raises(ModelError, match="does not exist"):
+        pairs.run(_cfg(), ModelConfig(), str(tmp_path / "no-model"), full, tmp_path / "out3")
+
+
+# -------------------------------------------------------------------------------------- user prompt
+def test_user_prompt_is_a_versioned_file_filled_in_one_pass() -> None:
+    template = load_prompt("flawed_user")
+    assert template.count("{question}") == 1 and template.count("{chosen}") == 1 and "{{" not in template
+    # The text the model sees is the one the inline `str.format` template made before it became a file.
+    assert pairs.user_prompt("Q?", "C.") == (
+        "Problem:\nQ?\n\n"
+        "Correct solution (for reference only; your answer must contain the flaw described above):\nC.\n\n"
+        'Write the flawed solution now, in the same format: "### Solution" with numbered steps, then "### Final Answer"'
+        " with exactly one \\boxed{} answer."
+    )
+    # Braces and placeholder names inside the values are text: they are never filled.
+    question = "Show that {chosen} = {question}; the set }{ is \\{1, 2\\} and \\boxed{x} is {x}."
+    chosen = ISOSCELES.format(b=50, a=80) + " {question}"
+    expected = pairs.user_prompt("<Q>", "<C>").replace("<C>", chosen).replace("<Q>", question)
+    assert pairs.user_prompt(question, chosen) == expected
+
+
+def test_question_with_braces_reaches_the_model_and_the_pairs_unchanged(tmp_path: Path) -> None:
+    from mathwizard.data.splits import read_table
+
+    question = "[q0] Given {chosen} and }{ and {question}, find x."
+    teach = make_teach(tmp_path / "02-teach", {"train": {"q0": TRAIN["q0"]}}, questions={"q0": question})
+    fake = FakeGenerator(POLICY)
+    pairs.run(_cfg(), ModelConfig(), "tiny", teach, tmp_path / "04-pairs", generator=fake)
+    (request,) = fake.requests
+    assert request.text == pairs.user_prompt("<Q>", solution("isosceles", 0)).replace("<Q>", question)
+    assert read_table(tmp_path / "04-pairs", "train", ["question"]).column("question").to_pylist() == [question]
+
+
+def test_a_prompt_edit_is_a_new_fingerprint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    teach = make_teach(tmp_path / "02-teach")
+    out = tmp_path / "04-pairs"
+    pairs.run(_cfg(), ModelConfig(), "tiny", teach, out, generator=FakeGenerator(POLICY))
+    before = read_manifest(out).fingerprint  # type: ignore[union-attr]
+    assert pairs.expected_fingerprint(_cfg(), ModelConfig(), "tiny", teach) == before
+
+    def edited(name: str, version: str = "v1") -> str:
+        text = load_prompt(name, version)
+        return text.replace("Write the flawed", "Now write the flawed") if name == "flawed_user" else text
+
+    monkeypatch.setattr(pairs, "load_prompt", edited)
+    assert pairs.expected_fingerprint(_cfg(), ModelConfig(), "tiny", teach) != before
+    again = FakeGenerator(POLICY)
+    pairs.run(_cfg(), ModelConfig(), "tiny", teach, out, generator=again)
+    # Every chunk is sampled again, with the edited text.
+    assert again.calls == 9 and all("Now write the flawed" in r.text for r in again.requests)
 
 
 # ---------------------------------------------------------------------------------------------- CLI
 def test_cli_pairs_on_the_tiny_model(tmp_path: Path, prefect_harness: None) -> None:
-    import datasets
     import torch
+
+    from mathwizard.data.splits import read_table
 
     torch.set_num_threads(1)
     teach = make_teach(tmp_path / "02-teach")
     out = tmp_path / "04-pairs"
-    args = ["pairs", "--home", str(tmp_path / "home"), "--model", "tiny", "--data", str(teach), "--out", str(out)]
+    args = ["pairs", "--home", str(tmp_path / "home"), "--sft", "tiny", "--data", str(teach), "--out", str(out)]
     args += ["--max-new-tokens", "8", "--max-attempts", "2", "--batch-size", "4", "--chunk-size", "4"]
     result = invoke(args)
     assert result.exit_code == 0, result.output
@@ -424,12 +390,27 @@ def test_cli_pairs_on_the_tiny_model(tmp_path: Path, prefect_harness: None) -> N
     assert report["attempts"] == 2 * (7 + 2)
     assert 0 < report["generated_tokens"] <= 8 * report["attempts"]
     printed = " ".join(result.output.split())  # rich wraps long lines
-    assert "paired 8 (train 6 · val 2): 0 rejected answers from the model, 8 from the rule fallback" in printed
-    val = datasets.load_dataset("parquet", data_files=str(out / "val.parquet"), split="train")
+    assert (
+        "pairs: 8 pairs (train 6 · val 2): 0 rejected answers from the model, 8 from the rule fallback; 2 excluded"
+        in printed
+    )
+    val = read_table(out, "val", ["strategy", "source"]).to_pydict()
     assert val["strategy"] == ["broken_process", "broken_process"] and set(val["source"]) == {"rule"}
     # Run again: the manifest matches, nothing is sampled.
     again = invoke(args)
     assert again.exit_code == 0 and json.loads((out / "report.json").read_text()) == report
+
+
+def _report(**counts: int) -> Report:
+    return Report(
+        **counts,
+        model="m",
+        fallback="none",
+        prompt_version="v1",
+        splits={"train": Stats(written=4), "val": Stats(written=1)},
+        resumed_chunks=0,
+        wall_seconds=1.0,
+    )
 
 
 def test_cli_flags_reach_the_flow(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -444,11 +425,12 @@ def test_cli_flags_reach_the_flow(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
 
     def pairs_flow(settings, sft=None, data=None, out=None):
         received.append((settings, sft, data, out))
-        counts = {"pairs": 5, "train_pairs": 4, "val_pairs": 1, "from_model": 3, "from_rule": 2, "failed": 1}
-        return {"counts": counts, "fingerprint": "f" * 64}
+        report = _report(items=6, written=5, from_model=3, from_rule=2, failed=1)
+        manifest = Manifest(stage="pairs", version=pairs.VERSION, fingerprint="f" * 64, report=report.model_dump())
+        return manifest.model_dump(mode="json")
 
     monkeypatch.setattr(flows.pairs, "pairs_flow", pairs_flow)
-    args = ["pairs", "--home", str(tmp_path), "--model", "m", "--data", "d", "--out", "o", "--backend", "hf"]
+    args = ["pairs", "--home", str(tmp_path), "--sft", "m", "--data", "d", "--out", "o", "--backend", "hf"]
     args += ["--temperature", "0.7", "--top-p", "0.9", "--max-new-tokens", "99", "--max-attempts", "5"]
     args += ["--fallback", "none", "--batch-size", "3", "--chunk-size", "7", "--limit", "11"]
     result = CliRunner().invoke(app, args)
@@ -460,7 +442,8 @@ def test_cli_flags_reach_the_flow(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
     assert (cfg.fallback, cfg.batch_size, cfg.chunk_size, cfg.limit) == ("none", 3, 7, 11)
     printed = " ".join(result.output.split())
     assert (
-        "paired 5 (train 4 · val 1): 3 rejected answers from the model, 2 from the rule fallback, 1 excluded" in printed
+        "pairs: 5 pairs (train 4 · val 1): 3 rejected answers from the model, 2 from the rule fallback; 1 excluded"
+        in printed
     )
 
     bad = CliRunner().invoke(app, ["pairs", "--home", str(tmp_path), "--fallback", "maybe"])
@@ -468,18 +451,23 @@ def test_cli_flags_reach_the_flow(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
 
 
 def test_task_policy_and_flow_summary() -> None:
-    from tasks.pairs import pairs as task
+    from prefect.cache_policies import NO_CACHE
 
     from flows.pairs import summary_markdown, summary_rows
+    from tasks.stages import pairs as task
 
-    assert (task.name, task.retries, task.persist_result) == ("pairs", 0, True)
-    assert task.cache_key_fn is not None
-    by = {s: {"items": 2, "written": 1, "from_model": 1, "from_rule": 0, "failed": 1} for s in FLAWED_STRATEGIES}
-    report = {"items": 6, "written": 3, "from_model": 3, "from_rule": 0, "failed": 3, "by_strategy": by}
-    report |= {"attempts": 9, "generated_tokens": 90, "seconds": 1.5}
+    # The stage decides skipping from its manifest, so the task keeps no Prefect cache; an OOM is not retried.
+    assert (task.name, task.retries, task.cache_policy) == ("pairs", 0, NO_CACHE)
+    report = _report(items=6, written=3, from_model=3, from_rule=0, failed=3, attempts=9, generated_tokens=90)
+    report.seconds = 1.5
+    report.by_strategy = {s: Counts(items=2, written=1, from_model=1, from_rule=0, failed=1) for s in FLAWED_STRATEGIES}
     rows = summary_rows(report)
+    assert rows[:-1] == [
+        {"strategy": s, "items": 2, "written": 1, "from_model": 1, "from_rule": 0, "failed": 1}
+        for s in FLAWED_STRATEGIES
+    ]
     assert rows[-1] == {"strategy": "total", "items": 6, "written": 3, "from_model": 3, "from_rule": 0, "failed": 3}
-    assert len(rows) == 4 and "3 rejected answers sampled from the model (100%)" in summary_markdown(report)
+    assert "3 rejected answers sampled from the model (100%)" in summary_markdown(report)
 
 
 # --------------------------------------------------------------------------------------------- flow
@@ -493,8 +481,8 @@ class BrokenGenerator(FakeGenerator):
         return super().__call__(requests, params)
 
 
-def progress_artifact(state, key: str):
-    """The one progress artifact `key` of the flow run behind `state`."""
+def progress_artifacts(state, key: str) -> list:
+    """The progress artifacts `key` of the flow run behind `state`."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
@@ -502,9 +490,9 @@ def progress_artifact(state, key: str):
         key=ArtifactFilterKey(any_=[key]), flow_run_id=ArtifactFilterFlowRunId(any_=[state.state_details.flow_run_id])
     )
     with get_client(sync_client=True) as client:
-        [artifact] = client.read_artifacts(artifact_filter=run_filter)
-    assert artifact.type == "progress"
-    return artifact
+        artifacts = client.read_artifacts(artifact_filter=run_filter)
+    assert all(artifact.type == "progress" for artifact in artifacts)
+    return artifacts
 
 
 def task_states(state) -> list[str]:
@@ -535,20 +523,19 @@ def test_flow_progress_failed_resumed_and_skipped(
     # The 4th generate call fails: chunk 0 (3 items, 3 rounds) is done, so the bar stops at 3 of 10 = 30 %.
     failed = flow_with(BrokenGenerator(POLICY, fail_on_call=4))
     assert failed.is_failed()
-    artifact = progress_artifact(failed, "pairs-progress")
+    (artifact,) = progress_artifacts(failed, "pairs-progress")
     assert (float(artifact.data), artifact.description) == (30.0, "pairs (train, val): items done: 3 of 10")
 
     # The rerun resumes chunk 0 and samples the other 3 chunks: 10 of 10.
     resumed = BrokenGenerator(POLICY)
     done = flow_with(resumed)
-    assert done.is_completed() and done.result()["counts"]["pairs"] == 8  # 6 train + 2 val (rule)
+    assert done.is_completed() and Report.of(done.result()).written == 8  # 6 train + 2 val (rule)
     assert resumed.calls == 9  # train chunks 1, 2 and val chunk 0, 3 rounds each
-    artifact = progress_artifact(done, "pairs-progress")
+    (artifact,) = progress_artifacts(done, "pairs-progress")
     assert (float(artifact.data), artifact.description) == (100.0, "pairs (train, val): items done: 10 of 10")
 
-    # Done already: Prefect's cache answers, nothing is sampled, and the bar is complete at once.
+    # Done already: the stage finds its manifest and returns it; nothing is sampled (a call would fail the run).
     skipped = flow_with(BrokenGenerator(POLICY, fail_on_call=1))
     assert skipped.is_completed() and skipped.result()["fingerprint"] == done.result()["fingerprint"]
-    assert task_states(skipped) == ["Cached"]  # the progress callback stays out of the cache key
-    artifact = progress_artifact(skipped, "pairs-progress")
-    assert (float(artifact.data), artifact.description) == (100.0, "pairs (train, val): items done: 10 of 10")
+    assert task_states(skipped) == ["Completed"]  # no Prefect cache: the manifest is the one authority
+    assert progress_artifacts(skipped, "pairs-progress") == []  # a skipped stage reports no progress
