@@ -45,9 +45,10 @@ def _figure(i: int) -> bytes:
 
 def build_requests(n: int) -> list:
     """The pairs stage's own requests for n problems whose question lengths vary, as MM_Math's do."""
+    from mathwizard.flaws import FLAWED_STRATEGIES
     from mathwizard.generation import Request
-    from mathwizard.prompts import FLAWED_STRATEGIES, load_prompt
-    from mathwizard.stages.pairs import USER_TEMPLATE
+    from mathwizard.prompts import load_prompt
+    from mathwizard.stages.pairs import user_prompt
 
     requests = []
     for i in range(n):
@@ -63,7 +64,7 @@ def build_requests(n: int) -> list:
         strategy = FLAWED_STRATEGIES[i % len(FLAWED_STRATEGIES)]
         requests.append(
             Request(
-                text=USER_TEMPLATE.format(question=question, chosen=chosen),
+                text=user_prompt(question, chosen),
                 image=_figure(i),
                 system=load_prompt(f"flawed_{strategy}"),
             )

@@ -93,10 +93,10 @@ def run_flow(settings: Settings, call: Callable[[Any], dict[str, Any]], *, lock:
     The lock comes first, so a busy run folder is one line before anything starts.
     """
     from mathwizard.cli.display import live_progress
-    from mathwizard.cli.runtime import console_without_tracebacks, prefect_api
+    from mathwizard.cli.runtime import prefect_api, quiet_prefect_console
 
     pipeline = _pipeline()
-    console_without_tracebacks()
+    quiet_prefect_console()
     with run_folder_lock(settings) if lock else contextlib.nullcontext(), prefect_api(), live_progress(console):
         return call(pipeline)
 

@@ -6,9 +6,10 @@ it running. Here the CLI starts the same server (`prefect.server.api.server:crea
 does) in a session of its own, so a terminal's Ctrl-C reaches only the CLI, and asks Linux to end it when the CLI
 dies, even by `kill -9` (PR_SET_PDEATHSIG). Ctrl-C then stops the flow in the CLI while the API records it.
 
-The terminal. Prefect's console handler shows warnings and errors only (`-v`: everything), and never a traceback
-(the flow run logs keep them for the UI): a failure is the CLI's one red line. Third-party progress bars and notices
-(transformers, datasets) are silenced; the live display (`display.py`) shows progress instead.
+The terminal. By default the console shows warnings and errors of the library and third parties, but not the flow and
+task run logs (they are the UI's; the CLI prints its own summary, and a failure as one red line). `-v` adds every log
+line at INFO, without tracebacks; `-vv` everything at DEBUG, tracebacks included. Third-party progress bars and
+notices (transformers, datasets) are silenced; the live display (`display.py`) shows progress instead.
 """
 
 from __future__ import annotations
@@ -29,8 +30,13 @@ from mathwizard.errors import MathWizardError
 
 log = logging.getLogger(__name__)
 
+_verbosity = 0
+
+
 def quiet_console(verbosity: int) -> None:
     """Set, before Prefect is imported, what its console handler shows: warnings (0), info (1) or debug (2+)."""
+    global _verbosity
+    _verbosity = verbosity
     level = {0: "WARNING", 1: "INFO"}.get(verbosity, "DEBUG")
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", level)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -58,14 +64,23 @@ class _NoTraceback(logging.Formatter):
         return self.inner.format(record)
 
 
-def console_without_tracebacks() -> None:
-    """Wrap the formatter of Prefect's console handlers (call after `import prefect`)."""
+def _not_a_run_log(record: logging.LogRecord) -> bool:
+    return not record.name.startswith(("prefect.flow_runs", "prefect.task_runs"))
+
+
+def quiet_prefect_console() -> None:
+    """Apply the verbosity to Prefect's console handlers (call after `import prefect`); the API handlers keep all."""
     from prefect.logging.handlers import PrefectConsoleHandler
 
     loggers = [logging.getLogger(), *(logging.getLogger(name) for name in logging.root.manager.loggerDict)]
     for logger in loggers:
         for handler in getattr(logger, "handlers", []):
-            if isinstance(handler, PrefectConsoleHandler) and not isinstance(handler.formatter, _NoTraceback):
+            if not isinstance(handler, PrefectConsoleHandler) or getattr(handler, "_mathwizard_quiet", False):
+                continue
+            handler._mathwizard_quiet = True  # type: ignore[attr-defined]
+            if _verbosity == 0:
+                handler.addFilter(_not_a_run_log)
+            if _verbosity < 2:
                 handler.setFormatter(_NoTraceback(handler.formatter))
 
 
