@@ -195,8 +195,13 @@ class PairsConfig(_Stage):
     splits: list[SplitName] = Field(default_factory=lambda: ["train", "val"], description="Splits to build pairs for.")
     temperature: float = Field(1.0, ge=0.0, description="Sampling temperature (original: 1.0).")
     top_p: float = Field(0.95, gt=0.0, le=1.0, description="Nucleus sampling (original: 0.95).")
-    max_new_tokens: int = Field(1024, ge=8, description="Most tokens per flawed answer (original: 1024).")
-    batch_size: int = Field(16, ge=1, description="Prompts per generate call (left-padded).")
+    max_new_tokens: int | None = Field(
+        None,
+        ge=8,
+        description="Most tokens per flawed answer; None: 1.5 x the longest chosen answer, in tokens, at most 1,024"
+        " (original: 1024).",
+    )
+    batch_size: int = Field(64, ge=1, description="Prompts per generate call (left-padded; original: one at a time).")
     max_attempts: int = Field(3, ge=1, description="Samples per item before it is excluded.")
     chunk_size: int = Field(64, ge=1, description="Items per resumable chunk.")
     fallback: Literal["none", "rule"] = Field(
@@ -231,8 +236,12 @@ class EvalConfig(_Stage):
     """Accuracy of boxed answers on the test split, overall and by difficulty."""
 
     split: SplitName = Field("test", description="Split to evaluate on.")
-    batch_size: int = Field(16, ge=1, description="Prompts per generate call.")
-    max_new_tokens: int = Field(1024, ge=8, description="Most tokens per answer.")
+    batch_size: int = Field(64, ge=1, description="Prompts per generate call (left-padded).")
+    max_new_tokens: int | None = Field(
+        None,
+        ge=8,
+        description="Most tokens per answer; None: 1.5 x the longest reference solution, in tokens, at most 1,024.",
+    )
     limit: int | None = Field(None, ge=1, description="Evaluate only the first N problems.")
     models: list[Literal["base", "sft", "dpo"]] = Field(
         default_factory=lambda: ["base", "sft", "dpo"], description="Which stages' models the pipeline evaluates."

@@ -311,3 +311,17 @@ def load_generator(
     model.eval()
     log.info("loaded %s for generation on %s (%s decoding)", location, model.device, mode)
     return ModelGenerator(model=model, processor=processor, batch_size=batch_size, name=str(name_or_dir), decode=mode)
+
+
+ANSWER_TOKENS_CAP = 1024  # the original scripts' max_new_tokens
+
+
+def answer_budget(texts: Sequence[str], generator: Generator, *, cap: int = ANSWER_TOKENS_CAP) -> int:
+    """A new-token budget for answers like `texts`: 1.5 times the longest, in the generator's tokens, rounded up to
+    64, at most `cap`. A model's answer to the same problem rarely runs longer; one that never stops (a random demo
+    model) costs a budget sized to the data, not the cap. Without a tokenizer (a fake generator), the cap."""
+    processor = getattr(generator, "processor", None)
+    if processor is None or not texts:
+        return cap
+    longest = max(len(ids) for ids in processor.tokenizer(list(texts), add_special_tokens=False)["input_ids"])
+    return max(64, min(cap, -(-int(1.5 * longest) // 64) * 64))

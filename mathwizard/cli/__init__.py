@@ -19,10 +19,22 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from pydantic import BaseModel
 from rich.console import Console
 
 from mathwizard import __version__
-from mathwizard.config import Settings, load_settings
+from mathwizard.config import (
+    DPOConfig,
+    EvalConfig,
+    ModelConfig,
+    PairsConfig,
+    PrepareConfig,
+    PublishConfig,
+    Settings,
+    SFTConfig,
+    TeacherConfig,
+    load_settings,
+)
 from mathwizard.errors import MathWizardError
 
 app = typer.Typer(
@@ -35,6 +47,14 @@ app = typer.Typer(
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 F = TypeVar("F", bound=Callable[..., Any])
 
+def setting(model: type[BaseModel], name: str, *flags: str, default: bool = True, **kwargs: Any) -> Any:
+    """A typer option whose help is the settings field's description (and default): --help and the config agree."""
+    field = model.model_fields[name]
+    value = field.get_default(call_default_factory=True)
+    shown = f" (default: {value})" if default and value is not None and not isinstance(value, list | dict) else ""
+    return typer.Option(*flags, help=f"{field.description}{shown}", **kwargs)
+
+
 # Options every command shares.
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="YAML settings file, e.g. deployments/recipes/smoke.yaml.")
@@ -46,16 +66,16 @@ WaitOpt = Annotated[
     float | None,
     typer.Option("--wait", help="Seconds to wait while another run writes the run folder (default: stop at once)."),
 ]
-BackendOpt = Annotated[str | None, typer.Option("--backend", metavar="auto|hf|unsloth", help="Model backend.")]
-# Training options (sft, dpo).
-MaxStepsOpt = Annotated[int | None, typer.Option("--max-steps", help="Optimizer steps.")]
-BatchOpt = Annotated[int | None, typer.Option("--batch-size", help="Examples per device per micro-batch.")]
-AccumOpt = Annotated[int | None, typer.Option("--grad-accum", help="Micro-batches per optimizer step.")]
-LrOpt = Annotated[float | None, typer.Option("--learning-rate", help="Peak learning rate.")]
-MaxLengthOpt = Annotated[int | None, typer.Option("--max-length", help="Longest tokenized example.")]
-SaveStepsOpt = Annotated[int | None, typer.Option("--save-steps", help="Checkpoint every N steps.")]
-MergedOpt = Annotated[bool | None, typer.Option("--save-merged/--no-save-merged", help="Also save merged weights.")]
-TrainLimitOpt = Annotated[int | None, typer.Option("--limit", help="Train on only the first N examples.")]
+BackendOpt = Annotated[str | None, setting(ModelConfig, "backend", "--backend", metavar="auto|hf|unsloth")]
+# Training options (sft, dpo): the defaults differ per stage (`mathwizard config` shows them).
+MaxStepsOpt = Annotated[int | None, setting(SFTConfig, "max_steps", "--max-steps", default=False)]
+BatchOpt = Annotated[int | None, setting(SFTConfig, "per_device_train_batch_size", "--batch-size", default=False)]
+AccumOpt = Annotated[int | None, setting(SFTConfig, "gradient_accumulation_steps", "--grad-accum", default=False)]
+LrOpt = Annotated[float | None, setting(SFTConfig, "learning_rate", "--learning-rate", default=False)]
+MaxLengthOpt = Annotated[int | None, setting(SFTConfig, "max_length", "--max-length", default=False)]
+SaveStepsOpt = Annotated[int | None, setting(SFTConfig, "save_steps", "--save-steps", default=False)]
+MergedOpt = Annotated[bool | None, setting(SFTConfig, "save_merged", "--save-merged/--no-save-merged", default=False)]
+TrainLimitOpt = Annotated[int | None, setting(SFTConfig, "limit", "--limit", default=False)]
 
 
 def handles_errors(fn: F) -> F:
@@ -236,20 +256,13 @@ def prepare(
     run_name: RunNameOpt = None,
     wait: WaitOpt = None,
     out: OutOpt = None,
-    source: Annotated[
-        str | None,
-        typer.Option(
-            metavar="sample|hub|local", help="sample: bundled; hub: THU-KEG/MM_Math; local: --jsonl/--images."
-        ),
-    ] = None,
-    jsonl: Annotated[
-        Path | None, typer.Option(help="source=local: MM_Math jsonl/json file (or a folder holding MM_Math).")
-    ] = None,
-    images: Annotated[Path | None, typer.Option(help="source=local: image folder or zip/tar archive.")] = None,
-    max_image_size: Annotated[int | None, typer.Option(help="Longest image side in pixels (default 512).")] = None,
-    splits: Annotated[str | None, typer.Option(help="train,val,test fractions, e.g. 0.9,0.05,0.05.")] = None,
-    limit: Annotated[int | None, typer.Option(help="Use only the first N rows (for trials).")] = None,
-    workers: Annotated[int | None, typer.Option(help="Image-cleaning processes (default: all cores).")] = None,
+    source: Annotated[str | None, setting(PrepareConfig, "source", metavar="sample|hub|local")] = None,
+    jsonl: Annotated[Path | None, setting(PrepareConfig, "jsonl")] = None,
+    images: Annotated[Path | None, setting(PrepareConfig, "images")] = None,
+    max_image_size: Annotated[int | None, setting(PrepareConfig, "max_image_size")] = None,
+    splits: Annotated[str | None, setting(PrepareConfig, "splits", metavar="TRAIN,VAL,TEST")] = None,
+    limit: Annotated[int | None, setting(PrepareConfig, "limit")] = None,
+    workers: Annotated[int | None, setting(PrepareConfig, "workers")] = None,
 ) -> None:
     """Fetch, clean and split MM_Math into train/val/test parquet files plus a quarantine of rejected rows."""
     settings = load(
@@ -280,19 +293,14 @@ def teach(
     wait: WaitOpt = None,
     data: Annotated[Path | None, typer.Option(help="Prepare folder (default: <home>/runs/<run>/01-prepare).")] = None,
     out: OutOpt = None,
-    split: Annotated[str | None, typer.Option(metavar="train|val|test|all", help="Split(s) to rewrite.")] = None,
-    teacher: Annotated[
-        str | None,
-        typer.Option(metavar="rule|openai", help="openai: the API (key from env/.env); rule: offline. Default: auto."),
-    ] = None,
-    base_url: Annotated[
-        str | None, typer.Option(help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1.")
-    ] = None,
-    teacher_model: Annotated[str | None, typer.Option(help="Teacher model name at the endpoint.")] = None,
-    concurrency: Annotated[int | None, typer.Option(help="Requests in flight at once.")] = None,
-    rpm: Annotated[int | None, typer.Option(help="Requests per minute allowed by the API.")] = None,
-    tpm: Annotated[int | None, typer.Option(help="Tokens per minute allowed by the API.")] = None,
-    limit: Annotated[int | None, typer.Option(help="Rewrite only the first N items of each split.")] = None,
+    split: Annotated[str | None, setting(TeacherConfig, "split", metavar="train|val|test|all")] = None,
+    teacher: Annotated[str | None, setting(TeacherConfig, "kind", "--teacher", metavar="auto|rule|openai")] = None,
+    base_url: Annotated[str | None, setting(TeacherConfig, "base_url")] = None,
+    teacher_model: Annotated[str | None, setting(TeacherConfig, "model", "--teacher-model")] = None,
+    concurrency: Annotated[int | None, setting(TeacherConfig, "concurrency")] = None,
+    rpm: Annotated[int | None, setting(TeacherConfig, "rpm")] = None,
+    tpm: Annotated[int | None, setting(TeacherConfig, "tpm")] = None,
+    limit: Annotated[int | None, setting(TeacherConfig, "limit")] = None,
 ) -> None:
     """Rewrite every solution into numbered steps and a final answer; invalid replies are re-asked, then excluded."""
     settings = load(
@@ -353,7 +361,7 @@ def sft(
     wait: WaitOpt = None,
     data: Annotated[Path | None, typer.Option(help="Teach stage folder (default: <home>/runs/<run>/02-teach).")] = None,
     out: OutOpt = None,
-    base_model: Annotated[str | None, typer.Option(help="Base model: 'tiny', a Hub id or a model folder.")] = None,
+    base_model: Annotated[str | None, setting(ModelConfig, "name", "--base-model")] = None,
     backend: BackendOpt = None,
     max_steps: MaxStepsOpt = None,
     batch_size: BatchOpt = None,
@@ -393,16 +401,14 @@ def pairs(
         typer.Option(help="SFT stage folder that samples the flawed answers (default: <home>/runs/<run>/03-sft)."),
     ] = None,
     backend: BackendOpt = None,
-    limit: Annotated[int | None, typer.Option(help="Only the first N items of each split.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Prompts per generate call (default 16).")] = None,
-    max_new_tokens: Annotated[int | None, typer.Option(help="Most tokens per flawed answer (default 1024).")] = None,
-    temperature: Annotated[float | None, typer.Option(help="Sampling temperature (default 1.0).")] = None,
-    top_p: Annotated[float | None, typer.Option(help="Nucleus sampling (default 0.95).")] = None,
-    max_attempts: Annotated[int | None, typer.Option(help="Samples per item before the fallback (default 3).")] = None,
-    fallback: Annotated[
-        str | None, typer.Option(metavar="rule|none", help="After max attempts: write a rule-made flaw, or exclude.")
-    ] = None,
-    chunk_size: Annotated[int | None, typer.Option(help="Items per resumable chunk (default 64).")] = None,
+    limit: Annotated[int | None, setting(PairsConfig, "limit")] = None,
+    batch_size: Annotated[int | None, setting(PairsConfig, "batch_size")] = None,
+    max_new_tokens: Annotated[int | None, setting(PairsConfig, "max_new_tokens")] = None,
+    temperature: Annotated[float | None, setting(PairsConfig, "temperature")] = None,
+    top_p: Annotated[float | None, setting(PairsConfig, "top_p")] = None,
+    max_attempts: Annotated[int | None, setting(PairsConfig, "max_attempts")] = None,
+    fallback: Annotated[str | None, setting(PairsConfig, "fallback", metavar="rule|none")] = None,
+    chunk_size: Annotated[int | None, setting(PairsConfig, "chunk_size")] = None,
 ) -> None:
     """Sample flawed answers from the SFT model and pair them with the teacher's solutions for DPO."""
     settings = load(
@@ -441,7 +447,7 @@ def dpo(
         Path | None, typer.Option(help="SFT stage folder or its adapter/ (default: <home>/runs/<run>/03-sft).")
     ] = None,
     backend: BackendOpt = None,
-    beta: Annotated[float | None, typer.Option(help="DPO beta (default 0.1).")] = None,
+    beta: Annotated[float | None, setting(DPOConfig, "beta")] = None,
     max_steps: MaxStepsOpt = None,
     batch_size: BatchOpt = None,
     grad_accum: AccumOpt = None,
@@ -486,9 +492,9 @@ def evaluate(
     ] = None,
     label: Annotated[str, typer.Option(help="Name in reports and tables: base, sft or dpo.")] = "sft",
     backend: BackendOpt = None,
-    limit: Annotated[int | None, typer.Option(help="Evaluate only the first N problems.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Prompts per generate call (default 16).")] = None,
-    max_new_tokens: Annotated[int | None, typer.Option(help="Most tokens per answer (default 1024).")] = None,
+    limit: Annotated[int | None, setting(EvalConfig, "limit")] = None,
+    batch_size: Annotated[int | None, setting(EvalConfig, "batch_size")] = None,
+    max_new_tokens: Annotated[int | None, setting(EvalConfig, "max_new_tokens")] = None,
 ) -> None:
     """Accuracy of the model's boxed answers on the test split, overall and by difficulty."""
     settings = load(
@@ -514,23 +520,15 @@ def publish(
         Path | None, typer.Option(help="Run folder holding 01-prepare ... 06-eval (default: <home>/runs/<run>).")
     ] = None,
     out: OutOpt = None,
-    target: Annotated[
-        Path | None, typer.Option(help="Write the repos into this folder instead of uploading (default without token).")
-    ] = None,
-    namespace: Annotated[str | None, typer.Option(help="Hub user or organisation owning the repos.")] = None,
-    private: Annotated[
-        bool | None, typer.Option("--private/--public", help="Visibility of repos created now (default private).")
-    ] = None,
+    target: Annotated[Path | None, setting(PublishConfig, "target")] = None,
+    namespace: Annotated[str | None, setting(PublishConfig, "namespace")] = None,
+    private: Annotated[bool | None, setting(PublishConfig, "private", "--private/--public")] = None,
     require_improvement: Annotated[
         bool | None,
-        typer.Option("--require-improvement/--no-require-improvement", help="Refuse a DPO model scoring below SFT."),
+        setting(PublishConfig, "require_improvement", "--require-improvement/--no-require-improvement"),
     ] = None,
-    endpoint: Annotated[
-        str | None, typer.Option(help="Hub endpoint URL (default: huggingface.co / HF_ENDPOINT).")
-    ] = None,
-    push_merged: Annotated[
-        bool | None, typer.Option("--push-merged/--no-push-merged", help="Also upload 05-dpo/merged/.")
-    ] = None,
+    endpoint: Annotated[str | None, setting(PublishConfig, "endpoint")] = None,
+    push_merged: Annotated[bool | None, setting(PublishConfig, "push_merged", "--push-merged/--no-push-merged")] = None,
 ) -> None:
     """Push the DPO model and the SFT and DPO datasets with their cards to the Hub (token: HF_TOKEN or `hf auth
     login`), or write them into --target (the default without a token)."""

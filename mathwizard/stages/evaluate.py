@@ -23,7 +23,7 @@ from mathwizard.answers import answers_match, final_answer, format_problems
 from mathwizard.config import EvalConfig, ModelConfig
 from mathwizard.data.splits import read_table, split_rows
 from mathwizard.errors import DataError
-from mathwizard.generation import Completion, Generator, Request, SamplingParams
+from mathwizard.generation import Completion, Generator, Request, SamplingParams, answer_budget
 from mathwizard.manifest import (
     Manifest,
     StageReport,
@@ -63,6 +63,7 @@ class Report(StageReport):
     format_rate: float
     by_difficulty: dict[str, Score]
     generated_tokens: int
+    max_new_tokens: int = Field(description="The budget per answer.")
     split: str
     items: int = Field(description="Problems answered, scorable or not.")
     no_reference: int
@@ -244,7 +245,9 @@ def run(
     ) as record:
         generate = generator if generator is not None else ref.generator(model_cfg, cfg.batch_size)
         system = load_prompt(SYSTEM_PROMPT, PROMPT_VERSION)
-        params = SamplingParams(max_new_tokens=cfg.max_new_tokens)  # greedy: the same answer on every run
+        references = [text or "" for text in table.column("solution").to_pylist()]
+        budget = cfg.max_new_tokens or answer_budget(references, generate)
+        params = SamplingParams(max_new_tokens=budget)  # greedy: the same answer on every run
         predictions: list[dict[str, Any]] = []
         generating = time.perf_counter()
         # One slice at a time, so only a batch's images are decoded at once.
@@ -261,6 +264,7 @@ def run(
         report = Report(
             label=label,
             **scores,
+            max_new_tokens=budget,
             split=cfg.split,
             items=len(predictions),
             no_reference=len(predictions) - scores["n"],

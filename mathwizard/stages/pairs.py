@@ -32,7 +32,7 @@ from mathwizard.config import ModelConfig, PairsConfig
 from mathwizard.data.splits import read_table, split_rows, write_table
 from mathwizard.errors import DataError
 from mathwizard.flaws import FLAWED_STRATEGIES, choose_strategy, rejected_problems, rule_flaw
-from mathwizard.generation import Generator, Request, SamplingParams
+from mathwizard.generation import Generator, Request, SamplingParams, answer_budget
 from mathwizard.manifest import (
     Manifest,
     StageReport,
@@ -147,6 +147,7 @@ class Report(StageReport, Stats):
     """The stage's totals (`report.json`), per split too."""
 
     model: str
+    max_new_tokens: int | None = Field(description="The budget per flawed answer (None: every chunk was resumed).")
     fallback: str
     prompt_version: str
     splits: dict[str, Stats]
@@ -203,16 +204,21 @@ def _read_chunk(path: Path, fp: str) -> tuple[Any, dict[str, Any]] | None:
 class _Sampler:
     """Samples flawed answers for chunks of items, with checks, re-sampling and the rule fallback."""
 
-    def __init__(self, cfg: PairsConfig, generator_factory: Callable[[], Generator]) -> None:
+    def __init__(self, cfg: PairsConfig, generator_factory: Callable[[], Generator], chosen: list[str]) -> None:
         self.cfg = cfg
         self.prompts = _prompts()
         self._factory = generator_factory
         self._generator: Generator | None = None
+        self._chosen = chosen  # every chosen answer of the run: sizes the token budget once, the same for each chunk
+        self.max_new_tokens = cfg.max_new_tokens
 
     @property
     def generator(self) -> Generator:
         if self._generator is None:  # loaded only when a chunk needs work, so a finished run never loads the model
             self._generator = self._factory()
+            if self.max_new_tokens is None:
+                self.max_new_tokens = answer_budget(self._chosen, self._generator)
+                log.info("pairs: up to %d new tokens per flawed answer", self.max_new_tokens)
         return self._generator
 
     def request(self, item: _Item) -> Request:
@@ -238,8 +244,9 @@ class _Sampler:
             if not pending:
                 break
             seed = int(stable_hash("sample", cfg.seed, seed_key, attempt)[:8], 16)
-            params = SamplingParams(cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed)
-            completions = self.generator([self.request(item) for item in pending], params)
+            generator = self.generator
+            params = SamplingParams(self.max_new_tokens, cfg.temperature, cfg.top_p, seed)  # type: ignore[arg-type]
+            completions = generator([self.request(item) for item in pending], params)
             still_pending = []
             for item, completion in zip(pending, completions, strict=True):
                 item.attempts += 1
@@ -350,7 +357,12 @@ def run(
     ref = resolve(model)
     upstream = {teach.stage: teach.fingerprint, **({ref.stage or "model": ref.fingerprint} if ref.fingerprint else {})}
     load = (lambda: generator) if generator is not None else (lambda: ref.generator(model_cfg, cfg.batch_size))
-    sampler = _Sampler(cfg, load)
+    chosen = [
+        text or ""
+        for split in cfg.splits
+        for text in read_table(data, split, ["solution"], limit=cfg.limit).column("solution").to_pylist()  # type: ignore[union-attr]
+    ]
+    sampler = _Sampler(cfg, load, chosen)
     chunk_dir = out / "chunks"
     tally = Tally(sum(split_rows(data, split, cfg.limit) for split in cfg.splits), progress)
     config = {"pairs": cfg, "model": model_cfg}
@@ -401,6 +413,7 @@ def run(
         report = Report(
             **totals.model_dump(),
             model=ref.location,
+            max_new_tokens=sampler.max_new_tokens,
             fallback=cfg.fallback,
             prompt_version=PROMPT_VERSION,
             splits=per_split,
