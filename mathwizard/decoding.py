@@ -18,14 +18,16 @@ On a CPU the same engine runs without the graph (tests compare it with `generate
 from __future__ import annotations
 
 import logging
+import os
 import types
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger(__name__)
 
-MAX_ROWS = 512  # rows decoded at once at most: past this a step is bound by KV-cache reads, not launches
+MAX_ROWS = 1024  # rows decoded at once at most: a step's time hardly grows with rows (launch-bound), memory does
 CACHE_BUCKET = 256  # the full-attention cache length is rounded up to a multiple of this
 MEMORY_SHARE = 0.6  # of the free GPU memory at start, what the KV cache may take (the rest: prefill, logits)
 CHECK_EVERY = 16  # decode steps between looks at which rows finished (each look waits for the GPU)
@@ -304,6 +306,17 @@ class _Gemma3n:
 
 
 # ------------------------------------------------------------------------------------------------ engine
+def _pixels(processor: Any, image: Any) -> Any:
+    from mathwizard.generation import to_pil
+
+    return processor.image_processor([[to_pil(image)]], return_tensors="pt")["pixel_values"]
+
+
+# Decoding and resizing figures on the CPU (PIL releases the GIL) for a prefill of many prompts, one image each, in
+# parallel: one at a time it took longer than the prefill's forward pass.
+_IMAGES = ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1), thread_name_prefix="mathwizard-images")
+
+
 @dataclass
 class Prompt:
     """One request as the engine sees it: its token ids (image tokens expanded) and its image."""
@@ -419,8 +432,6 @@ class RowEngine:
     def _prefill(self, rows: list[int], prompts: list[Prompt], processor: Any, limits: list[int]) -> None:
         import torch
 
-        from mathwizard.generation import to_pil
-
         net, device = self.net, self.net.device
         width = max(len(p.input_ids) for p in prompts)
         pad = processor.tokenizer.pad_token_id or 0
@@ -429,8 +440,7 @@ class RowEngine:
             ids[i, : len(p.input_ids)] = torch.tensor(p.input_ids)
         ids = ids.to(device)
         lengths = torch.tensor([len(p.input_ids) for p in prompts], device=device)
-        images = [[to_pil(p.image)] for p in prompts]
-        pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        pixels = torch.cat(list(_IMAGES.map(lambda p: _pixels(processor, p.image), prompts)))
         row_index = torch.tensor(rows, device=device)
         self.cache.prefill = {"rows": row_index, **prefill_slots(lengths, width, self.length, self.window)}
         try:
