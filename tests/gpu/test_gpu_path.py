@@ -148,7 +148,7 @@ def test_batched_generation_on_the_gpu(sft_out: Path) -> None:
     from mathwizard.generation import ModelGenerator, Request, SamplingParams, load_generator
     from tests.training.builders import png
 
-    generator = load_generator(sft_out, backend="unsloth", batch_size=3)
+    generator = load_generator(sft_out, backend="unsloth", batch_size=3, decode="auto")
     assert next(generator.model.parameters()).device.type == "cuda"
     assert generator.decode == "graphs"  # auto on CUDA
     requests = [Request(text=f"Find angle {c}.", image=png(i), system="Answer briefly.") for i, c in enumerate("ABC")]
@@ -161,20 +161,42 @@ def test_batched_generation_on_the_gpu(sft_out: Path) -> None:
 
 
 def test_the_row_engine_under_a_cuda_graph_answers_like_generate(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """model.decode=graphs on CUDA (float32, so kernel choice cannot flip a near tie): the greedy answers of
-    transformers' generate, with fewer rows than requests (rows refilled) and prompts past the sliding window."""
-    from mathwizard.generation import ModelGenerator, Request, SamplingParams, load_generator
+    """The row engine with its CUDA graph (float32, so kernel choice cannot flip a near tie) gives the greedy answers
+    of transformers' generate, with 3 rows for 6 requests (rows refilled) and prompts past the sliding window."""
+    from mathwizard import decoding
+    from mathwizard.generation import ModelGenerator, Request, SamplingParams, _eos_ids, chat_messages
+    from mathwizard.models import load_model
     from tests.training.builders import png, use_session_model_cache
 
     use_session_model_cache(tmp_path_factory)
-    rows = load_generator("tiny", backend="hf", dtype="float32", batch_size=4, decode="graphs")
-    requests = [
-        Request(text=f"Find angle {chr(65 + i)}. " * (9 * i + 1), image=png(i), system="Be brief.") for i in range(6)
+    model, processor = load_model("tiny", "hf", for_training=False, dtype="float32")
+    model.eval()
+    texts = [f"Find angle {chr(65 + i)}. " * (9 * i + 1) for i in range(6)]
+    requests = [Request(text=t, image=png(i), system="Be brief.") for i, t in enumerate(texts)]
+    eager = ModelGenerator(model=model, processor=processor, batch_size=6, decode="eager")
+    expected = [c.text for c in eager(requests, SamplingParams(max_new_tokens=40))]
+    rendered = [
+        processor.apply_chat_template(chat_messages(r), add_generation_prompt=True, tokenize=False) for r in requests
     ]
-    params = SamplingParams(max_new_tokens=40)
-    eager = ModelGenerator(model=rows.model, processor=rows.processor, batch_size=6, decode="eager")
-    assert rows(requests, params) == eager(requests, params)
-    assert rows.decode == "graphs"
+    decoding.prepare_model(model)
+    engines = []
+    tokens = decoding.decode_all(
+        model,
+        processor,
+        rendered,
+        [r.image for r in requests],
+        max_new_tokens=40,
+        temperature=0.0,
+        top_p=1.0,
+        top_k=None,
+        seed=0,
+        eos_ids=sorted(_eos_ids(model, processor)),
+        graphs=True,
+        rows=3,
+        on_engine=engines.append,
+    )
+    assert engines[0].graph is not None  # the steps were graph replays
+    assert [processor.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens] == expected
 
 
 def test_sampled_answers_go_through_the_pairs_checks(sft_out: Path, model_cfg, tmp_path: Path) -> None:
