@@ -88,7 +88,7 @@ def rows_attention(
     kv_heads = key.shape[1]
     scale = scaling if scaling is not None else dim**-0.5
     if queries == 1 or softcap is not None:
-        q = query.reshape(rows, kv_heads, heads // kv_heads * queries, dim)
+        q = query.reshape(rows, kv_heads, heads // kv_heads * queries, dim).to(key.dtype)
         scores = torch.matmul(q, key.transpose(-1, -2)).float() * scale
         if softcap is not None:
             scores = torch.tanh(scores / softcap) * softcap
@@ -97,6 +97,7 @@ def rows_attention(
         probs = scores.softmax(-1).to(value.dtype).view(rows, kv_heads, heads // kv_heads * queries, -1)
         out = torch.matmul(probs, value).view(rows, heads, queries, dim)
     else:
+        key, value = key.to(query.dtype), value.to(query.dtype)
         out = torch.nn.functional.scaled_dot_product_attention(
             query, key, value, attn_mask=attention_mask, scale=scale, enable_gqa=kv_heads != heads
         )
@@ -148,15 +149,17 @@ class RowCache:
 
         kind = self.kinds[layer_idx]
         keys, values = self.keys[layer_idx], self.values[layer_idx]
+        # Stored in the cache's dtype: a model that keeps some modules in float32 (Unsloth's gemma-3n does) can
+        # hand over float32 states in a bf16 model.
         if self.prefill is not None:  # write the prompt's real tokens; attend over the fresh states
             rows, slots = self.prefill["rows"], self.prefill[kind]
-            keys[rows[:, None], :, slots] = key.transpose(1, 2)
-            values[rows[:, None], :, slots] = value.transpose(1, 2)
+            keys[rows[:, None], :, slots] = key.transpose(1, 2).to(keys.dtype)
+            values[rows[:, None], :, slots] = value.transpose(1, 2).to(values.dtype)
             return key, value
         slots = self.decode_slots[kind]
         every = torch.arange(self.rows, device=keys.device)
-        keys[every, :, slots] = key[:, :, 0]
-        values[every, :, slots] = value[:, :, 0]
+        keys[every, :, slots] = key[:, :, 0].to(keys.dtype)
+        values[every, :, slots] = value[:, :, 0].to(values.dtype)
         return keys, values
 
     # transformers asks a cache these when it meets one; the engine passes masks and positions itself.

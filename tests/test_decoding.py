@@ -186,3 +186,37 @@ def test_the_decode_step_makes_no_host_copies_or_syncs(tiny: tuple[Any, Any], sh
     assert "aten.lift_fresh.default" in step_ops(fresh)
     decoding.prepare_model(fresh)
     assert step_ops(fresh) == set()
+
+
+def test_float32_states_of_a_mixed_precision_model_go_into_a_bf16_cache() -> None:
+    """Unsloth keeps some gemma-3n modules in float32 inside a bf16 model, so attention can hand the cache float32
+    keys and values (on the H200 this broke the engine until the cache cast what it stores)."""
+    import torch
+    from transformers import Gemma3nTextConfig
+
+    text = Gemma3nTextConfig(
+        num_hidden_layers=2,
+        layer_types=["sliding_attention", "full_attention"],
+        num_kv_shared_layers=0,
+        num_key_value_heads=1,
+        num_attention_heads=2,
+        head_dim=4,
+        sliding_window=8,
+        intermediate_size=[8, 8],
+        activation_sparsity_pattern=[0.0, 0.0],
+    )
+    cache = decoding.RowCache(text, rows=2, length=16, device="cpu", dtype=torch.bfloat16)
+    lengths = torch.tensor([3, 5])
+    cache.prefill = {"rows": torch.tensor([0, 1]), **decoding.prefill_slots(lengths, 5, 16, 8)}
+    fresh = torch.randn(2, 1, 5, 4)  # float32
+    assert cache.update(fresh, fresh, 1)[0] is fresh  # prefill attends over the fresh states
+    assert torch.equal(cache.keys[1][1, :, :5], fresh[1].to(torch.bfloat16))
+    cache.prefill = None
+    cache.decode_slots = {"full_attention": lengths, "sliding_attention": lengths % 8}
+    step = torch.randn(2, 1, 1, 4)
+    keys, values = cache.update(step, step, 1)
+    assert keys.dtype == torch.bfloat16 and torch.equal(keys[0, :, 3], step[0, :, 0].to(torch.bfloat16))
+    query = torch.randn(2, 2, 1, 4)  # float32 query against the bf16 cache
+    mask = decoding.decode_masks(lengths, 16, 8)["full_attention"]
+    out, _ = decoding.rows_attention(None, query, keys, values, mask, scaling=1.0)
+    assert out.shape == (2, 1, 2, 4) and torch.isfinite(out.float()).all()
