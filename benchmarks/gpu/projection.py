@@ -7,10 +7,12 @@ SFT and DPO; the projection takes the measured variant with exactly those settin
 training items of about 650 tokens per SFT row (image soft tokens included). Per GPU stage:
 - sft: time to first step + max_steps x rows per step x 650 tokens / the variant's tokens/s;
 - pairs: start-up + one sampled answer per training item, every one the full max_new_tokens (a bound: real answers
-  end sooner) / the sampling rate of the whole engine call (prefill included);
+  end sooner) at the engine's steady decode rate, plus each item's share of the measured call's time outside the
+  decode steps (figure, prefill, capture);
 - dpo: time to first step + max_steps x the variant's median step (sample pairs: chosen and rejected about as long
   as a real run's);
-- eval: start-up + 300 test items x 3 models x max_new_tokens (a bound) / the eval rate; one start-up per model.
+- eval: per model (3), start-up + max_new_tokens decode steps of the measured median (all ~300 test items in one
+  call; a bound: answers end sooner) + each item's share of the time outside the decode steps.
 Prepare and teach run on CPUs and a teacher API, so they are not part of the GPU time.
 """
 
@@ -55,20 +57,30 @@ def project(sft: dict[str, Any], dpo: dict[str, Any], gen: dict[str, Any], setti
     startup = gen.get("start_to_loaded_s", 0.0)
     sampling = gen["sampling"]["candidate"]
     tokens = train_items * settings.pairs.max_new_tokens
-    stages["pairs"] = {"start_s": startup, "run_s": tokens / sampling["tokens_per_s"], "tokens": tokens}
+    decode_s = tokens / sampling["steady_tokens_per_s"]  # rows refilled: the decode steps never wait for a batch
+    stages["pairs"] = {"start_s": startup, "run_s": decode_s + train_items * _prefill_s(sampling), "tokens": tokens}
 
     name = variant_name(backend, settings.dpo)
     measured = _variant(dpo, name, "dpo")
     run_s = settings.dpo.max_steps * measured["summary"]["step_s"]["median"]
     stages["dpo"] = {"variant": name, "start_s": measured["first_step_s"], "run_s": run_s}
 
+    # One engine call per model: every test item in flight at once, max_new_tokens steps (a step costs about the
+    # same with fewer rows: it is bound by its kernels, not by the rows), plus each item's prefill.
     evaluation = gen["eval"]["candidate"]
-    tokens = eval_items * eval_models * settings.eval.max_new_tokens
-    stages["eval"] = {"start_s": eval_models * startup, "run_s": tokens / evaluation["tokens_per_s"], "tokens": tokens}
+    per_model = settings.eval.max_new_tokens * evaluation["step_ms"]["median"] / 1e3
+    per_model += eval_items * _prefill_s(evaluation)
+    stages["eval"] = {"start_s": eval_models * startup, "run_s": eval_models * per_model}
 
     for stage in stages.values():
         stage["total_s"] = stage["start_s"] + stage["run_s"]
     return {"stages": stages, "total_s": sum(s["total_s"] for s in stages.values())}
+
+
+def _prefill_s(candidate: dict[str, Any]) -> float:
+    """Seconds per request outside the decode steps (figure, prefill, graph capture), from the measured call."""
+    decode_s = candidate["max_new_tokens"] * candidate["step_ms"]["median"] / 1e3
+    return max(0.0, candidate["seconds"] - decode_s) / candidate["requests"]
 
 
 def _variant(report: dict[str, Any], name: str, stage: str) -> dict[str, Any]:

@@ -114,14 +114,18 @@ def test_the_projection_takes_the_recipes_own_settings_from_the_measurements() -
     dpo = {
         "variants": {name(settings.dpo): {"first_step_s": 70, "summary": {"tokens_per_s": 1, "step_s": {"median": 2}}}}
     }
-    gen = {"start_to_loaded_s": 30, "sampling": {"candidate": {"tokens_per_s": 20_000}}}
-    gen["eval"] = {"candidate": {"tokens_per_s": 10_000}}
+    sampling = {"max_new_tokens": 1024, "steady_tokens_per_s": 20_000, "step_ms": {"median": 50.0}}
+    sampling.update(requests=1000, seconds=1024 * 0.05 + 10)  # 10 s outside the decode steps: 10 ms a request
+    evaluation = {"max_new_tokens": 1024, "step_ms": {"median": 40.0}, "requests": 500, "seconds": 1024 * 0.04 + 5}
+    gen = {"start_to_loaded_s": 30, "sampling": {"candidate": sampling}, "eval": {"candidate": evaluation}}
     result = project(sft, dpo, gen, settings)
     rows = settings.sft.per_device_train_batch_size * settings.sft.gradient_accumulation_steps  # 32
     assert result["stages"]["sft"]["run_s"] == settings.sft.max_steps * rows * 650 / 10_000
-    assert result["stages"]["pairs"]["run_s"] == 5_300 * settings.pairs.max_new_tokens / 20_000
+    pairs_s = 5_300 * settings.pairs.max_new_tokens / 20_000 + 5_300 * 0.01
+    assert result["stages"]["pairs"]["run_s"] == pytest.approx(pairs_s)
     assert result["stages"]["dpo"]["total_s"] == 70 + settings.dpo.max_steps * 2
-    assert result["stages"]["eval"]["total_s"] == 3 * 30 + 300 * 3 * settings.eval.max_new_tokens / 10_000
+    eval_s = 3 * 30 + 3 * (settings.eval.max_new_tokens * 0.04 + 300 * 0.01)
+    assert result["stages"]["eval"]["total_s"] == pytest.approx(eval_s)
     assert result["total_s"] == sum(s["total_s"] for s in result["stages"].values())
     with pytest.raises(SystemExit, match="were not measured"):
         project({"variants": {}}, dpo, gen, settings)
