@@ -7,7 +7,8 @@
 # (the sample's prepare/teach/pairs folders, made by the stages), gen / sft / dpo (the benchmarks, each printing its
 # ratio to a baseline measured in the same command), pipeline (`mathwizard run` with benchmarks/gpu/e2b-unsloth.yaml),
 # tests (pytest -m gpu tests/gpu, Unsloth imported first), projection (the real recipe's wall time from the JSON the
-# benchmarks wrote). Default: all of them. Extra arguments: MW_SFT_ARGS, MW_DPO_ARGS, MW_GEN_ARGS, MW_TEST_ARGS.
+# benchmarks wrote). Default: all of them. Extra arguments: MW_SFT_ARGS, MW_DPO_ARGS, MW_GEN_ARGS; MW_TEST_K
+# selects tests (pytest -k), e.g. MW_TEST_K="not compiled_decoding".
 # Files in $OUT: run.log, generation.json, sft.json, dpo.json, pipeline.json, tests.log, projection.json.
 # A machine without internet first needs the packages the lock names: benchmarks/gpu/pack.sh (docs/gpu.md).
 set -uo pipefail
@@ -77,8 +78,8 @@ part_pipeline() {
 }
 
 part_tests() {
-  "$PY" -m pytest -p tests.gpu.unsloth_first -m gpu -p no:cacheprovider -q tests/gpu ${MW_TEST_ARGS:-} 2>&1 \
-    | tee "$OUT/tests.log"
+  "$PY" -m pytest -p tests.gpu.unsloth_first -m gpu -p no:cacheprovider -q tests/gpu ${MW_TEST_K:+-k "$MW_TEST_K"} \
+    2>&1 | tee "$OUT/tests.log"
 }
 
 part_projection() {
