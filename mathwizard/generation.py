@@ -119,7 +119,8 @@ def resolve_decode(decode: str, backend: str = "hf") -> str:
     """'graphs', 'compiled' or 'eager' for `decode` (auto | eager | compiled | graphs) with the model's `backend`.
 
     auto is graphs on a CUDA machine (`mathwizard.decoding`: per-row KV cache, finished rows refilled, the decode step
-    one CUDA graph; on the H200 it ran far ahead of both other modes, benchmarks/RESULTS.md) and eager elsewhere.
+    one CUDA graph; 58-73x eager's rate on the H200, with no compile time, where compiled reached 2-5x eager's on the
+    H100 after minutes of compiling: benchmarks/RESULTS.md) and eager elsewhere.
 
     Raises:
         ConfigError: an unknown mode, or compiled with the Unsloth backend.
