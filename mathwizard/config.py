@@ -131,12 +131,14 @@ class ModelConfig(_Stage):
         " (UNSLOTH_BLOCK_COMPILE=0); unsloth: Unsloth's default, which also compiles each decoder layer as a region"
         " (see docs/gpu.md for its cost on gemma-3n). Read when unsloth is first imported in a process.",
     )
-    decode: Literal["auto", "eager", "compiled"] = Field(
+    decode: Literal["auto", "eager", "compiled", "graphs"] = Field(
         "auto",
-        description="Batched generation (pairs, eval): compiled = a static KV cache sized in buckets of 512 tokens and"
-        " the decode step under torch.compile with CUDA graphs, built once per batch size and bucket; backend hf"
-        " only (Unsloth's compiled gemma-3n forward breaks it). eager = plain PyTorch; auto = eager (measured on an"
-        " H100 in benchmarks/RESULTS.md). Not part of any fingerprint: it changes speed, not answers.",
+        description="Batched generation (pairs, eval). graphs: mathwizard.decoding, a KV cache with one row per request"
+        " in flight (up to 512, sized from free GPU memory), rows refilled as answers end, the decode step one CUDA"
+        " graph, top-p over the top-k logits; gemma-3n only, falls back to eager on any failure. compiled: static KV"
+        " cache in 512-token buckets and the step under torch.compile (backend hf only). eager: transformers'"
+        " generate. auto: graphs on CUDA, eager elsewhere. Not part of any fingerprint: it changes speed, not which"
+        " answers are possible.",
     )
 
 

@@ -105,22 +105,27 @@ CACHE_BUCKET = 512  # compiled decoding: the static KV cache grows in steps of t
 
 
 def resolve_decode(decode: str, backend: str = "hf") -> str:
-    """'compiled' or 'eager' for `decode` (auto | eager | compiled) with the model's resolved `backend`.
+    """'graphs', 'compiled' or 'eager' for `decode` (auto | eager | compiled | graphs) with the model's `backend`.
 
-    auto is eager: on the H100 (benchmarks/RESULTS.md) compiling the decode step of the Unsloth-loaded E2B model
-    gained 1.1x at best and failed once Unsloth's compiled training forwards were in the process.
+    auto is graphs on a CUDA machine (`mathwizard.decoding`: per-row KV cache, finished rows refilled, the decode step
+    one CUDA graph; 58-73x eager's rate on the H200, with no compile time, where compiled reached 2-5x eager's on the
+    H100 after minutes of compiling: benchmarks/RESULTS.md) and eager elsewhere.
 
     Raises:
         ConfigError: an unknown mode, or compiled with the Unsloth backend.
     """
-    if decode not in ("auto", "eager", "compiled"):
-        raise ConfigError(f"model.decode must be auto, eager or compiled, got {decode!r}")
+    if decode not in ("auto", "eager", "compiled", "graphs"):
+        raise ConfigError(f"model.decode must be auto, eager, compiled or graphs, got {decode!r}")
     if decode == "compiled" and backend == "unsloth":
         raise ConfigError(
             "model.decode: compiled does not work with model.backend: unsloth (Unsloth's compiled gemma-3n forward sets"
-            " torch.compile's stance inside the graph); set model.decode: eager, or model.backend: hf"
+            " torch.compile's stance inside the graph); set model.decode: graphs or eager, or model.backend: hf"
         )
-    return "compiled" if decode == "compiled" else "eager"
+    if decode == "auto":
+        import torch
+
+        return "graphs" if torch.cuda.is_available() else "eager"
+    return decode
 
 
 def _needs_autocast(model: Any) -> bool:
@@ -231,12 +236,25 @@ class ModelGenerator:
     processor: Any
     batch_size: int = 16
     name: str = ""
-    decode: str = "eager"  # eager | compiled (see resolve_decode)
+    decode: str = "eager"  # eager | compiled | graphs (see resolve_decode)
     generate_calls: int = field(default=0, init=False)
     generated_tokens: int = field(default=0, init=False)
     seconds: float = field(default=0.0, init=False)
 
     def __call__(self, requests: Sequence[Request], params: SamplingParams) -> list[Completion]:
+        if not requests:
+            return []
+        if self.decode == "graphs":
+            from mathwizard import decoding
+
+            if decoding.supports(self.model):
+                try:
+                    return self._decode_rows(requests, params)
+                except Exception as exc:  # the fast path must never cost a run its answers: plain generate takes over
+                    log.warning("model.decode=graphs failed (%s: %s); decoding eagerly", type(exc).__name__, exc)
+            else:
+                log.warning("model.decode=graphs supports gemma-3n only; %s decodes eagerly", type(self.model).__name__)
+            self.decode = "eager"
         # Similar lengths share a batch (less padding); results go back in the caller's order.
         order = sorted(range(len(requests)), key=lambda i: len(requests[i].text) + len(requests[i].system or ""))
         results: list[Completion | None] = [None] * len(requests)
@@ -258,6 +276,49 @@ class ModelGenerator:
                 results[i] = completion
         return [c for c in results if c is not None]
 
+    def _decode_rows(self, requests: Sequence[Request], params: SamplingParams) -> list[Completion]:
+        """All requests through `mathwizard.decoding` (rows refilled as answers end; CUDA graph on a GPU)."""
+        import torch
+
+        from mathwizard import decoding
+
+        model, processor = self.model, self.processor
+        render = processor.apply_chat_template
+        texts = [render(chat_messages(r), add_generation_prompt=True, tokenize=False) for r in requests]
+        eos_ids = _eos_ids(model, processor)
+        autocast = torch.autocast(
+            device_type=model.device.type,
+            dtype=model.dtype,
+            enabled=model.device.type == "cuda" and _needs_autocast(model),
+        )
+        if not getattr(model, "_mathwizard_rows_ready", False):
+            decoding.prepare_model(model)
+            model._mathwizard_rows_ready = True
+        started = time.perf_counter()
+        with autocast:
+            answers = decoding.decode_all(
+                model,
+                processor,
+                texts,
+                [r.image for r in requests],
+                max_new_tokens=params.max_new_tokens,
+                temperature=params.temperature,
+                top_p=params.top_p,
+                top_k=None if params.greedy else _top_k(model),
+                seed=params.seed,
+                eos_ids=sorted(eos_ids),
+                graphs=model.device.type == "cuda",
+            )
+        self.seconds += time.perf_counter() - started
+        self.generate_calls += 1
+        completions = []
+        for tokens in answers:
+            length = next((i + 1 for i, token in enumerate(tokens) if token in eos_ids), len(tokens))
+            text = processor.tokenizer.decode(tokens[:length], skip_special_tokens=True)
+            completions.append(Completion(text=text.strip(), tokens=length))
+        self.generated_tokens += sum(c.tokens for c in completions)
+        return completions
+
     def stream(self, request: Request, params: SamplingParams, on_text: Callable[[str], None]) -> Completion:
         """Answer one request, handing text to `on_text` as soon as whole words are decoded."""
         streamer = _callback_streamer(self.processor.tokenizer, on_text)
@@ -267,6 +328,14 @@ class ModelGenerator:
         self.generate_calls += 1
         self.generated_tokens += completion.tokens
         return completion
+
+
+def _top_k(model: Any) -> int | None:
+    """The top-k that `generate` samples with: the checkpoint's, else transformers' default (50)."""
+    from transformers import GenerationConfig
+
+    top_k = getattr(model.generation_config, "top_k", None)
+    return top_k if top_k is not None else GenerationConfig._get_default_generation_params().get("top_k")
 
 
 def _callback_streamer(tokenizer: Any, on_text: Callable[[str], None]) -> Any:

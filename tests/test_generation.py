@@ -182,15 +182,16 @@ def test_model_ref_resolves_stage_folders_to_their_adapter(tmp_path: Path) -> No
     assert json.dumps(tiny.identity())  # JSON-able, for fingerprints
 
 
-def test_decode_mode_is_eager_unless_compiled_is_asked_and_never_compiled_with_unsloth() -> None:
+def test_decode_mode_auto_is_eager_on_a_cpu_and_never_compiled_with_unsloth() -> None:
     from mathwizard.generation import resolve_decode
 
-    assert resolve_decode("auto", "hf") == resolve_decode("auto", "unsloth") == "eager"
+    assert resolve_decode("auto", "hf") == resolve_decode("auto", "unsloth") == "eager"  # graphs on CUDA
     assert resolve_decode("compiled", "hf") == "compiled"
+    assert resolve_decode("graphs", "unsloth") == "graphs"
     assert resolve_decode("eager", "unsloth") == "eager"
-    with pytest.raises(ConfigError, match=r"set model\.decode: eager"):
+    with pytest.raises(ConfigError, match=r"set model\.decode: graphs or eager"):
         resolve_decode("compiled", "unsloth")
-    with pytest.raises(ConfigError, match="auto, eager or compiled"):
+    with pytest.raises(ConfigError, match="auto, eager, compiled or graphs"):
         resolve_decode("fast")
 
 

@@ -1,9 +1,9 @@
-"""What the GPU benchmarks share: the E2B-architecture model and sample data, the card's ceilings, variants run as
-subprocesses under a deadline, and the environment line.
+"""What the GPU benchmarks share: the E2B-architecture model, data made by the real stages, the card's ceilings,
+step statistics and the environment line.
 
-Every figure a benchmark prints comes from the same command: the baseline and the candidate run back to back on
-the same card, each variant in its own process (Unsloth patches transformers and TRL process-wide when imported, so
-the transformers+PEFT+TRL baseline must never share a process with it).
+Every figure a benchmark prints comes from one command: baseline and candidates run back to back on the same card.
+Training variants of the Unsloth backend run in a process of their own (Unsloth patches transformers and TRL
+process-wide when imported), never beside the transformers + PEFT + TRL ones.
 """
 
 from __future__ import annotations
@@ -13,12 +13,11 @@ import datetime as dt
 import importlib.metadata
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,17 +71,19 @@ def env_info() -> dict[str, Any]:
         with contextlib.suppress(OSError, subprocess.SubprocessError):
             query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
             info["driver"] = subprocess.run(query, capture_output=True, text=True, timeout=20).stdout.strip()
-    try:  # MW_GIT_SHA: the commit a `git archive` copy without .git was made from
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
-        info["git"] = os.environ.get("MW_GIT_SHA") or sha.stdout.strip() or "unknown"
-    except OSError:
-        info["git"] = os.environ.get("MW_GIT_SHA", "unknown")
+    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True)
+    info["git"] = (sha.stdout.strip() or "unknown") + (" + work tree" if dirty.stdout.strip() else "")
     return info
 
 
 def env_line(info: dict[str, Any]) -> str:
     keys = ("gpu", "driver", "torch", "transformers", "trl", "peft", "unsloth", "git", "date")
     return "env: " + " · ".join(f"{k} {info[k]}" for k in keys if k in info)
+
+
+def fmt(value: Any, spec: str = ",.0f") -> str:
+    return "-" if value is None or (isinstance(value, float) and value != value) else format(value, spec)
 
 
 # ------------------------------------------------------------------------------------------------ the card
@@ -96,6 +97,9 @@ def datasheet(name: str) -> dict[str, float]:
 def card_ceilings(repeats: int = 10) -> dict[str, float]:
     """Measured bf16 matmul FLOP/s (8192^3, random data) and device-to-device copy bandwidth (read + write)."""
     import torch
+
+    if not torch.cuda.is_available():
+        return {"matmul_bf16_flops": float("nan"), "copy_bytes_s": float("nan")}
 
     def timed(fn: Callable[[], Any]) -> float:
         for _ in range(3):
@@ -117,7 +121,24 @@ def card_ceilings(repeats: int = 10) -> dict[str, float]:
     src = torch.randn(2**28, device="cuda", dtype=torch.float32)  # 1 GiB
     dst = torch.empty_like(src)
     copy_s = timed(lambda: dst.copy_(src))
-    return {"matmul_bf16_flops": 2 * n**3 / matmul_s, "copy_bytes_s": 2 * src.numel() * 4 / copy_s}
+    torch.cuda.empty_cache()
+    return {"matmul_bf16_flops": 2 * n**3 / matmul_s, "copy_bytes_s": 2 * 2**28 * 4 / copy_s}
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """Median, quartiles and range of per-step times (or any sample)."""
+    ordered = sorted(values)
+    if not ordered:
+        return {}
+    quartiles = statistics.quantiles(ordered, n=4) if len(ordered) > 1 else [ordered[0]] * 3
+    return {
+        "n": len(ordered),
+        "median": statistics.median(ordered),
+        "p25": quartiles[0],
+        "p75": quartiles[2],
+        "min": ordered[0],
+        "max": ordered[-1],
+    }
 
 
 # ----------------------------------------------------------------------------------------- model and data
@@ -134,110 +155,24 @@ def ensure_e2b(folder: Path) -> Path:
     return folder
 
 
-def ensure_teach(folder: Path) -> Path:
-    """A teach stage folder from the bundled MM_Math sample and the offline rule teacher (prepare + teach)."""
-    from mathwizard.manifest import read_manifest
+def ensure_data(root: Path) -> dict[str, Path]:
+    """The sample's prepare, teach and pairs folders, made by the stages themselves: prepare (bundled MM_Math
+    sample), teach with the offline rule teacher, pairs from the tiny model with the rule fallback (a random model
+    writes no valid flawed answer, so every rejected answer is the stage's own rule flaw, as in a real run's
+    fallback). Each stage skips itself when its folder is finished."""
+    from mathwizard.config import ModelConfig, PairsConfig, PrepareConfig, TeacherConfig
+    from mathwizard.stages import pairs, prepare, teach
 
-    folder = Path(folder)
-    if (m := read_manifest(folder)) is not None and m.stage == "teach":
-        return folder
-    from mathwizard.config import PrepareConfig, TeacherConfig
-    from mathwizard.stages import prepare, teach
-
-    prepared = folder.parent / "01-prepare"
-    prepare.run(PrepareConfig(source="sample", workers=1), prepared)
-    teach.run(TeacherConfig(kind="rule"), prepared, folder, folder.parent / "teach-cache")
-    return folder
-
-
-def ensure_pairs(folder: Path, teach_dir: Path, seed: int = 42) -> Path:
-    """A pairs stage folder built from the teach data without a model: chosen = the solution, rejected = the pairs
-    stage's own rule flaw (same lengths as real pairs; DPO's cost does not depend on who wrote the rejected text)."""
-    from mathwizard.manifest import read_manifest
-
-    folder = Path(folder)
-    if (m := read_manifest(folder)) is not None and m.stage == "pairs":
-        return folder
-    import datasets
-    import pyarrow.parquet as pq
-
-    from mathwizard.manifest import stage_output
-    from mathwizard.stages.pairs import choose_strategy, rule_flaw
-
-    teach_dir = ensure_teach(teach_dir)
-    with stage_output(folder, stage="pairs", version=1, fingerprint=f"bench-rule-pairs-{seed}") as record:
-        for split in ("train", "val"):
-            rows = []
-            for row in pq.read_table(teach_dir / f"{split}.parquet").to_pylist():
-                strategy = choose_strategy(str(row["id"]), seed)
-                rejected = rule_flaw(row["solution"], strategy)
-                if rejected is None:
-                    continue
-                rows.append(
-                    {
-                        "id": row["id"],
-                        "image": row["image"],
-                        "question": row["question"],
-                        "chosen": row["solution"],
-                        "rejected": rejected,
-                        "strategy": strategy,
-                        "difficult": row["difficult"],
-                        "source": "rule",
-                    }
-                )
-            ds = datasets.Dataset.from_list(rows).cast_column("image", datasets.Image())
-            ds.to_parquet(str(folder / f"{split}.parquet"))
-            record.add_file(f"{split}.parquet", rows=len(rows))
-    return folder
+    root = Path(root)
+    folders = {"prepare": root / "01-prepare", "teach": root / "02-teach", "pairs": root / "04-pairs"}
+    prepare.run(PrepareConfig(source="sample", workers=1), folders["prepare"])
+    teach.run(TeacherConfig(kind="rule"), folders["prepare"], folders["teach"], root / "teach-cache")
+    pairs_cfg = PairsConfig(max_new_tokens=16, max_attempts=1, fallback="rule", chunk_size=256)
+    pairs.run(pairs_cfg, ModelConfig(name="tiny", backend="hf"), None, folders["teach"], folders["pairs"])
+    return folders
 
 
 def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
-
-
-# ------------------------------------------------------------------------------------------------ variants
-def run_variants(
-    script: Path,
-    variants: list[str],
-    worker_args: list[str],
-    *,
-    deadline: float,
-    cap_s: float,
-    scratch: Path,
-) -> dict[str, dict[str, Any]]:
-    """Run `script --worker VARIANT` for each variant in turn, each in its own process group, stopped at
-    min(cap_s, time left before `deadline`). A stopped or failed worker still returns the progress it wrote."""
-    results: dict[str, dict[str, Any]] = {}
-    for variant in variants:
-        left = deadline - time.time()
-        if left < 60:
-            results[variant] = {"variant": variant, "error": f"skipped: {left:.0f} s left before the deadline"}
-            say(f"--- {variant}: skipped ({left:.0f} s left)")
-            continue
-        limit = min(cap_s, left - 15)
-        result_file = scratch / f"{variant.replace(':', '-')}.json"
-        result_file.unlink(missing_ok=True)
-        cmd = [sys.executable, str(script), "--worker", variant, "--result", str(result_file), *worker_args]
-        say(f"--- {variant}: {' '.join(cmd[1:])} (stopped after {limit:.0f} s)")
-        started = time.perf_counter()
-        proc = subprocess.Popen(cmd, start_new_session=True)
-        try:
-            code = proc.wait(timeout=limit)
-            error = None if code == 0 else f"exit code {code}"
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            error = f"stopped after {limit:.0f} s (time limit)"
-        result = json.loads(result_file.read_text()) if result_file.is_file() else {}
-        result.update(variant=variant, wall_s=round(time.perf_counter() - started, 1))
-        if error:
-            result["error"] = error
-        results[variant] = result
-        say(f"--- {variant}: {error or 'ok'} in {result['wall_s']} s")
-    return results
-
-
-def fmt(value: Any, spec: str = ",.0f") -> str:
-    return "-" if value is None or (isinstance(value, float) and value != value) else format(value, spec)

@@ -1,28 +1,35 @@
-"""Training throughput of the project's own SFT / DPO trainers: one worker process per variant, one parent table.
+"""Training throughput of the SFT / DPO stages: variants of backend, micro-batch and gradient checkpointing.
 
-A variant is `hf` (transformers + PEFT + TRL) or `unsloth:<compile>` (Unsloth with `model.compile` = eager |
-modules | unsloth); a `:4bit` suffix loads the base weights in 4 bit (QLoRA, `model.load_in_4bit`). Each worker
-builds the stage's trainer exactly as the stage does (`build_trainer`: collator, LoRA, arguments), then runs
-`warmup + steps` optimizer steps with a callback that synchronises the GPU and times every step. Throughput counts
-the tokens the model processed (attention-mask ones: prompt, image soft tokens and answer; padding excluded) over
-the timed steps only, so compilation and allocator warm-up stay out of it; the warm-up steps minus their
-steady-state cost are reported as compile time. Peak memory is `torch.cuda.max_memory_allocated` over training
-(weights included).
+A variant is `<kind>:<micro>x<accum>[:gc]`: kind `plain` (SFT only: a minimal transformers + PEFT loop, the
+baseline), `hf` (the stage's transformers + PEFT + TRL trainer) or `unsloth` (the stage's Unsloth trainer); micro =
+rows (DPO: pairs) per micro-batch, accum = micro-batches per optimizer step; `gc` turns gradient checkpointing on.
+Each variant builds the stage's trainer exactly as the stage does (`build_trainer`: the same collator, LoRA targets
+and arguments) on the same model and data, then runs `warmup + steps` optimizer steps; every step is timed with the
+GPU synchronised before and after. The `plain` loop takes the same batches from that trainer's data loader and the
+same PEFT model, and trains it with `model(**batch).loss` (full logits, transformers' cross-entropy), backward and
+AdamW: no TRL in the step.
 
-MFU uses model FLOPs: the forward FLOPs of the first batch, counted by `torch.utils.flop_counter` in the hf worker
-(every matmul, convolution and attention of the vision tower and the decoder, lm_head included), times 3 for a
-training step (forward + backward, the usual 6N convention) and, for DPO, plus one forward for the reference;
-divided by the step time and the card's datasheet bf16 peak. LoRA skips the frozen weights' gradients, so the
-card executes fewer FLOPs than this convention counts.
+Reported per variant: median step time and its spread (min-max, IQR) over the timed steps, tokens/s (tokens the
+model processed, attention-mask ones: image soft tokens, prompt and answer, padding excluded, over the timed steps'
+total time), peak GPU memory (`max_memory_allocated`, weights included), time to first step (process start to the
+end of step 1: imports, model load, trainer build, first step) and MFU: 3 forward passes per token (SFT; DPO 4:
+the reference's forward too) x the forward FLOPs per token counted by `torch.utils.flop_counter` on the first batch
+(vision tower, decoder, LM head) / the datasheet's bf16 peak.
+
+Variants of the hf/plain kinds share one process, Unsloth's run in another (Unsloth patches transformers when
+imported). Within a process the model is loaded afresh for each variant.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
-from math import nan
 from pathlib import Path
 from typing import Any
 
@@ -30,34 +37,29 @@ from _common import (
     DEFAULT_WORK,
     card_ceilings,
     datasheet,
+    ensure_data,
     ensure_e2b,
-    ensure_pairs,
-    ensure_teach,
     env_info,
     env_line,
     fmt,
-    run_variants,
     say,
+    spread,
     write_json,
 )
 
-# Model FLOPs of one step, in forward passes over the batch: SFT fwd + bwd (2x); DPO the same plus the reference.
-FORWARDS_PER_STEP = {"sft": 3, "dpo": 4}
+STARTED = time.perf_counter()  # the process's start, for time to first step
+FORWARDS_PER_STEP = {"sft": 3, "dpo": 4}  # model FLOPs of one training step, in forward passes over the batch
 
 
 def parse_args(stage: str, defaults: dict[str, Any], doc: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_WORK / "e2b", help="Model folder (built if missing).")
-    parser.add_argument("--data", type=Path, default=None, help="Teach folder (SFT) or pairs folder (DPO).")
-    parser.add_argument("--variants", default=defaults["variants"], help="hf, unsloth:<compile>[:4bit], ...")
-    parser.add_argument("--batch-size", type=int, default=defaults["batch_size"])
-    parser.add_argument("--grad-accum", type=int, default=defaults["grad_accum"])
+    parser.add_argument("--data", type=Path, default=DEFAULT_WORK / "data", help="Stage folders (made if missing).")
+    parser.add_argument("--variants", default=defaults["variants"], help="kind:MICROxACCUM[:gc], comma-separated.")
+    parser.add_argument("--baseline", default=None, help="Variant the others are compared with (default: first).")
     parser.add_argument("--max-length", type=int, default=defaults["max_length"])
-    parser.add_argument("--pad-to-multiple-of", type=int, default=None, help="Unsloth SFT collator padding.")
     parser.add_argument("--warmup", type=int, default=defaults["warmup"], help="Untimed optimizer steps.")
     parser.add_argument("--steps", type=int, default=defaults["steps"], help="Timed optimizer steps.")
-    parser.add_argument("--cap", type=float, default=defaults["cap"], help="Seconds one variant may take.")
-    parser.add_argument("--budget", type=float, default=1e9, help="Seconds the whole benchmark may take.")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
@@ -66,94 +68,148 @@ def parse_args(stage: str, defaults: dict[str, Any], doc: str) -> argparse.Names
     return args
 
 
+def parse_variant(name: str) -> dict[str, Any]:
+    kind, shape, *flags = name.split(":")
+    micro, accum = (int(x) for x in shape.split("x"))
+    if kind not in ("plain", "hf", "unsloth") or set(flags) - {"gc"}:
+        raise SystemExit(f"bad variant {name!r}: use plain|hf|unsloth:MICROxACCUM[:gc]")
+    return {"name": name, "kind": kind, "micro": micro, "accum": accum, "gc": "gc" in flags}
+
+
 # ---------------------------------------------------------------------------------------------------- worker
 def worker(args: argparse.Namespace) -> None:
-    """Train one variant and write what it measured to `args.result` (progress after every step)."""
-    import os
-
-    backend, *modes = args.worker.split(":")
-    four_bit = "4bit" in modes
-    compile_mode = next((m for m in modes if m and m != "4bit"), "eager")
-    result: dict[str, Any] = {
-        "backend": backend,
-        "compile": compile_mode if backend == "unsloth" else None,
-        "load_in_4bit": four_bit,
-    }
-    save = lambda: write_json(args.result, result)  # noqa: E731
-
-    started = time.perf_counter()
-    if os.environ.get("MW_TRACE_S"):  # diagnosis of a stall: every thread's stack, every MW_TRACE_S seconds
-        import faulthandler
-
-        faulthandler.dump_traceback_later(float(os.environ["MW_TRACE_S"]), repeat=True)
+    """Run this process's variants in turn; write what each measured to `args.result` after every step."""
+    variants = [parse_variant(v) for v in args.worker.split(",")]
+    backend = "unsloth" if variants[0]["kind"] == "unsloth" else "hf"
+    report: dict[str, Any] = {"variants": {}}
+    save = lambda: write_json(args.result, report)  # noqa: E731
     from mathwizard.models import backend as backends
 
     if backend == "unsloth":
-        backends.configure_compile(compile_mode)
-        backends.activate("unsloth")
-        result["import_unsloth_s"] = round(time.perf_counter() - started, 1)
+        backends.configure_compile("eager")
+        backends.activate("unsloth")  # before transformers and TRL are imported
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+    import trl  # noqa: F401
+
+    report["import_s"] = round(time.perf_counter() - STARTED, 1)  # part of every variant's time to first step
+    for variant in variants:
+        result: dict[str, Any] = {**variant}
+        report["variants"][variant["name"]] = result
+        try:
+            run_variant(args, variant, result, save, "forward_flops" not in report, report["import_s"])
+            report.setdefault("forward_flops", result.get("forward_flops"))
+        except Exception as exc:  # an OOM or a failure ends this variant, not the benchmark
+            result["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            say(f"  {variant['name']}: {result['error']}")
         save()
+        _release()
+    os._exit(0)  # skip interpreter teardown of CUDA state (seconds, sometimes a hang)
+
+
+def _release() -> None:
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def run_variant(
+    args: argparse.Namespace,
+    variant: dict[str, Any],
+    result: dict[str, Any],
+    save: Any,
+    count_flops: bool,
+    report_import_s: float,
+) -> None:
     import torch
 
     from mathwizard.config import DPOConfig, ModelConfig, SFTConfig
 
-    model_cfg = ModelConfig(
-        name=str(args.model), backend=backend, dtype="auto", compile=compile_mode, load_in_4bit=four_bit
-    )
+    backend = "unsloth" if variant["kind"] == "unsloth" else "hf"
+    model_cfg = ModelConfig(name=str(args.model), backend=backend, dtype="auto", compile="eager")
     common = {
         "max_steps": args.warmup + args.steps,
-        "per_device_train_batch_size": args.batch_size,
-        "gradient_accumulation_steps": args.grad_accum,
+        "per_device_train_batch_size": variant["micro"],
+        "gradient_accumulation_steps": variant["accum"],
         "max_length": args.max_length,
         "warmup_steps": 0,
         "save_steps": 10**6,
         "eval_steps": None,
         "logging_steps": 1,
-        "gradient_checkpointing": True,
+        "gradient_checkpointing": variant["gc"],
     }
     out = Path(tempfile.mkdtemp(prefix=f"bench-{args.stage}-"))
-    built = time.perf_counter()
+    begun = time.perf_counter()
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     if args.stage == "sft":
         from mathwizard.stages.sft import build_trainer
 
-        cfg = SFTConfig(**common, pad_to_multiple_of=args.pad_to_multiple_of)
-        trainer, facts = build_trainer(cfg, model_cfg, args.data, out)
+        cfg = SFTConfig(**common)
+        trainer, facts = build_trainer(cfg, model_cfg, args.data / "02-teach", out)
     else:
         from mathwizard.stages.dpo import build_trainer
 
         cfg = DPOConfig(**common)
-        trainer, facts = build_trainer(cfg, model_cfg, None, args.data, out)
-    result["build_s"] = round(time.perf_counter() - built, 1)
+        trainer, facts = build_trainer(cfg, model_cfg, None, args.data / "04-pairs", out)
+    result["build_s"] = round(time.perf_counter() - begun, 1)
     result["facts"] = facts
-    result["settings"] = {k: v for k, v in cfg.model_dump(mode="json").items() if k != "lora"}
+    result["trainable_parameters"] = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     result["lora"] = cfg.lora.model_dump(mode="json")
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    result["trainable_parameters"] = trainable
+    if count_flops and backend == "hf":
+        result.update(count_forward_flops(trainer))
     save()
 
-    if backend == "hf":  # model FLOPs, once, on the variant that runs plain PyTorch ops
-        result.update(count_forward_flops(trainer))
-        save()
+    steps: list[dict[str, Any]] = []
+    result["steps"] = steps
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
 
-    # --- per-step timing and token counts
-    micro: list[dict[str, int]] = []
-    original_step = trainer.training_step
+    def record(seconds: float, tokens: int, padded: int, loss: float | None) -> None:
+        steps.append({"seconds": round(seconds, 4), "tokens": tokens, "padded": padded, "loss": loss})
+        if len(steps) == 1:  # a fresh process: its imports, then this variant's load, build and first step
+            result["first_step_s"] = round(report_import_s + time.perf_counter() - begun, 1)
+        result["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None
+        save()
+        say(f"  {variant['name']} step {len(steps)}: {seconds:.2f} s, {tokens} tokens, loss {fmt(loss, '.4f')}")
+
+    if variant["kind"] == "plain":
+        plain_loop(trainer, cfg, variant["accum"], args.warmup + args.steps, sync, record)
+    else:
+        hooked_train(trainer, sync, record, lambda: steps)
+    if cuda:
+        result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+    result["done"] = True
+    del trainer
+
+
+def batch_tokens(inputs: dict[str, Any]) -> tuple[int, int]:
+    """(real tokens, padded tokens) of a collated batch (SFT: input_ids; DPO: prompt + chosen + rejected)."""
+    pairs = [("input_ids", "attention_mask")]
+    pairs += [(f"{p}_input_ids", f"{p}_attention_mask") for p in ("prompt", "chosen", "rejected", "completion")]
+    real = padded = 0
+    for ids, mask in pairs:
+        if ids in inputs:
+            padded += inputs[ids].numel()
+            real += int(inputs[mask].sum()) if mask in inputs else inputs[ids].numel()
+    return real, padded
+
+
+def hooked_train(trainer: Any, sync: Any, record: Any, steps_seen: Any) -> None:
+    """trainer.train() with each optimizer step timed (GPU synchronised) and its micro-batches' tokens counted."""
+    from transformers import TrainerCallback
+
+    micro: list[tuple[int, int]] = []
+    original = trainer.training_step
 
     def counting_step(model: Any, inputs: dict[str, Any], *a: Any, **k: Any) -> Any:
-        mask = inputs.get("attention_mask")
-        ids = inputs["input_ids"]
-        say(f"  micro-batch {len(micro) + 1} starts at {time.perf_counter() - started:.1f} s, shape {tuple(ids.shape)}")
-        micro.append(
-            {"tokens": int(mask.sum()) if mask is not None else ids.numel(), "padded": ids.numel(), "seq": ids.shape[1]}
-        )
-        return original_step(model, inputs, *a, **k)
+        micro.append(batch_tokens(inputs))
+        return original(model, inputs, *a, **k)
 
     trainer.training_step = counting_step
-    steps: list[dict[str, Any]] = []
-    cuda = torch.cuda.is_available()  # the CPU path exists to check this script on a laptop with the tiny model
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    peak = (lambda: round(torch.cuda.max_memory_allocated() / 2**30, 2)) if cuda else (lambda: None)
-    from transformers import TrainerCallback
 
     class StepTimer(TrainerCallback):
         def on_step_begin(self, *_: Any, **__: Any) -> None:
@@ -162,35 +218,48 @@ def worker(args: argparse.Namespace) -> None:
 
         def on_step_end(self, *_: Any, **__: Any) -> None:
             sync()
+            seconds = time.perf_counter() - self.t0
             batch = micro[self.first :]
-            steps.append(
-                {
-                    "seconds": round(time.perf_counter() - self.t0, 4),
-                    "tokens": sum(m["tokens"] for m in batch),
-                    "padded": sum(m["padded"] for m in batch),
-                    "seq": sorted({m["seq"] for m in batch}),
-                }
-            )
-            result["steps"] = steps
-            result["peak_allocated_gib"] = peak()
-            save()
-            last = steps[-1]
-            say(f"  step {len(steps)}: {last['seconds']:.2f} s, {last['tokens']} tokens, lengths {last['seq']}")
+            record(seconds, sum(m[0] for m in batch), sum(m[1] for m in batch), None)
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **_: Any) -> None:
+            if logs and "loss" in logs and steps_seen():
+                steps_seen()[-1]["loss"] = logs["loss"]
 
     trainer.add_callback(StepTimer())
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        result["allocated_before_train_gib"] = round(torch.cuda.memory_allocated() / 2**30, 2)
-    trained = time.perf_counter()
     trainer.train()
-    result["train_s"] = round(time.perf_counter() - trained, 1)
-    result["peak_allocated_gib"] = peak()
-    if cuda:
-        result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
-    result["final_loss"] = next((r["loss"] for r in reversed(trainer.state.log_history) if "loss" in r), None)
-    result["done"] = True
-    save()
-    os._exit(0)  # skip interpreter teardown of compiled graphs and CUDA state (seconds, sometimes a hang)
+
+
+def plain_loop(trainer: Any, cfg: Any, accum: int, total: int, sync: Any, record: Any) -> None:
+    """The baseline: the same PEFT model and batches, trained by `model(**batch).loss`, backward and AdamW."""
+    import itertools
+
+    import torch
+
+    model = trainer.model
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    batches = itertools.cycle(trainer.get_train_dataloader())
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.cuda.is_available())
+    for _ in range(total):
+        sync()
+        started = time.perf_counter()
+        tokens = padded = 0
+        losses = []
+        for _ in range(accum):
+            batch = trainer._prepare_inputs(next(batches))
+            real, pad = batch_tokens(batch)
+            tokens, padded = tokens + real, padded + pad
+            with autocast:
+                loss = model(**batch, use_cache=False).loss / accum
+            loss.backward()
+            losses.append(loss.detach())
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        record(time.perf_counter() - started, tokens, padded, float(sum(losses)))
 
 
 def count_forward_flops(trainer: Any) -> dict[str, Any]:
@@ -199,15 +268,12 @@ def count_forward_flops(trainer: Any) -> dict[str, Any]:
     from torch.utils.flop_counter import FlopCounterMode
 
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
-    skip = {"labels", "completion_mask", "ref_chosen_logps", "ref_rejected_logps"}
-    inputs = {k: v for k, v in batch.items() if k not in skip}
-    model = trainer.model
+    tokens, _ = batch_tokens(batch)  # DPO: chosen and rejected sequences, each with its prompt
+    model_inputs = ("input_ids", "attention_mask", "pixel_values", "token_type_ids")
+    inputs = {k: v for k, v in batch.items() if k in model_inputs}
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(**inputs, use_cache=False)
-    tokens = int(batch["attention_mask"].sum())
-    model.zero_grad(set_to_none=True)
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+        trainer.model(**inputs, use_cache=False)
+    trainer.model.zero_grad(set_to_none=True)
     return {"forward_flops": counter.get_total_flops(), "forward_flops_tokens": tokens}
 
 
@@ -215,123 +281,116 @@ def count_forward_flops(trainer: Any) -> dict[str, Any]:
 def summarize(result: dict[str, Any], warmup: int) -> dict[str, Any]:
     steps = result.get("steps") or []
     timed = steps[warmup:]
-    summary: dict[str, Any] = {"steps_done": len(steps)}
-    if steps:
-        summary["first_step_s"] = steps[0]["seconds"]
+    summary: dict[str, Any] = {"steps_done": len(steps), "timed_steps": len(timed)}
     if timed:
         seconds = sum(s["seconds"] for s in timed)
-        summary["step_s_median"] = statistics.median(s["seconds"] for s in timed)
+        summary["step_s"] = spread([s["seconds"] for s in timed])
+        summary["tokens_per_step"] = statistics.median(s["tokens"] for s in timed)
         summary["tokens_per_s"] = sum(s["tokens"] for s in timed) / seconds
-        summary["padded_tokens_per_s"] = sum(s["padded"] for s in timed) / seconds
         summary["padding_share"] = 1 - sum(s["tokens"] for s in timed) / sum(s["padded"] for s in timed)
-        summary["sequence_lengths"] = sorted({n for s in steps for n in s["seq"]})
-        warm = steps[:warmup]
-        summary["warmup_s"] = sum(s["seconds"] for s in warm)
-        # What warm-up cost beyond steady-state steps: compilation, autotuning, allocator growth.
-        summary["compile_s_estimate"] = max(0.0, summary["warmup_s"] - len(warm) * summary["step_s_median"])
+        summary["warmup_extra_s"] = sum(s["seconds"] for s in steps[:warmup]) - warmup * summary["step_s"]["median"]
     return summary
 
 
 def parent(args: argparse.Namespace, script: Path) -> None:
-    import torch
-
-    started = time.time()
-    deadline = started + args.budget
     args.model = ensure_e2b(args.model)
-    default = DEFAULT_WORK / "data" / ("02-teach" if args.stage == "sft" else "04-pairs")
-    args.data = Path(args.data or default)
-    if args.stage == "sft":
-        ensure_teach(args.data)
-    else:  # a finished pairs folder is used as it is; a missing one is built beside its teach folder
-        ensure_pairs(args.data, args.data.parent / "02-teach")
+    ensure_data(args.data)
     info = env_info()
-    ceilings = card_ceilings() if torch.cuda.is_available() else {"matmul_bf16_flops": nan, "copy_bytes_s": nan}
+    ceilings = card_ceilings()
     peaks = datasheet(info.get("gpu", ""))
     say(env_line(info))
     say(
         f"card: bf16 matmul {ceilings['matmul_bf16_flops'] / 1e12:.0f} TFLOP/s measured "
         f"(datasheet {peaks['bf16_flops'] / 1e12:.0f}), copy {ceilings['copy_bytes_s'] / 1e12:.2f} TB/s"
     )
-    worker_args = [
-        "--model", str(args.model), "--data", str(args.data), "--batch-size", str(args.batch_size),
-        "--grad-accum", str(args.grad_accum), "--max-length", str(args.max_length), "--warmup", str(args.warmup),
-        "--steps", str(args.steps),
-    ]  # fmt: skip
-    if args.pad_to_multiple_of:
-        worker_args += ["--pad-to-multiple-of", str(args.pad_to_multiple_of)]
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    scratch = Path(tempfile.mkdtemp(prefix=f"bench-{args.stage}-results-"))
+    names = [v.strip() for v in args.variants.split(",") if v.strip()]
+    variants = [parse_variant(v) for v in names]
+    if args.stage == "dpo" and any(v["kind"] == "plain" for v in variants):
+        raise SystemExit("the plain loop is an SFT baseline; DPO compares its own variants")
+    groups = {
+        "hf": [v["name"] for v in variants if v["kind"] != "unsloth"],
+        "unsloth": [v["name"] for v in variants if v["kind"] == "unsloth"],
+    }
     report: dict[str, Any] = {
         "benchmark": f"{args.stage} training throughput",
-        "command": "python " + " ".join([str(script.relative_to(script.parents[2])), *sys_argv()]),
+        "command": " ".join(["python", str(script.relative_to(script.parents[2])), *sys.argv[1:]]),
         "env": info,
         "card": {**ceilings, **{f"datasheet_{k}": v for k, v in peaks.items()}},
-        "settings": vars(args) | {"model": str(args.model), "data": str(args.data), "json": str(args.json)},
+        "settings": {k: str(v) for k, v in vars(args).items()},
+        "variants": {},
     }
-    results = {}
-
-    def progress() -> None:
-        report["variants"] = results
+    # Each worker process writes its progress beside the report (or in a temporary folder), step by step.
+    scratch = args.json.parent if args.json else Path(tempfile.mkdtemp(prefix=f"bench-{args.stage}-results-"))
+    worker_args = ["--model", str(args.model), "--data", str(args.data), "--max-length", str(args.max_length)]
+    worker_args += ["--warmup", str(args.warmup), "--steps", str(args.steps)]
+    flops = None
+    for group, members in groups.items():
+        if not members:
+            continue
+        result_file = scratch / f"{args.stage}-{group}.json"
+        command = [sys.executable, str(script), "--worker", ",".join(members), "--result", str(result_file)]
+        say(f"--- {group} process: {', '.join(members)}")
+        code = subprocess.run([*command, *worker_args]).returncode
+        done = _read(result_file)
+        flops = flops or done.get("forward_flops")
+        for name in members:
+            result = done.get("variants", {}).get(name, {"error": f"worker exit code {code}"})
+            result["import_s"] = done.get("import_s")
+            result["summary"] = summarize(result, args.warmup)
+            report["variants"][name] = result
         write_json(args.json, report)
 
-    for variant in variants:
-        results.update(run_variants(script, [variant], worker_args, deadline=deadline, cap_s=args.cap, scratch=scratch))
-        results[variant]["summary"] = summarize(results[variant], args.warmup)
-        progress()
-
-    # --- model FLOPs per token from the hf worker's count, then MFU and ratios
-    hf = results.get("hf", {})
-    flops_per_token = None
-    if hf.get("forward_flops") and hf.get("forward_flops_tokens"):
-        flops_per_token = FORWARDS_PER_STEP[args.stage] * hf["forward_flops"] / hf["forward_flops_tokens"]
-    report["model_flops_per_token"] = flops_per_token
-    for r in results.values():
-        s = r["summary"]
-        if flops_per_token and s.get("tokens_per_s"):
-            s["mfu"] = flops_per_token * s["tokens_per_s"] / peaks["bf16_flops"]
-            s["mfu_vs_measured_matmul"] = flops_per_token * s["tokens_per_s"] / ceilings["matmul_bf16_flops"]
-    base = hf.get("summary", {})
-    lines = []
-    header = (
-        f"{'variant':<16} {'tokens/s':>9} {'vs hf':>6} {'peak GiB':>9} {'vs hf':>6} {'MFU':>6} "
-        f"{'step s':>7} {'1st step s':>10} {'compile s':>9}  note"
+    # --- ratios, MFU, table
+    base_name = args.baseline or names[0]
+    base = report["variants"].get(base_name, {}).get("summary", {})
+    tokens = next((r.get("forward_flops_tokens") for r in report["variants"].values() if r.get("forward_flops")), None)
+    per_token = FORWARDS_PER_STEP[args.stage] * flops / tokens if flops and tokens else None
+    report["model_flops_per_token"] = per_token
+    say(
+        f"\n{args.stage}: {args.warmup} warm-up + {args.steps} timed optimizer steps per variant, max_length "
+        f"{args.max_length}; baseline {base_name}"
     )
-    for name, r in results.items():
+    say(
+        f"{'variant':<18} {'rows/step':>9} {'tokens/s':>9} {'vs base':>7} {'step s (median)':>15} {'min-max':>13} "
+        f"{'IQR':>13} {'peak GiB':>8} {'MFU':>6} {'1st step s':>10}  note"
+    )
+    for name, r in report["variants"].items():
         s = r["summary"]
         speed = s.get("tokens_per_s")
-        peak = r.get("peak_allocated_gib")
         ratio = speed / base["tokens_per_s"] if speed and base.get("tokens_per_s") else None
-        mem_ratio = peak / hf["peak_allocated_gib"] if peak and hf.get("peak_allocated_gib") else None
-        s["speed_vs_hf"], s["memory_vs_hf"] = ratio, mem_ratio
+        s["vs_baseline"] = ratio
+        if per_token and speed:
+            s["mfu"] = per_token * speed / peaks["bf16_flops"]
+        step = s.get("step_s", {})
+        rows = r.get("micro", 0) * r.get("accum", 0) if "micro" in r else None
         note = r.get("error", "") or ("" if r.get("done") else "unfinished")
-        lines.append(
-            f"{name:<16} {fmt(speed):>9} {fmt(ratio, '.2f'):>6} {fmt(peak, '.1f'):>9} {fmt(mem_ratio, '.2f'):>6} "
-            f"{fmt(s.get('mfu'), '.1%'):>6} {fmt(s.get('step_s_median'), '.2f'):>7} "
-            f"{fmt(s.get('first_step_s'), '.1f'):>10} {fmt(s.get('compile_s_estimate'), '.0f'):>9}  {note}"
+        span = f"{fmt(step.get('min'), '.2f')}-{fmt(step.get('max'), '.2f')}"
+        iqr = f"{fmt(step.get('p25'), '.2f')}-{fmt(step.get('p75'), '.2f')}"
+        say(
+            f"{name:<18} {fmt(rows, 'd'):>9} {fmt(speed):>9} {fmt(ratio, '.2f'):>7} "
+            f"{fmt(step.get('median'), '.2f'):>15} {span:>13} {iqr:>13} {fmt(r.get('peak_allocated_gib'), '.1f'):>8} "
+            f"{fmt(s.get('mfu'), '.1%'):>6} {fmt(r.get('first_step_s'), '.0f'):>10}  {note}"
         )
-    progress()
-    lora = next((r["lora"] for r in results.values() if r.get("lora")), {})
-    say(
-        f"\n{args.stage}: batch {args.batch_size} x accum {args.grad_accum}, max_length {args.max_length}, "
-        f"{args.warmup} warm-up + {args.steps} timed steps, LoRA r={lora.get('r')} on {lora.get('target_modules')}"
-    )
-    say(header)
-    for line in lines:
-        say(line)
-    for name, r in results.items():
+    for name, r in report["variants"].items():
         s = r["summary"]
-        if name != "hf" and s.get("speed_vs_hf"):
+        if name != base_name and s.get("vs_baseline"):
             say(
-                f"{args.stage} {name}: {s['tokens_per_s']:,.0f} tokens/s vs {base['tokens_per_s']:,.0f} baseline -> "
-                f"{s['speed_vs_hf']:.2f}x faster, peak memory {s['memory_vs_hf']:.2f}x, MFU {fmt(s.get('mfu'), '.1%')}"
+                f"{args.stage} {name}: {s['tokens_per_s']:,.0f} tokens/s vs {base['tokens_per_s']:,.0f} baseline "
+                f"({base_name}) -> {s['vs_baseline']:.2f}x, step {s['step_s']['median']:.2f} s "
+                f"(min-max {s['step_s']['min']:.2f}-{s['step_s']['max']:.2f}), peak "
+                f"{fmt(r.get('peak_allocated_gib'), '.1f')} GiB, MFU {fmt(s.get('mfu'), '.1%')}"
             )
+    write_json(args.json, report)
     say(env_line(info))
 
 
-def sys_argv() -> list[str]:
-    import sys
+def _read(path: Path) -> dict[str, Any]:
+    import json
 
-    return sys.argv[1:]
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def main(stage: str, defaults: dict[str, Any], doc: str, script: Path) -> None:

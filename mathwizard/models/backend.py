@@ -170,7 +170,8 @@ def load_pretrained(
             dtype=torch_type,
             load_in_4bit=load_in_4bit,
             full_finetuning=False,
-            use_gradient_checkpointing="unsloth" if for_training else False,
+            # Checkpointing is the LoRA's to decide (add_lora: sft/dpo.gradient_checkpointing), not the loader's.
+            use_gradient_checkpointing=False,
         )
         if _compile_mode != "unsloth":  # only Unsloth's own default keeps its timm compilation
             undo_timm_compile()
@@ -215,12 +216,16 @@ def attach_adapter(model: Any, adapter_dir: str, backend: Backend, *, for_traini
 
 # ---------------------------------------------------------------------------------------------- LoRA
 def lora_target_modules(model: Any, lora: LoRAConfig) -> list[str]:
-    """Full names of the Linear layers LoRA adapts, from the vision/language/attention/MLP switches.
+    """Full names of the Linear layers LoRA adapts, from the vision/language/attention/MLP switches; both backends
+    adapt exactly these (Unsloth is handed this list).
 
-    The same selection Unsloth's `get_peft_model` makes: a layer is adapted when it sits in an enabled tower
-    (vision or language; audio never) and in an enabled kind of block (attention or MLP), and its name is in
-    `target_modules` ("all-linear": every Linear). gemma-3n's MobileNetV5 vision tower is convolutional, so
-    with "all-linear" the vision switch adds nothing there.
+    A layer is adapted when it sits in an enabled tower (vision or language) and in an enabled kind of block
+    (attention or MLP), and its name is in `target_modules` ("all-linear": every Linear). Never adapted: the audio
+    tower (the pipeline feeds no audio), the audio/vision embedders' projections (`embed_audio`, `embed_vision`), the
+    language model's AltUp, Laurel and per-layer-input projections, and `lm_head`. On gemma-3n that leaves the
+    q/k/v/o and gate/up/down projections of every decoder layer (KV-shared layers have no k/v): its MobileNetV5
+    vision tower is convolutional, so the vision switch adds nothing there. Unsloth's own selection for "all-linear"
+    would also take the audio tower and both embedders' projections (10.5 M more parameters on E2B).
     """
     import torch
 
@@ -260,22 +265,25 @@ def add_lora(model: Any, lora: LoRAConfig, backend: Backend, *, seed: int, gradi
     if backend == "unsloth":
         from unsloth import FastVisionModel
 
+        checkpointing = "unsloth" if gradient_checkpointing else False
         model = FastVisionModel.get_peft_model(
             model,
-            finetune_vision_layers=lora.finetune_vision_layers,
-            finetune_language_layers=lora.finetune_language_layers,
-            finetune_attention_modules=lora.finetune_attention_modules,
-            finetune_mlp_modules=lora.finetune_mlp_modules,
+            # Our selection, not Unsloth's: the switches are already applied to the list (lora_target_modules), and
+            # Unsloth takes an explicit list as it is only when every switch is on.
+            finetune_vision_layers=True,
+            finetune_language_layers=True,
+            finetune_attention_modules=True,
+            finetune_mlp_modules=True,
+            target_modules=lora_target_modules(model, lora),
             r=lora.r,
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
             bias="none",
             random_state=seed,
-            target_modules=lora.target_modules,
             modules_to_save=list(lora.modules_to_save) or None,
-            use_gradient_checkpointing="unsloth" if gradient_checkpointing else False,
+            use_gradient_checkpointing=checkpointing,
         )
-        FastVisionModel.for_training(model)
+        FastVisionModel.for_training(model, use_gradient_checkpointing=checkpointing)
         return model
 
     import torch

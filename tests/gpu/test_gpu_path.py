@@ -1,7 +1,8 @@
 """The Unsloth path on a CUDA machine: SFT, DPO and batched generation through the stages, on the tiny gemma-3n.
 
 Marked `gpu` (CI deselects the marker and has no GPU anyway); skipped cleanly where CUDA or Unsloth is missing.
-Run on the GPU machine: `python -m pytest -m gpu tests/gpu` (about a minute, most of it `import unsloth`).
+Run on the GPU machine with Unsloth imported before anything imports transformers (tests/gpu/unsloth_first.py):
+`python -m pytest -p tests.gpu.unsloth_first -m gpu tests/gpu` (a few minutes, most of it `import unsloth`).
 """
 
 from __future__ import annotations
@@ -47,6 +48,62 @@ def sft_out(tmp_path_factory: pytest.TempPathFactory, model_cfg) -> Path:
     return root / "03-sft"
 
 
+def test_unsloth_was_imported_before_transformers() -> None:
+    from tests.gpu import unsloth_first
+
+    assert unsloth_first.IMPORTED_FIRST, "run with -p tests.gpu.unsloth_first (Unsloth patches transformers at import)"
+
+
+def test_both_backends_adapt_the_same_modules(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Unsloth's own "all-linear" selection would add the audio tower and the embedders' projections."""
+    from mathwizard.config import LoRAConfig
+    from mathwizard.models import backend, load_model
+    from tests.training.builders import use_session_model_cache
+
+    use_session_model_cache(tmp_path_factory)
+    adapted = {}
+    for name in ("hf", "unsloth"):
+        model, _ = load_model("tiny", name, for_training=True, dtype="bfloat16")
+        expected = backend.lora_target_modules(model, LoRAConfig())
+        peft = backend.add_lora(model, LoRAConfig(), name, seed=0, gradient_checkpointing=False)
+        adapted[name] = sorted(
+            n.removeprefix("base_model.model.").removesuffix(".lora_A")
+            for n, _ in peft.named_modules()
+            if n.endswith(".lora_A")
+        )
+        assert adapted[name] == sorted(expected), name
+    assert adapted["hf"] == adapted["unsloth"]
+
+
+def test_the_trainers_loss_on_the_gpu_is_the_plain_forward_loss(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The SFT trainer at the recipe's GPU settings (no checkpointing, TRL's tiled LM head) against the model's own
+    forward with labels, in bf16 on the same batch."""
+    import torch
+
+    from mathwizard.config import ModelConfig, SFTConfig
+    from mathwizard.stages.sft import build_trainer
+    from tests.training.builders import teach_folder, use_session_model_cache
+
+    use_session_model_cache(tmp_path_factory)
+    root = tmp_path_factory.mktemp("loss")
+    teach = teach_folder(root / "02-teach", n_train=8, n_val=0)
+    cfg = SFTConfig(
+        max_steps=1,
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=1,
+        max_length=512,
+        gradient_checkpointing=False,
+    )
+    trainer, facts = build_trainer(cfg, ModelConfig(name="tiny", backend="hf", dtype="bfloat16"), teach, root / "sft")
+    assert (facts["device"], facts["dtype"]) == ("cuda", "bfloat16")
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    trainer.model.eval()
+    with torch.no_grad():
+        fused = trainer.compute_loss(trainer.model, dict(batch)).float()
+        plain = trainer.model(**batch, use_cache=False).loss.float()
+    assert torch.allclose(fused, plain, rtol=2e-2), (fused.item(), plain.item())  # bf16: ~3 significant digits
+
+
 def test_sft_trains_a_lora_adapter_with_unsloth_on_the_gpu(sft_out: Path) -> None:
     from safetensors.torch import load_file
 
@@ -88,15 +145,81 @@ def test_dpo_trains_on_the_sft_model_with_unsloth(sft_out: Path, model_cfg, tmp_
 
 
 def test_batched_generation_on_the_gpu(sft_out: Path) -> None:
-    from mathwizard.generation import Request, SamplingParams, load_generator
+    from mathwizard.generation import ModelGenerator, Request, SamplingParams, load_generator
     from tests.training.builders import png
 
-    generator = load_generator(sft_out, backend="unsloth", batch_size=3)
+    generator = load_generator(sft_out, backend="unsloth", batch_size=3, decode="auto")
     assert next(generator.model.parameters()).device.type == "cuda"
+    assert generator.decode == "graphs"  # auto on CUDA
     requests = [Request(text=f"Find angle {c}.", image=png(i), system="Answer briefly.") for i, c in enumerate("ABC")]
     completions = generator(requests, SamplingParams(max_new_tokens=8))
-    assert len(completions) == 3 and generator.generate_calls == 1  # one left-padded batch, not three calls
+    assert generator.decode == "graphs", "the row engine failed on the Unsloth-loaded model and fell back to eager"
+    assert len(completions) == 3 and generator.generate_calls == 1  # one engine call, not three
     assert all(1 <= c.tokens <= 8 for c in completions)
+    eager = ModelGenerator(model=generator.model, processor=generator.processor, batch_size=3, decode="eager")
+    assert completions == eager(requests, SamplingParams(max_new_tokens=8))  # greedy: the same answers
+
+
+def test_the_row_engine_under_a_cuda_graph_answers_like_generate(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """The row engine with its CUDA graph (float32, so kernel choice cannot flip a near tie) gives the greedy answers
+    of transformers' generate, with 3 rows for 6 requests (rows refilled) and prompts past the sliding window."""
+    from mathwizard import decoding
+    from mathwizard.generation import ModelGenerator, Request, SamplingParams, _eos_ids, chat_messages
+    from mathwizard.models import load_model
+    from tests.training.builders import png, use_session_model_cache
+
+    use_session_model_cache(tmp_path_factory)
+    model, processor = load_model("tiny", "hf", for_training=False, dtype="float32")
+    model.eval()
+    texts = [f"Find angle {chr(65 + i)}. " * (9 * i + 1) for i in range(6)]
+    requests = [Request(text=t, image=png(i), system="Be brief.") for i, t in enumerate(texts)]
+    eager = ModelGenerator(model=model, processor=processor, batch_size=6, decode="eager")
+    expected = [c.text for c in eager(requests, SamplingParams(max_new_tokens=40))]
+    rendered = [
+        processor.apply_chat_template(chat_messages(r), add_generation_prompt=True, tokenize=False) for r in requests
+    ]
+    decoding.prepare_model(model)
+    engines = []
+    tokens = decoding.decode_all(
+        model,
+        processor,
+        rendered,
+        [r.image for r in requests],
+        max_new_tokens=40,
+        temperature=0.0,
+        top_p=1.0,
+        top_k=None,
+        seed=0,
+        eos_ids=sorted(_eos_ids(model, processor)),
+        graphs=True,
+        rows=3,
+        on_engine=engines.append,
+    )
+    assert engines[0].graph is not None  # the steps were graph replays
+    assert [processor.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens] == expected
+
+
+def test_sampled_answers_go_through_the_pairs_checks(sft_out: Path, model_cfg, tmp_path: Path) -> None:
+    """The pairs stage sampling with the row engine on the GPU (temperature 1.0, top_p 0.95): every answer is checked
+    as before, and every pair written passes the checks (a random model's answers fail them and the rule writes the
+    flaw; what matters here is that the engine's answers reach the checks and the stage completes)."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from mathwizard.config import ModelConfig, PairsConfig
+    from mathwizard.stages import pairs
+    from mathwizard.stages.pairs import rejected_problems
+    from tests.training.builders import teach_folder
+
+    teach = teach_folder(tmp_path / "02-teach", n_train=6, n_val=2)
+    cfg = PairsConfig(max_new_tokens=32, max_attempts=2, fallback="rule", splits=["train"])
+    model = ModelConfig(name="tiny", backend="unsloth", compile="eager")
+    pairs.run(cfg, model, sft_out, teach, tmp_path / "04-pairs")
+    report = json.loads((tmp_path / "04-pairs" / "report.json").read_text())
+    assert report["splits"]["train"]["attempts"] >= 6 and report["splits"]["train"]["generated_tokens"] > 0
+    for row in pq.read_table(tmp_path / "04-pairs" / "train.parquet").to_pylist():
+        assert rejected_problems(row["rejected"], row["chosen"], row["strategy"]) == []
 
 
 COMPILED_CHECK = """

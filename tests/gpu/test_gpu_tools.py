@@ -70,24 +70,65 @@ def test_throughput_counts_only_the_timed_steps() -> None:
     from _train import summarize
 
     steps = [
-        {"seconds": 10.0, "tokens": 1000, "padded": 1000, "seq": [500]},  # warm-up: compiles
-        {"seconds": 2.0, "tokens": 1000, "padded": 1200, "seq": [600]},
-        {"seconds": 2.0, "tokens": 1000, "padded": 1200, "seq": [600]},
-        {"seconds": 4.0, "tokens": 2000, "padded": 2400, "seq": [600]},
+        {"seconds": 10.0, "tokens": 1000, "padded": 1000},  # warm-up: allocator growth, autotuning
+        {"seconds": 2.0, "tokens": 1000, "padded": 1200},
+        {"seconds": 2.0, "tokens": 1000, "padded": 1200},
+        {"seconds": 4.0, "tokens": 2000, "padded": 2400},
     ]
     s = summarize({"steps": steps}, warmup=1)
     assert s["tokens_per_s"] == 4000 / 8  # 1000 + 1000 + 2000 tokens in 2 + 2 + 4 s
     assert s["padding_share"] == pytest.approx(1 - 4000 / 4800)
-    assert s["step_s_median"] == 2.0
-    assert s["compile_s_estimate"] == 10.0 - 2.0  # the warm-up step minus one steady step
-    assert s["sequence_lengths"] == [500, 600]
+    assert (s["step_s"]["median"], s["step_s"]["min"], s["step_s"]["max"], s["step_s"]["n"]) == (2.0, 2.0, 4.0, 3)
+    assert s["warmup_extra_s"] == 10.0 - 2.0  # the warm-up step minus one steady step
 
 
 def test_a_variant_stopped_before_its_timed_steps_reports_no_throughput() -> None:
     from _train import summarize
 
-    s = summarize({"steps": [{"seconds": 150.0, "tokens": 10, "padded": 10, "seq": [5]}]}, warmup=3)
-    assert s == {"steps_done": 1, "first_step_s": 150.0}
+    s = summarize({"steps": [{"seconds": 150.0, "tokens": 10, "padded": 10}]}, warmup=3)
+    assert s == {"steps_done": 1, "timed_steps": 0}
+
+
+def test_variants_name_backend_micro_batch_accumulation_and_checkpointing() -> None:
+    from _train import parse_variant
+
+    assert parse_variant("hf:8x4:gc") == {"name": "hf:8x4:gc", "kind": "hf", "micro": 8, "accum": 4, "gc": True}
+    assert parse_variant("plain:16x2")["gc"] is False
+    with pytest.raises(SystemExit, match="bad variant"):
+        parse_variant("fast:8x4")
+
+
+def test_the_projection_takes_the_recipes_own_settings_from_the_measurements() -> None:
+    from projection import project
+
+    from mathwizard.config import load_settings
+
+    settings = load_settings(REPO / "deployments" / "recipes" / "gemma-3n-e2b.yaml")
+    backend = "unsloth" if settings.model.backend in ("auto", "unsloth") else "hf"
+
+    def name(cfg) -> str:
+        shape = f"{cfg.per_device_train_batch_size}x{cfg.gradient_accumulation_steps}"
+        return f"{backend}:{shape}" + (":gc" if cfg.gradient_checkpointing else "")
+
+    sft = {"variants": {name(settings.sft): {"first_step_s": 60, "summary": {"tokens_per_s": 10_000}}}}
+    dpo = {
+        "variants": {name(settings.dpo): {"first_step_s": 70, "summary": {"tokens_per_s": 1, "step_s": {"median": 2}}}}
+    }
+    sampling = {"max_new_tokens": 1024, "steady_tokens_per_s": 20_000, "step_ms": {"median": 50.0}}
+    sampling.update(requests=1000, seconds=1024 * 0.05 + 10)  # 10 s outside the decode steps: 10 ms a request
+    evaluation = {"max_new_tokens": 1024, "step_ms": {"median": 40.0}, "requests": 500, "seconds": 1024 * 0.04 + 5}
+    gen = {"start_to_loaded_s": 30, "sampling": {"candidate": sampling}, "eval": {"candidate": evaluation}}
+    result = project(sft, dpo, gen, settings)
+    rows = settings.sft.per_device_train_batch_size * settings.sft.gradient_accumulation_steps  # 32
+    assert result["stages"]["sft"]["run_s"] == settings.sft.max_steps * rows * 650 / 10_000
+    pairs_s = 5_300 * settings.pairs.max_new_tokens / 20_000 + 5_300 * 0.01
+    assert result["stages"]["pairs"]["run_s"] == pytest.approx(pairs_s)
+    assert result["stages"]["dpo"]["total_s"] == 70 + settings.dpo.max_steps * 2
+    eval_s = 3 * 30 + 3 * (settings.eval.max_new_tokens * 0.04 + 300 * 0.01)
+    assert result["stages"]["eval"]["total_s"] == pytest.approx(eval_s)
+    assert result["total_s"] == sum(s["total_s"] for s in result["stages"].values())
+    with pytest.raises(SystemExit, match="were not measured"):
+        project({"variants": {}}, dpo, gen, settings)
 
 
 def test_decode_bound_counts_the_weights_a_decode_step_reads(tmp_path: Path, monkeypatch) -> None:
@@ -112,6 +153,7 @@ def test_the_e2e_recipe_loads() -> None:
 
     s = load_settings(REPO / "benchmarks" / "gpu" / "e2b-unsloth.yaml")
     assert (s.model.backend, s.model.compile, s.model.dtype) == ("unsloth", "eager", "bfloat16")
+    assert s.model.decode == "auto"  # graphs on the GPU
     assert s.eval.models == ["dpo"]
 
 
@@ -138,3 +180,46 @@ def test_undo_timm_compile_restores_the_forwards_unsloth_compiled(monkeypatch: p
     )
     assert all(cls.__dict__["forward"] is forward for cls, forward in originals.items())
     assert undo_timm_compile() == []  # nothing compiled is left
+
+
+def test_the_hf_lora_targets_are_the_language_models_attention_and_mlp_projections(tmp_path_factory) -> None:
+    """Not the audio tower, not the audio/vision embedders' projections, not AltUp/Laurel/per-layer projections: the
+    same list that Unsloth is handed (tests/gpu/test_gpu_path.py checks that Unsloth adapts exactly these)."""
+    from mathwizard.config import LoRAConfig
+    from mathwizard.models import load_model
+    from mathwizard.models.backend import lora_target_modules
+    from tests.training.builders import use_session_model_cache
+
+    use_session_model_cache(tmp_path_factory)
+    model, _ = load_model("tiny", "hf", for_training=True)
+    projections = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+    projections += ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+    expected = [f"model.language_model.layers.{i}.{p}" for i in range(2) for p in projections]  # tiny: 2 layers
+    assert lora_target_modules(model, LoRAConfig()) == expected
+    assert lora_target_modules(model, LoRAConfig(finetune_mlp_modules=False)) == [
+        n for n in expected if "self_attn" in n
+    ]
+
+
+def test_the_sft_trainers_loss_is_the_plain_forward_loss_on_the_same_batch(tmp_path_factory) -> None:
+    """The project's SFT trainer (TRL's tiled LM head: no full-vocabulary logits) against the model's own forward with
+    labels (full logits, transformers' cross-entropy) on one batch: the same number."""
+    import torch
+
+    from mathwizard.config import ModelConfig, SFTConfig
+    from mathwizard.stages.sft import build_trainer
+    from tests.training.builders import teach_folder, use_session_model_cache
+
+    use_session_model_cache(tmp_path_factory)
+    root = tmp_path_factory.mktemp("loss")
+    teach = teach_folder(root / "02-teach", n_train=4, n_val=0)
+    cfg = SFTConfig(max_steps=1, per_device_train_batch_size=4, gradient_accumulation_steps=1, max_length=512)
+    trainer, _ = build_trainer(cfg, ModelConfig(name="tiny", backend="hf"), teach, root / "03-sft")
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    model = trainer.model
+    model.eval()  # no LoRA dropout: both passes see the same weights
+    with torch.no_grad():
+        fused = trainer.compute_loss(model, dict(batch))
+        plain = model(**{k: v for k, v in batch.items()}, use_cache=False).loss
+    assert (batch["labels"] == -100).any() and (batch["labels"] != -100).any()  # loss on the answer only
+    assert torch.allclose(fused, plain, rtol=1e-5), (fused.item(), plain.item())

@@ -1,0 +1,117 @@
+"""The real recipe's GPU wall time on MM_Math-size data, projected from the rates the GPU benchmarks measured.
+
+Usage: python benchmarks/gpu/projection.py --dir <folder with sft.json, dpo.json, generation.json> [--json out.json]
+
+The recipe (deployments/recipes/gemma-3n-e2b.yaml) names the backend, micro-batch, accumulation and checkpointing of
+SFT and DPO; the projection takes the measured variant with exactly those settings. MM_Math-size data: about 5,300
+training items of about 650 tokens per SFT row (image soft tokens included). Per GPU stage:
+- sft: time to first step + max_steps x rows per step x 650 tokens / the variant's tokens/s;
+- pairs: start-up + one sampled answer per training item, every one the full max_new_tokens (a bound: real answers
+  end sooner) at the engine's steady decode rate, plus each item's share of the measured call's time outside the
+  decode steps (figure, prefill, capture);
+- dpo: time to first step + max_steps x the variant's median step (sample pairs: chosen and rejected about as long
+  as a real run's);
+- eval: per model (3), start-up + max_new_tokens decode steps of the measured median (all ~300 test items in one
+  call; a bound: answers end sooner) + each item's share of the time outside the decode steps.
+Prepare and teach run on CPUs and a teacher API, so they are not part of the GPU time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+# -----------------------------------------------------------------------------
+train_items = 5_300  # MM_Math's training split (90 % of its ~5,900 items)
+tokens_per_sft_row = 650
+eval_items = 300  # the test split
+eval_models = 3  # base, sft, dpo
+recipe = REPO / "deployments" / "recipes" / "gemma-3n-e2b.yaml"
+# -----------------------------------------------------------------------------
+
+
+def variant_name(backend: str, cfg: Any) -> str:
+    name = f"{backend}:{cfg.per_device_train_batch_size}x{cfg.gradient_accumulation_steps}"
+    return name + (":gc" if cfg.gradient_checkpointing else "")
+
+
+def project(sft: dict[str, Any], dpo: dict[str, Any], gen: dict[str, Any], settings: Any) -> dict[str, Any]:
+    """Seconds per GPU stage and in all, with what each figure came from."""
+    backend = "unsloth" if settings.model.backend in ("auto", "unsloth") else "hf"
+    stages: dict[str, dict[str, Any]] = {}
+
+    name = variant_name(backend, settings.sft)
+    measured = _variant(sft, name, "sft")
+    rows = settings.sft.per_device_train_batch_size * settings.sft.gradient_accumulation_steps
+    tokens = settings.sft.max_steps * rows * tokens_per_sft_row
+    run_s = tokens / measured["summary"]["tokens_per_s"]
+    stages["sft"] = {"variant": name, "start_s": measured["first_step_s"], "run_s": run_s, "tokens": tokens}
+
+    startup = gen.get("start_to_loaded_s", 0.0)
+    sampling = gen["sampling"]["candidate"]
+    tokens = train_items * settings.pairs.max_new_tokens
+    decode_s = tokens / sampling["steady_tokens_per_s"]  # rows refilled: the decode steps never wait for a batch
+    stages["pairs"] = {"start_s": startup, "run_s": decode_s + train_items * _prefill_s(sampling), "tokens": tokens}
+
+    name = variant_name(backend, settings.dpo)
+    measured = _variant(dpo, name, "dpo")
+    run_s = settings.dpo.max_steps * measured["summary"]["step_s"]["median"]
+    stages["dpo"] = {"variant": name, "start_s": measured["first_step_s"], "run_s": run_s}
+
+    # One engine call per model: every test item in flight at once, max_new_tokens steps (a step costs about the
+    # same with fewer rows: it is bound by its kernels, not by the rows), plus each item's prefill.
+    evaluation = gen["eval"]["candidate"]
+    per_model = settings.eval.max_new_tokens * evaluation["step_ms"]["median"] / 1e3
+    per_model += eval_items * _prefill_s(evaluation)
+    stages["eval"] = {"start_s": eval_models * startup, "run_s": eval_models * per_model}
+
+    for stage in stages.values():
+        stage["total_s"] = stage["start_s"] + stage["run_s"]
+    return {"stages": stages, "total_s": sum(s["total_s"] for s in stages.values())}
+
+
+def _prefill_s(candidate: dict[str, Any]) -> float:
+    """Seconds per request outside the decode steps (figure, prefill, graph capture), from the measured call."""
+    decode_s = candidate["max_new_tokens"] * candidate["step_ms"]["median"] / 1e3
+    return max(0.0, candidate["seconds"] - decode_s) / candidate["requests"]
+
+
+def _variant(report: dict[str, Any], name: str, stage: str) -> dict[str, Any]:
+    found = report.get("variants", {}).get(name)
+    if not found or not found.get("summary", {}).get("tokens_per_s"):
+        measured = ", ".join(report.get("variants", {})) or "none"
+        raise SystemExit(f"the recipe's {stage} settings ({name}) were not measured (measured: {measured})")
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", type=Path, required=True, help="Folder holding sft.json, dpo.json, generation.json.")
+    parser.add_argument("--recipe", type=Path, default=recipe)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    from mathwizard.config import load_settings
+
+    settings = load_settings(args.recipe)
+    reports = {name: json.loads((args.dir / f"{name}.json").read_text()) for name in ("sft", "dpo", "generation")}
+    result = project(reports["sft"], reports["dpo"], reports["generation"], settings)
+    result["recipe"] = str(args.recipe.relative_to(REPO)) if args.recipe.is_relative_to(REPO) else str(args.recipe)
+    result["env"] = reports["sft"].get("env")
+    for stage, s in result["stages"].items():
+        what = f" ({s['variant']})" if "variant" in s else ""
+        times = f"start {s['start_s']:6.0f} s + run {s['run_s']:7.0f} s = {s['total_s']:7.0f} s"
+        print(f"projection {stage:<6}{what:<20} {times}")
+    print(f"projection: the recipe's GPU stages on MM_Math-size data: {result['total_s'] / 60:.1f} min of one GPU")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
