@@ -168,7 +168,7 @@ def ensure_data(root: Path) -> dict[str, Path]:
     prepare.run(PrepareConfig(source="sample", workers=1), folders["prepare"])
     teach.run(TeacherConfig(kind="rule"), folders["prepare"], folders["teach"], root / "teach-cache")
     pairs_cfg = PairsConfig(max_new_tokens=16, max_attempts=1, fallback="rule", chunk_size=256)
-    pairs.run(pairs_cfg, ModelConfig(name="tiny", backend="hf"), None, folders["teach"], folders["pairs"])
+    pairs.run(pairs_cfg, ModelConfig(name="tiny", backend="hf"), "tiny", folders["teach"], folders["pairs"])
     return folders
 
 

@@ -78,13 +78,14 @@ def kv_bytes_per_row(model: Any, length: int) -> int:
 def requests_for(kind: str, data: Path, n: int) -> list[Any]:
     """`n` requests as the pairs (kind='sampling') or eval stage builds them, cycling over the sample's train split."""
     from mathwizard.config import PairsConfig
-    from mathwizard.generation import Request, read_split
+    from mathwizard.data.splits import read_table
+    from mathwizard.generation import Request
     from mathwizard.prompts import load_prompt
     from mathwizard.stages.pairs import _INPUT_COLUMNS, _items, _Sampler
 
-    table = read_split(data / "02-teach", "train", _INPUT_COLUMNS)
+    table = read_table(data / "02-teach", "train", _INPUT_COLUMNS)
     if kind == "sampling":
-        sampler = _Sampler(PairsConfig(), lambda: None)  # type: ignore[arg-type,return-value]
+        sampler = _Sampler(PairsConfig(), lambda: None, [])  # type: ignore[arg-type,return-value]
         pool = [sampler.request(item) for item in _items(table, 0, seed)]
     else:
         system = load_prompt("tutor_system")

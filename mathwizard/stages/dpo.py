@@ -147,8 +147,8 @@ def build_trainer(
     from mathwizard.models import backend as backends
     from mathwizard.models import load_model, resolve_backend
     from mathwizard.training import data as training_data
-    from mathwizard.training.metrics import metrics_callback
-    from mathwizard.training.runner import CHECKPOINTS_DIR, METRICS_FILE, runtime
+    from mathwizard.training.callbacks import tensorboard_callback
+    from mathwizard.training.runner import CHECKPOINTS_DIR, runtime
 
     backend = resolve_backend(model.backend)
     backends.configure_compile(model.compile)  # read by Unsloth at import: bounds compile time (docs/gpu.md)
@@ -197,7 +197,7 @@ def build_trainer(
             eval_dataset=val_ds,
             processing_class=processor,
             peft_config=peft_config,
-            callbacks=[metrics_callback(Path(out) / METRICS_FILE), *callbacks],
+            callbacks=[*callbacks, *([tensorboard_callback(out)] if cfg.report_to == "tensorboard" else [])],
         )
     facts = {
         "backend": backend,
@@ -283,7 +283,7 @@ def run(
         )
         if cfg.save_merged:
             save_merged(trainer.model, trainer.processing_class, out, facts["backend"])
-        records = record_outputs(record, out, DPO_PLOTS)
+        records = record_outputs(record, trainer, out, DPO_PLOTS)
         record.report(
             Report(
                 train_rows=facts["train_rows"],

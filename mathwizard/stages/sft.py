@@ -116,8 +116,8 @@ def build_trainer(
     from mathwizard.models import backend as backends
     from mathwizard.models import load_model, resolve_backend
     from mathwizard.training import data as training_data
-    from mathwizard.training.metrics import metrics_callback
-    from mathwizard.training.runner import CHECKPOINTS_DIR, METRICS_FILE, runtime
+    from mathwizard.training.callbacks import tensorboard_callback
+    from mathwizard.training.runner import CHECKPOINTS_DIR, runtime
 
     backend = resolve_backend(model.backend)
     backends.configure_compile(model.compile)  # read by Unsloth at import: bounds compile time (docs/gpu.md)
@@ -155,7 +155,7 @@ def build_trainer(
         data_collator=backends.sft_collator(
             peft_model, processor, backend, max_length=cfg.max_length, pad_to_multiple_of=cfg.pad_to_multiple_of
         ),
-        callbacks=[metrics_callback(Path(out) / METRICS_FILE), *callbacks],
+        callbacks=[*callbacks, *([tensorboard_callback(out)] if cfg.report_to == "tensorboard" else [])],
     )
     facts = {
         "backend": backend,
@@ -229,7 +229,7 @@ def run(
         save_adapter(trainer.model, trainer.processing_class, out, base_model=base_model, backend=facts["backend"])
         if cfg.save_merged:
             save_merged(trainer.model, trainer.processing_class, out, facts["backend"])
-        records = record_outputs(record, out, SFT_PLOTS)
+        records = record_outputs(record, trainer, out, SFT_PLOTS)
         record.report(
             Report(
                 train_rows=facts["train_rows"],

@@ -20,7 +20,7 @@ def common_args(
     dtype: str,
     has_eval: bool,
 ) -> dict[str, Any]:
-    """Our stage settings as TrainingArguments keywords (CPU: no bf16, use_cpu; no reporting; no workers).
+    """Our stage settings as TrainingArguments keywords (CPU: no bf16, use_cpu; no workers).
 
     Args:
         cfg: the stage settings.
@@ -34,7 +34,8 @@ def common_args(
     on_cuda = device == "cuda"
     return {
         "output_dir": str(output_dir),
-        "max_steps": cfg.max_steps,
+        "max_steps": cfg.max_steps if cfg.max_steps is not None else -1,  # -1: num_train_epochs decides
+        "num_train_epochs": cfg.num_train_epochs,
         "per_device_train_batch_size": cfg.per_device_train_batch_size,
         "per_device_eval_batch_size": cfg.per_device_train_batch_size,
         "gradient_accumulation_steps": cfg.gradient_accumulation_steps,
@@ -57,8 +58,9 @@ def common_args(
         "use_cpu": not on_cuda,
         "gradient_checkpointing": cfg.gradient_checkpointing and backend == "hf",
         "gradient_checkpointing_kwargs": {"use_reentrant": False} if backend == "hf" else None,
-        "report_to": "none",
+        # TensorBoard's writer is ours (training/callbacks.py), so its files land in the stage folder, not checkpoints/.
+        "report_to": "none" if cfg.report_to == "tensorboard" else cfg.report_to,
         "dataloader_num_workers": 0,
         "remove_unused_columns": False,  # the vision collators need the raw images and messages
-        "disable_tqdm": True,  # progress goes to metrics.jsonl and the logs
+        "disable_tqdm": True,  # progress goes to the progress callback (CLI display, Prefect artifact)
     }

@@ -1,8 +1,10 @@
-"""Trainer callbacks of the project's own: training progress as `progress(step, max_steps, **latest metrics)`."""
+"""Trainer callbacks of the project's own: training progress as `progress(step, max_steps, **latest metrics)`, and
+the TensorBoard writer in the stage folder."""
 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 from mathwizard.progress import Progress
@@ -39,3 +41,23 @@ def progress_callback(progress: Progress) -> Any:
                 self._report(state)
 
     return StepProgress()
+
+
+TENSORBOARD_DIR = "tensorboard"
+
+
+def tensorboard_callback(out: Path) -> Any:
+    """transformers' TensorBoard callback writing event files to `<stage>/tensorboard` (`tensorboard --logdir`).
+
+    Raises:
+        ConfigError: the tensorboard package is missing.
+    """
+    from mathwizard.errors import ConfigError
+
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("report_to: tensorboard needs the tensorboard package; pip install tensorboard") from None
+    from transformers.integrations import TensorBoardCallback
+
+    return TensorBoardCallback(tb_writer=SummaryWriter(log_dir=str(Path(out) / TENSORBOARD_DIR)))

@@ -39,19 +39,16 @@ def prepare_checkpoints(folder: Path, fingerprint: str) -> None:
 
 
 def last_checkpoint(folder: Path) -> Path | None:
-    """The newest complete `checkpoint-N` under `folder` (incomplete ones are deleted), or None."""
+    """The newest complete `checkpoint-N` under `folder`, or None; incomplete ones (no trainer_state.json, written
+    last) are deleted first, so transformers' `get_last_checkpoint` can only pick a whole one."""
+    from transformers.trainer_utils import get_last_checkpoint
+
     folder = Path(folder)
     if not folder.is_dir():
         return None
-    found = sorted(
-        (p for p in folder.iterdir() if p.is_dir() and checkpoint_step(p) is not None),
-        key=lambda p: checkpoint_step(p) or 0,
-    )
-    complete = []
-    for path in found:
-        if (path / "trainer_state.json").is_file():
-            complete.append(path)
-        else:
+    for path in folder.iterdir():
+        if path.is_dir() and checkpoint_step(path) is not None and not (path / "trainer_state.json").is_file():
             log.warning("removing incomplete checkpoint %s (interrupted while saving)", path)
             shutil.rmtree(path, ignore_errors=True)
-    return complete[-1] if complete else None
+    found = get_last_checkpoint(str(folder))
+    return Path(found) if found else None

@@ -1,4 +1,4 @@
-"""Training metrics: appended to `metrics.jsonl` as the Trainer logs them, and drawn as PNG plots afterwards."""
+"""Training metrics: the Trainer's log history written to `metrics.jsonl` and drawn as PNG plots."""
 
 from __future__ import annotations
 
@@ -24,42 +24,12 @@ DPO_PLOTS: tuple[tuple[str, str], ...] = (
 SFT_PLOTS: tuple[tuple[str, str], ...] = (("loss", "loss.png"),)
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl file (a torn last line from a kill is skipped)."""
-    records = []
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        return []
-    for line in lines:
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            log.warning("skipping a torn line in %s", path)
+def write_metrics(path: Path, log_history: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The trainer's own log history (restored from the checkpoint on a resumed run, so it reads as one run) as
+    `metrics.jsonl`, one JSON line per log; returns the records."""
+    records = [_finite(entry) for entry in log_history]
+    atomic_write_text(Path(path), "".join(json.dumps(r) + "\n" for r in records))
     return records
-
-
-def metrics_callback(path: Path) -> Any:
-    """A TrainerCallback writing every log as one JSON line `{"step", "epoch", ...metrics}` to `path`.
-
-    On a resumed run it first drops the lines logged after the checkpoint it resumes from, so the file
-    reads as one run without repeated steps.
-    """
-    from transformers import TrainerCallback
-
-    class MetricsJsonl(TrainerCallback):
-        def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            kept = [r for r in read_metrics(path) if r.get("step", 0) <= state.global_step]
-            atomic_write_text(Path(path), "".join(json.dumps(r) + "\n" for r in kept))
-
-        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any):
-            if not logs:
-                return
-            record = {"step": state.global_step, "epoch": state.epoch, **_finite(logs)}
-            with open(path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-
-    return MetricsJsonl()
 
 
 def _finite(logs: dict[str, Any]) -> dict[str, Any]:

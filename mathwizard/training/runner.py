@@ -12,7 +12,7 @@ from typing import Any
 from mathwizard.config import ModelConfig
 from mathwizard.manifest import StageRecord
 from mathwizard.training.checkpoints import checkpoint_step, last_checkpoint
-from mathwizard.training.metrics import plot_metrics, read_metrics
+from mathwizard.training.metrics import plot_metrics, write_metrics
 
 log = logging.getLogger(__name__)
 
@@ -40,12 +40,26 @@ def base_model_id(name: str) -> str:
 
 
 def train(trainer: Any, checkpoints: Path) -> tuple[Any, int | None]:
-    """trainer.train(), continuing from the last complete checkpoint when an earlier run was interrupted."""
+    """trainer.train(), continuing from the last complete checkpoint when an earlier run was interrupted.
+
+    A checkpoint that already reached the run's last step (killed after saving it, before the manifest) is loaded,
+    not trained further: resuming there would train one step more than the settings ask for.
+    """
+    from transformers import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
     resume = last_checkpoint(checkpoints)
-    if resume is not None:
-        log.info("resuming from %s", resume)
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    return result, checkpoint_step(resume) if resume else None
+    if resume is None:
+        return trainer.train(), None
+    state = TrainerState.load_from_json(str(resume / "trainer_state.json"))
+    if state.max_steps > 0 and state.global_step >= state.max_steps:
+        log.info("%s already holds the last step (%d); loading it without training", resume, state.global_step)
+        trainer._load_from_checkpoint(str(resume))  # the adapter weights; the Trainer's own loader
+        trainer.state = state
+        losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
+        return TrainOutput(state.global_step, sum(losses) / len(losses) if losses else 0.0, {}), state.global_step
+    log.info("resuming from %s", resume)
+    return trainer.train(resume_from_checkpoint=str(resume)), checkpoint_step(resume)
 
 
 def final_evaluation(trainer: Any) -> dict[str, Any]:
@@ -56,7 +70,7 @@ def final_evaluation(trainer: Any) -> dict[str, Any]:
     for entry in reversed(trainer.state.log_history):
         if entry.get("step") == step and "eval_loss" in entry:
             return {k: v for k, v in entry.items() if k.startswith("eval_")}
-    return trainer.evaluate()  # logged by the Trainer, so it lands in metrics.jsonl too
+    return trainer.evaluate()  # logged by the Trainer, so it lands in its log history and metrics.jsonl too
 
 
 def _replace_dir(tmp: Path, target: Path) -> None:
@@ -95,9 +109,12 @@ def save_merged(model: Any, processor: Any, out: Path, backend: str) -> Path:
     return target
 
 
-def record_outputs(record: StageRecord, out: Path, plots: tuple[tuple[str, str], ...]) -> list[dict[str, Any]]:
-    """Draw the plots from metrics.jsonl and list the stage's files (not checkpoints) in the manifest."""
-    records = read_metrics(out / METRICS_FILE)
+def record_outputs(
+    record: StageRecord, trainer: Any, out: Path, plots: tuple[tuple[str, str], ...]
+) -> list[dict[str, Any]]:
+    """Write metrics.jsonl and the plots from the trainer's log history, and list the stage's files (not
+    checkpoints) in the manifest; returns the metric records."""
+    records = write_metrics(out / METRICS_FILE, trainer.state.log_history)
     plot_metrics(records, plots, out)
     record.add_file(METRICS_FILE, rows=len(records))
     for _, filename in plots:
