@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from mathwizard.cli import app
 from mathwizard.config import Settings, load_settings
-from tests.publish.conftest import TOKEN
+from tests.conftest import TOKEN
 from tests.publish.fakehub import FakeHub
 from tests.publish.synthetic import make_run
 

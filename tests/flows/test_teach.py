@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-from teacher_fixtures import unique_items
 from typer.testing import CliRunner
 
 import flows.teach
@@ -19,6 +18,7 @@ from mathwizard.errors import TeacherError, TransientError
 from mathwizard.teacher.cache import ReplyCache
 from mathwizard.testing import OpenAITestServer
 from tasks import teach as teach_tasks
+from tests.teacher.helpers import unique_items
 
 runner = CliRunner()
 

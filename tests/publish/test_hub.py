@@ -13,7 +13,7 @@ from mathwizard.errors import PublishError, TransientError, is_transient
 from mathwizard.manifest import read_manifest
 from mathwizard.publish.hub import git_blob_id, resolve_token
 from mathwizard.stages import publish
-from tests.publish.conftest import TOKEN
+from tests.conftest import TOKEN
 from tests.publish.fakehub import FakeHub
 
 MODEL, SFT, DPO = "acme/math-wizard-gemma-3n-dpo", "acme/math-wizard-sft", "acme/math-wizard-dpo"

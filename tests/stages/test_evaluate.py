@@ -229,11 +229,11 @@ def test_cli_eval_on_the_tiny_model(tmp_path: Path, prefect_harness: None) -> No
 
 
 def test_cli_flags_reach_the_flow_and_task_policy(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from tasks.evaluate import evaluate as task
     from typer.testing import CliRunner
 
     import flows.evaluate
     from mathwizard.cli import app
-    from tasks.evaluate import evaluate as task
 
     assert (task.name, task.retries, task.persist_result) == ("eval", 0, True) and task.cache_key_fn is not None
     for name in ("PREFECT_LOCAL_STORAGE_PATH", "PREFECT_LOGGING_EXTRA_LOGGERS"):

@@ -468,8 +468,9 @@ def test_cli_flags_reach_the_flow(monkeypatch: pytest.MonkeyPatch, tmp_path: Pat
 
 
 def test_task_policy_and_flow_summary() -> None:
-    from flows.pairs import summary_markdown, summary_rows
     from tasks.pairs import pairs as task
+
+    from flows.pairs import summary_markdown, summary_rows
 
     assert (task.name, task.retries, task.persist_result) == ("pairs", 0, True)
     assert task.cache_key_fn is not None

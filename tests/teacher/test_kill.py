@@ -9,11 +9,10 @@ import sys
 import time
 from pathlib import Path
 
-from teacher_fixtures import api_config, unique_items
-
 from mathwizard.stages import teach
 from mathwizard.teacher.cache import ReplyCache
 from mathwizard.testing import OpenAITestServer
+from tests.teacher.helpers import api_config, unique_items
 
 CONCURRENCY = 4
 SCRIPT = """

@@ -7,11 +7,11 @@ import traceback
 from pathlib import Path
 
 import pytest
-from teacher_fixtures import api_config, unique_items
 
 from mathwizard.errors import TeacherError
 from mathwizard.stages import teach
 from mathwizard.testing import OpenAITestServer
+from tests.teacher.helpers import api_config, unique_items
 
 
 def _files_mentioning(root: Path, needle: str) -> list[str]:
