@@ -42,10 +42,27 @@ def base_model_id(name: str) -> str:
 def train(trainer: Any, checkpoints: Path) -> tuple[Any, int | None]:
     """trainer.train(), continuing from the last complete checkpoint when an earlier run was interrupted."""
     resume = last_checkpoint(checkpoints)
-    if resume is not None:
-        log.info("resuming from %s", resume)
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    return result, checkpoint_step(resume) if resume else None
+    if resume is None:
+        return trainer.train(), None
+    step = checkpoint_step(resume)
+    log.info("resuming from %s", resume)
+    if step is not None and step >= trainer.args.max_steps > 0:
+        return _trained(trainer, resume), step
+    return trainer.train(resume_from_checkpoint=str(resume)), step
+
+
+def _trained(trainer: Any, checkpoint: Path) -> Any:
+    """Load a checkpoint that reached max_steps (the stage stopped after training, or an output file was deleted).
+
+    Resuming from it would train one step past max_steps: the Trainer checks the limit only after a step.
+    """
+    from transformers import TrainerState
+    from transformers.trainer_utils import TrainOutput
+
+    trainer._load_from_checkpoint(str(checkpoint))
+    trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return TrainOutput(trainer.state.global_step, sum(losses) / len(losses) if losses else None, {})
 
 
 def final_evaluation(trainer: Any) -> dict[str, Any]:
