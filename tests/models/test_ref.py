@@ -154,3 +154,18 @@ def test_the_generator_loads_the_location_with_the_model_settings() -> None:
     generate = resolve("tiny").generator(ModelConfig(backend="hf", dtype="float32", decode="auto"), batch_size=3)
     assert (generate.name, generate.batch_size, generate.decode) == ("tiny", 3, "eager")  # auto decodes eagerly
     assert next(generate.model.parameters()).dtype == torch.float32 and not generate.model.training
+
+
+def test_a_damaged_stage_folder_is_one_data_error_naming_its_command(tmp_path: Path) -> None:
+    from mathwizard.errors import DataError
+
+    stage = stage_folder(tmp_path / "03-sft", "sft", "f" * 64, "tiny")
+    (stage / "adapter" / "adapter_model.safetensors").write_bytes(b"cut")
+    expected = (
+        f"{stage.resolve()} is damaged (adapter/adapter_model.safetensors is 3 bytes, not the 12 recorded);"
+        " run `mathwizard sft` again to redo it"
+    )
+    for reference in (stage, stage / "adapter"):
+        with pytest.raises(DataError) as info:
+            resolve(reference)
+        assert str(info.value) == expected
