@@ -25,10 +25,10 @@ import prefect.main  # noqa: E402, F401
 import pytest  # noqa: E402
 import transformers  # noqa: E402, F401
 
+from tests.publish.fakehub import TOKEN  # noqa: E402
 from tests.teacher.helpers import API_KEY  # noqa: E402
 from tests.training.builders import use_session_model_cache  # noqa: E402
 
-TOKEN = "hf_TestTokenThatMustNeverBeWritten0123"  # the Hub token of the publish tests: must never be written
 _S3_ENV = (
     "AWS_ACCESS_KEY_ID",
     "AWS_SECRET_ACCESS_KEY",

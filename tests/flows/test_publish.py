@@ -8,9 +8,8 @@ import pytest
 
 from mathwizard.config import load_settings
 from mathwizard.stages.publish import Report
-from tests.conftest import TOKEN
 from tests.flows.artifacts import latest
-from tests.publish.fakehub import FakeHub
+from tests.publish.fakehub import TOKEN, FakeHub
 
 pytestmark = pytest.mark.usefixtures("no_hub_login")
 MODEL = "acme/math-wizard-gemma-3n-dpo"
@@ -47,6 +46,8 @@ def test_flow_uploads_with_the_token_from_a_secret_block(
     )
     out = tmp_path / "07-publish"
 
+    results = Path(get_current_settings().results.local_storage_path)
+    before = {p for p in results.rglob("*") if p.is_file()} if results.exists() else set()
     manifest = publish_flow(settings=settings, run_dir=str(run_dir), out=str(out))
 
     assert Report.of(manifest).destination == "hub" and len(fake_hub.commits()) == 3
@@ -55,11 +56,11 @@ def test_flow_uploads_with_the_token_from_a_secret_block(
     assert f"uploaded to {fake_hub.url}" in summary.data and TOKEN not in summary.data
     link = latest("publish-model")
     assert link.data == f"[{MODEL}]({fake_hub.url}/{MODEL})"
-    # Not in the stage folder, the run folder or a persisted result: the task persists none (NO_CACHE), and the
+    # Not in the stage folder, the run folder or a persisted result: this flow persisted none (NO_CACHE), and the
     # token was never a parameter, only read inside the task from the block.
-    results = Path(get_current_settings().results.local_storage_path)
-    assert not results.exists() or not [p for p in results.rglob("*") if p.is_file()]
-    scanned = [p for p in tmp_path.rglob("*") if p.is_file()]
+    after = {p for p in results.rglob("*") if p.is_file()} if results.exists() else set()
+    assert after == before
+    scanned = [p for p in tmp_path.rglob("*") if p.is_file()] + sorted(after)
     assert len(scanned) > 40 and not [p for p in scanned if TOKEN.encode() in p.read_bytes()]
 
 

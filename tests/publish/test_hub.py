@@ -13,8 +13,7 @@ from mathwizard.errors import PublishError, TransientError, is_transient
 from mathwizard.manifest import read_manifest
 from mathwizard.publish.hub import git_blob_id, resolve_token
 from mathwizard.stages import publish
-from tests.conftest import TOKEN
-from tests.publish.fakehub import FakeHub
+from tests.publish.fakehub import TOKEN, FakeHub
 
 MODEL, SFT, DPO = "acme/math-wizard-gemma-3n-dpo", "acme/math-wizard-sft", "acme/math-wizard-dpo"
 MODEL_FILES = {

@@ -12,7 +12,7 @@ from mathwizard.config import PublishConfig
 from mathwizard.errors import ConfigError, DataError, PublishError
 from mathwizard.manifest import read_manifest
 from mathwizard.stages import publish
-from tests.conftest import TOKEN
+from tests.publish.fakehub import TOKEN
 from tests.publish.synthetic import make_run
 
 MODEL, SFT, DPO = "math-wizard/math-wizard-gemma-3n-dpo", "math-wizard/math-wizard-sft", "math-wizard/math-wizard-dpo"
