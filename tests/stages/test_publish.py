@@ -175,6 +175,27 @@ def test_missing_upstream_stages_are_named(run_dir: Path, tmp_path: Path) -> Non
         publish.run(PublishConfig(), tmp_path / "nowhere", tmp_path / "out")
 
 
+@pytest.mark.parametrize(
+    ("stage", "damaged"),
+    [
+        ("teach", "02-teach/val.parquet"),
+        ("dpo", "05-dpo/adapter/adapter_model.safetensors"),
+        ("pairs", "04-pairs/train.parquet"),
+    ],
+)
+def test_a_damaged_upstream_is_one_line_and_nothing_is_written(
+    run_dir: Path, tmp_path: Path, stage: str, damaged: str
+) -> None:
+    (run_dir / damaged).unlink()
+    with pytest.raises(DataError) as info:
+        publish.run(PublishConfig(), run_dir, tmp_path / "out")
+    folder, name = damaged.split("/", 1)
+    assert str(info.value) == (
+        f"{run_dir / folder} is damaged ({name} is missing); run `mathwizard {stage}` again to redo it"
+    )
+    assert not (tmp_path / "out").exists()  # an incomplete dataset or a model without weights is never published
+
+
 def test_unreadable_eval_report_is_a_data_error(run_dir: Path, tmp_path: Path) -> None:
     (run_dir / "06-eval" / "sft" / "report.json").write_text('{"n": 3}')
     with pytest.raises(DataError) as info:
