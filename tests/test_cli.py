@@ -219,10 +219,14 @@ def test_defaults_come_from_settings(flows: FakeFlows, monkeypatch: pytest.Monke
         (["--splits", "ninety,five,five"], "splits must be three numbers"),
         (["--source", "kaggle"], "prepare.source"),
         (["--max-image-size", "4"], "prepare.max_image_size"),
+        (["--teacher", "gpt"], "teacher.kind"),
+        (["--fallback", "maybe"], "pairs.fallback"),
+        (["--beta", "0"], "dpo.beta"),
     ],
 )
 def test_invalid_settings_stop_before_the_flow(flows: FakeFlows, args: list[str], message: str) -> None:
-    result = runner.invoke(app, ["prepare", *args])
+    command = {"--teacher": "teach", "--fallback": "pairs", "--beta": "dpo"}.get(args[0], "prepare")
+    result = runner.invoke(app, [command, *args])
     assert result.exit_code == 1, result.output
     assert message in result.output
     assert "Traceback" not in result.output and result.output.count("error:") == 1
