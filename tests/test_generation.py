@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 from pathlib import Path
 
 import pytest
@@ -15,10 +14,6 @@ from mathwizard.generation import (
     SamplingParams,
     chat_messages,
     generate_batch,
-    model_location,
-    model_ref,
-    read_split,
-    split_path,
     to_pil,
 )
 
@@ -140,46 +135,6 @@ def test_to_pil_accepts_bytes_structs_and_images(tmp_path: Path) -> None:
         to_pil({"bytes": None, "path": None})
     with pytest.raises(DataError, match="cannot use int"):
         to_pil(3)
-
-
-def test_split_path_knows_teach_and_prepare_names(tmp_path: Path) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    pq.write_table(pa.table({"id": ["a", "b", "c"]}), tmp_path / "test-00000-of-00001.parquet")
-    pq.write_table(pa.table({"id": ["x"]}), tmp_path / "val.parquet")
-    assert split_path(tmp_path, "test").name == "test-00000-of-00001.parquet"
-    assert split_path(tmp_path, "val").name == "val.parquet"
-    assert read_split(tmp_path, "test", ["id"], limit=2).column("id").to_pylist() == ["a", "b"]
-    with pytest.raises(DataError, match=r"no train\.parquet"):
-        split_path(tmp_path, "train")
-    with pytest.raises(DataError, match="lacks column"):
-        read_split(tmp_path, "val", ["id", "image"])
-
-
-def test_model_ref_resolves_stage_folders_to_their_adapter(tmp_path: Path) -> None:
-    from mathwizard.config import ModelConfig
-    from mathwizard.manifest import stage_output
-
-    stage = tmp_path / "03-sft"
-    (stage / "adapter").mkdir(parents=True)
-    with stage_output(stage, stage="sft", version=1, fingerprint="f" * 64):
-        pass
-    assert model_location(stage) == str(stage / "adapter")
-    assert model_location("tiny") == "tiny"
-    ref = model_ref(ModelConfig(backend="hf", dtype="float32"), stage)
-    assert (ref.location, ref.stage, ref.fingerprint, ref.backend) == (str(stage / "adapter"), "sft", "f" * 64, "hf")
-    # A stage folder is identified by its fingerprint, so moving the run does not invalidate downstream stages.
-    assert ref.identity() == {
-        "stage": "sft",
-        "fingerprint": "f" * 64,
-        "backend": "hf",
-        "dtype": "float32",
-        "load_in_4bit": False,
-    }
-    tiny = model_ref("tiny")
-    assert tiny.identity()["name"] == "tiny" and "tiny_version" in tiny.identity()
-    assert json.dumps(tiny.identity())  # JSON-able, for fingerprints
 
 
 def test_decode_mode_auto_is_eager_on_a_cpu_and_never_compiled_with_unsloth() -> None:

@@ -107,8 +107,9 @@ def resolve(reference: str | Path, *, adapter: bool = False) -> ModelRef:
 
     Raises:
         ModelError: a path that does not exist, or (with `adapter`) a folder without an adapter.
+        DataError: a stage folder whose manifest lists files that are missing or cut short (run its stage again).
     """
-    from mathwizard.manifest import file_sha256, read_manifest
+    from mathwizard.manifest import file_sha256, read_manifest, require_manifest
     from mathwizard.models import is_adapter_dir
 
     text = str(reference)
@@ -123,15 +124,17 @@ def resolve(reference: str | Path, *, adapter: bool = False) -> ModelRef:
         raise ModelError(f"model path {path} is a file; pass a model folder, an adapter folder, 'tiny' or a Hub id")
     path = path.resolve()
     if is_adapter_dir(path / ADAPTER_DIR):
-        manifest = read_manifest(path)
+        stage_dir: Path | None = path
         path = path / ADAPTER_DIR
     elif is_adapter_dir(path):
-        manifest = read_manifest(path.parent) if path.name == ADAPTER_DIR else None
+        stage_dir = path.parent if path.name == ADAPTER_DIR else None
     elif adapter:
         raise ModelError(f"{path} holds no adapter (adapter_config.json); run `mathwizard sft` first")
     else:
         return ModelRef(location=str(path))
+    manifest = read_manifest(stage_dir) if stage_dir is not None else None
     if manifest is not None:
+        require_manifest(stage_dir, manifest.stage)  # type: ignore[arg-type]  # damaged: one line naming its command
         return ModelRef(location=str(path), stage=manifest.stage, fingerprint=manifest.fingerprint)
     weights = sorted(path.glob("adapter_model.*"))
     return ModelRef(location=str(path), stage="adapter", fingerprint=file_sha256(weights[0]) if weights else None)

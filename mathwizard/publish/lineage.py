@@ -58,8 +58,8 @@ class RunInfo:
         return self.run_dir / STAGE_DIRS[stage]
 
     def require(self, stage: str) -> Manifest:
-        """The stage's manifest, or a DataError naming the command that makes it."""
-        return self.manifests[stage] or require_manifest(self.folder(stage), stage)
+        """The stage's manifest, or a DataError naming the command that makes it (or redoes it, when damaged)."""
+        return require_manifest(self.folder(stage), stage)  # also checks the files it lists are all still there
 
     def upstream(self) -> dict[str, str]:
         """Fingerprints of everything the published repos are made from (the cards read all of them)."""

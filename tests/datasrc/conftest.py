@@ -7,7 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from mm_math_builders import draw_figure, good_row, write_jsonl
+
+from tests.datasrc.mm_math_builders import draw_figure, good_row, write_jsonl
 
 
 @pytest.fixture

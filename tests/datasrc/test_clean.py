@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from mm_math_builders import draw_figure, good_row, write_jsonl
 from PIL import Image
 
 from mathwizard.data.clean import (
@@ -26,6 +25,7 @@ from mathwizard.data.clean import (
     to_rgb,
 )
 from mathwizard.errors import DataError
+from tests.datasrc.mm_math_builders import draw_figure, good_row, write_jsonl
 
 BIG = 10**8
 

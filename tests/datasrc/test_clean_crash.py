@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from mm_math_builders import draw_figure, good_row, write_jsonl
 
 from mathwizard.config import PrepareConfig
 from mathwizard.data.clean import (
@@ -27,6 +26,7 @@ from mathwizard.data.clean import (
 )
 from mathwizard.data.splits import SPLIT_FILES
 from mathwizard.stages import prepare
+from tests.datasrc.mm_math_builders import draw_figure, good_row, write_jsonl
 
 ROWS = 40  # > 16, so workers=2 really runs two processes
 SEGV = "image decoder crashed (worker died: signal SIGSEGV)"
@@ -120,12 +120,10 @@ def test_prepare_stage_survives_a_crash_with_the_same_splits(tmp_path: Path, mon
     jsonl, images = _dataset(tmp_path / "data")
     monkeypatch.setenv(TEST_CRASH_ENV, "12.png")
     cfg = PrepareConfig(source="local", jsonl=str(jsonl), images=str(images), max_image_size=64, workers=2)
-    manifest = prepare.run(cfg, tmp_path / "crash")
-    counts = manifest.counts
-    assert (counts["rows_in"], counts["kept"], counts["quarantined"]) == (40, 39, 1)  # 40 rows - 1 crashing
-    assert counts["quarantined.decoder_crashed"] == 1
-    assert counts["train"] + counts["val"] + counts["test"] == 39
-    assert manifest.extra["quarantine_reasons"] == {"decoder_crashed": 1}
+    report = prepare.Report.of(prepare.run(cfg, tmp_path / "crash"))
+    assert (report.rows_in, report.kept, report.quarantined) == (40, 39, 1)  # 40 rows - 1 crashing
+    assert sum(report.splits.values()) == 39
+    assert report.quarantine_reasons == {"decoder_crashed": 1}
     assert json.loads((tmp_path / "crash" / "quarantine.jsonl").read_text()) == {
         "line": 13, "file_name": "12.png", "reason": "decoder_crashed", "detail": SEGV,
     }  # fmt: skip
@@ -136,8 +134,8 @@ def test_prepare_stage_survives_a_crash_with_the_same_splits(tmp_path: Path, mon
     shutil.copytree(images, other / "images")
     jsonl_without, _ = _dataset(other, skip=(12,))
     cfg = cfg.model_copy(update={"jsonl": str(jsonl_without), "images": str(other / "images")})
-    clean_manifest = prepare.run(cfg, tmp_path / "clean")
-    assert clean_manifest.counts["quarantined"] == 0
+    clean_report = prepare.Report.of(prepare.run(cfg, tmp_path / "clean"))
+    assert (clean_report.quarantined, clean_report.splits) == (0, report.splits)
     for name in SPLIT_FILES.values():
         assert (tmp_path / "crash" / name).read_bytes() == (tmp_path / "clean" / name).read_bytes(), name
 

@@ -15,12 +15,12 @@ import huggingface_hub
 import pytest
 from huggingface_hub import constants
 from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError
-from mm_math_builders import draw_figure, good_row, write_jsonl
 
 from mathwizard.config import PrepareConfig
 from mathwizard.data import fetch as fetching
 from mathwizard.errors import DataError, TransientError, is_transient
 from mathwizard.stages import prepare
+from tests.datasrc.mm_math_builders import draw_figure, good_row, write_jsonl
 
 N = 5
 COMMIT = "a" * 40  # a pinned revision: nothing asks the Hub which commit `main` is
@@ -100,24 +100,24 @@ def test_hub_source_fetches_and_cleans_every_layout(tmp_path: Path, monkeypatch:
     assert calls == [
         {"repo_id": "THU-KEG/MM_Math", "repo_type": "dataset", "revision": COMMIT, "local_dir": tmp_path / "raw/hub"}
     ]
-    assert fetched.extra["layout"]["records"] == LAYOUTS[kind][0]
-    assert fetched.extra["resolved_revision"] == COMMIT  # recorded for lineage (dataset and model cards)
-    images = Path(fetched.extra["images_root"])
-    assert not images.is_absolute()  # inside the raw folder: downloaded or extracted there
-    cleaned = prepare.clean(cfg, tmp_path / "raw", tmp_path / "clean")
-    assert cleaned.counts["kept"] == N and cleaned.counts["quarantined"] == 0
+    where = prepare.FetchReport.of(fetched)
+    assert where.layout["records"] == LAYOUTS[kind][0] and where.source == "hub"
+    assert where.resolved_revision == COMMIT  # recorded for lineage (dataset and model cards)
+    assert not Path(where.images_root).is_absolute()  # inside the raw folder: downloaded or extracted there
+    cleaned = prepare.CleanReport.of(prepare.clean(cfg, tmp_path / "raw", tmp_path / "clean"))
+    assert (cleaned.rows_in, cleaned.kept, cleaned.quarantined) == (N, N, 0)
 
 
 def test_local_source_with_an_archive_or_a_whole_folder(tmp_path: Path) -> None:
     repo = _build_layout("jsonl+Image.zip", tmp_path / "repo")
     by_files = PrepareConfig(source="local", jsonl=str(repo / "MM_Math.jsonl"), images=str(repo / "Image.zip"))
-    fetched = prepare.fetch(by_files, tmp_path / "a")
-    assert fetched.extra["images_root"] == "images/Image"  # nested folder found by probing the rows' file names
-    assert prepare.clean(by_files, tmp_path / "a", tmp_path / "a-clean").counts["kept"] == N
+    fetched = prepare.FetchReport.of(prepare.fetch(by_files, tmp_path / "a"))
+    assert fetched.images_root == "images/Image"  # nested folder found by probing the rows' file names
+    assert prepare.CleanReport.of(prepare.clean(by_files, tmp_path / "a", tmp_path / "a-clean")).kept == N
     by_folder = PrepareConfig(source="local", jsonl=str(_build_layout("folder", tmp_path / "repo2")))
-    fetched = prepare.fetch(by_folder, tmp_path / "b")
-    assert Path(fetched.extra["images_root"]) == (tmp_path / "repo2/data/images").resolve()  # a folder is used in place
-    assert prepare.clean(by_folder, tmp_path / "b", tmp_path / "b-clean").counts["kept"] == N
+    fetched = prepare.FetchReport.of(prepare.fetch(by_folder, tmp_path / "b"))
+    assert Path(fetched.images_root) == (tmp_path / "repo2/data/images").resolve()  # a folder is used in place
+    assert prepare.CleanReport.of(prepare.clean(by_folder, tmp_path / "b", tmp_path / "b-clean")).kept == N
 
 
 def test_image_root_is_found_for_prefixed_file_names(tmp_path: Path) -> None:
@@ -273,9 +273,11 @@ def test_a_pinned_hub_revision_prepared_earlier_is_reused_offline(
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     cfg = PrepareConfig(source="hub", hub_revision=COMMIT, workers=1)
     first = prepare.run(cfg, tmp_path / "out")
-    assert (first.counts["kept"], first.extra["inputs"]["resolved_revision"]) == (N, COMMIT)
+    report = prepare.Report.of(first)
+    assert (report.kept, report.resolved_revision) == (N, COMMIT)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    prepare.check_inputs(cfg, tmp_path / "out")  # the folder already holds this output: no network needed
-    assert prepare.run(cfg, tmp_path / "out") == first
-    with pytest.raises(DataError, match="HF_HUB_OFFLINE"):
-        prepare.check_inputs(cfg, tmp_path / "elsewhere")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: pytest.fail("downloaded again"))
+    assert prepare.run(cfg, tmp_path / "out") == first  # the folder already holds this output: no network needed
+    with pytest.raises(DataError, match="HF_HUB_OFFLINE is set") as info:
+        prepare.run(cfg, tmp_path / "elsewhere")  # another folder must download: one line saying so
+    assert "\n" not in str(info.value) and not (tmp_path / "elsewhere" / "manifest.json").exists()

@@ -20,6 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlparse
 
+TOKEN = "hf_TestTokenThatMustNeverBeWritten0123"  # the token the fake Hub accepts: must never be written anywhere
 LFS_SUFFIXES = (".parquet", ".safetensors", ".png", ".bin")
 _REPO = r"(?P<type>models|datasets|spaces)/(?P<repo>[^/]+/[^/]+)"
 

@@ -1,4 +1,5 @@
-"""A small but complete run folder (01-prepare ... 06-eval) written the way the stages write theirs.
+"""A small but complete run folder (01-prepare ... 06-eval) written the way the stages write theirs, each manifest
+with its stage's typed report (pairs: the counts the cards read, so this builder does not pin that stage's report).
 
 The teach parquet carries `datasets` metadata (Image feature); the pairs parquet is plain pyarrow (image as a
 bytes/path struct), so both ways a stage may write its files are covered. Adapters name their bases the way
@@ -10,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -17,9 +19,14 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from mathwizard.config import DPOConfig, PairsConfig, PrepareConfig, SFTConfig, TeacherConfig
-from mathwizard.manifest import stage_output
+from mathwizard.manifest import StageReport, stage_output
 from mathwizard.models import write_adapter_pointer
 from mathwizard.publish.lineage import is_local_path
+from mathwizard.stages import dpo as dpo_stage
+from mathwizard.stages import evaluate
+from mathwizard.stages import prepare as prepare_stage
+from mathwizard.stages import sft as sft_stage
+from mathwizard.stages import teach as teach_stage
 
 BASE_MODEL = "google/gemma-3n-E2B-it"
 LOCAL_BASE_DIR = "/home/someone/.cache/huggingface/hub/models--google--gemma-3n-E2B-it/snapshots/abc"
@@ -58,10 +65,15 @@ def _teach_rows(split: str, n: int) -> dict[str, list]:
     }
 
 
-def _write(folder: Path, stage: str, config, upstream: dict[str, str] | None = None, **extra) -> str:
+def _write(
+    folder: Path, stage: str, config, upstream: dict[str, str] | None = None, report: StageReport | dict | None = None
+) -> str:
     with stage_output(folder, stage=stage, version=1, fingerprint=f"{stage}-fp-{folder.name}", config=config,
                       upstream=upstream) as rec:  # fmt: skip
-        rec.manifest.extra.update(extra)
+        if isinstance(report, StageReport):
+            rec.report(report)
+        elif report is not None:
+            rec.manifest.report = dict(report)
         for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != "manifest.json"):
             rec.add_file(path.relative_to(folder).as_posix())
     return rec.manifest.fingerprint
@@ -94,7 +106,17 @@ def make_run(
             prepare,
             "prepare",
             PrepareConfig(source="hub", hub_revision="main"),
-            inputs={"source": "hub", "hub_repo": "THU-KEG/MM_Math", "resolved_revision": MM_MATH_COMMIT},
+            report=prepare_stage.Report(
+                source="hub",
+                resolved_revision=MM_MATH_COMMIT,
+                rows_in=11,
+                kept=10,
+                quarantined=1,
+                resized=0,
+                quarantine_reasons={"missing_image": 1},
+                splits=dict(TEACH_ROWS),
+                workers=1,
+            ),
         )
     }
 
@@ -121,14 +143,35 @@ def make_run(
         '{"id": "t3", "error": "timeout"}\n',
         encoding="utf-8",
     )
-    (teach / "report.json").write_text(json.dumps({"items": 13, "written": 10, "failed": 3}), encoding="utf-8")
-    fps["teach"] = _write(teach, "teach", TeacherConfig(kind="openai"), {"prepare": fps["prepare"]})
+    taught = teach_stage.Report(
+        teacher="openai",
+        model="gpt-4o-mini",
+        host="api.openai.com",
+        prompt_version="v1",
+        items=13,
+        written=10,
+        failed=3,
+        cache_hits=0,
+        api_calls=14,
+        retries=1,
+        prompt_tokens=9000,
+        completion_tokens=3000,
+        seconds=12.5,
+        failures_by_reason={"answer_mismatch": 2, "timeout": 1},
+        splits={
+            "train": teach_stage.SplitCounts(items=8, written=6, failed=2),
+            "val": teach_stage.SplitCounts(items=3, written=2, failed=1),
+            "test": teach_stage.SplitCounts(items=2, written=2, failed=0),
+        },
+    )
+    (teach / "report.json").write_text(taught.model_dump_json(indent=2), encoding="utf-8")
+    fps["teach"] = _write(teach, "teach", TeacherConfig(kind="openai"), {"prepare": fps["prepare"]}, taught)
 
     # 03-sft
     sft = run_dir / "03-sft"
     _adapter(sft / "adapter", base=base_model, r=16)
     (sft / "loss.png").write_bytes(png((0, 0, 200)))
-    fps["sft"] = _write(sft, "sft", SFTConfig(), {"teach": fps["teach"]}, base_model=base_model, backend="hf")
+    fps["sft"] = _write(sft, "sft", SFTConfig(), {"teach": fps["teach"]}, _training(sft_stage.Report, base_model))
 
     # 04-pairs: plain pyarrow, image as a struct without `datasets` metadata
     pairs = run_dir / "04-pairs"
@@ -149,7 +192,8 @@ def make_run(
         )
         pq.write_table(table, pairs / f"{split}.parquet")
     (pairs / "failures.jsonl").write_text('{"id": "p1", "error": "no flawed answer after 3 attempts"}\n')
-    fps["pairs"] = _write(pairs, "pairs", PairsConfig(), {"teach": fps["teach"], "sft": fps["sft"]})
+    counts = {"items": 7, "written": 6, "from_model": 6, "from_rule": 0, "failed": 1}
+    fps["pairs"] = _write(pairs, "pairs", PairsConfig(), {"teach": fps["teach"], "sft": fps["sft"]}, counts)
 
     # 05-dpo: the adapter was trained on the SFT model, so its pointer names the SFT adapter folder
     dpo = run_dir / "05-dpo"
@@ -160,7 +204,17 @@ def make_run(
         (dpo / "merged").mkdir()
         (dpo / "merged" / "config.json").write_text('{"model_type": "gemma3n"}\n', encoding="utf-8")
         _safetensors(dpo / "merged" / "model.safetensors", 8)
-    fps["dpo"] = _write(dpo, "dpo", DPOConfig(), {"pairs": fps["pairs"], "sft": fps["sft"]}, backend="hf")
+    trained = _training(
+        dpo_stage.Report,
+        base_model,
+        dropped_long_prompts=0,
+        sft_adapter=str((sft / "adapter").resolve()),
+        rewards_accuracies=0.75,
+        rewards_chosen=0.1,
+        rewards_rejected=-0.1,
+        rewards_margins=0.2,
+    )
+    fps["dpo"] = _write(dpo, "dpo", DPOConfig(), {"pairs": fps["pairs"], "sft": fps["sft"]}, trained)
 
     # 06-eval/<model>
     for name in evals:
@@ -169,19 +223,45 @@ def make_run(
             values["accuracy"] = accuracies[name]
         folder = run_dir / "06-eval" / name
         folder.mkdir(parents=True)
-        report = {
-            "model": name,
-            "n": 10,
-            "accuracy": values["accuracy"],
-            "format_rate": values["format_rate"],
-            "by_difficulty": {d: {"n": values[d][0], "accuracy": values[d][1]} for d in ("easy", "medium", "hard")},
-            "model_location": str((run_dir / "05-dpo" / "adapter").resolve()),
-            "split": "test",
-        }
-        (folder / "report.json").write_text(json.dumps(report), encoding="utf-8")
+        report = evaluate.Report(
+            label=name,
+            n=10,
+            accuracy=values["accuracy"],
+            format_rate=values["format_rate"],
+            by_difficulty={
+                d: evaluate.Score(n=values[d][0], accuracy=values[d][1]) for d in ("easy", "medium", "hard")
+            },
+            generated_tokens=1200,
+            split="test",
+            items=10,
+            no_reference=0,
+            seconds=3.5,
+            model_location=str((run_dir / "05-dpo" / "adapter").resolve()),
+        )
+        (folder / "report.json").write_text(report.model_dump_json(indent=2), encoding="utf-8")
         upstream = {"teach": fps["teach"], **({name: fps[name]} if name in fps else {})}
-        _write(folder, "eval", {"split": "test"}, upstream)
+        _write(folder, "eval", {"split": "test"}, upstream, report)
     return run_dir
+
+
+def _training(report: type[StageReport], base_model: str, **fields: Any) -> StageReport:
+    """A training stage's report as SFT and DPO write it (the numbers are made up; the cards read the names)."""
+    return report(
+        train_rows=6,
+        val_rows=2,
+        steps=320,
+        resumed_from_step=None,
+        base_model=base_model,
+        backend="hf",
+        device="cuda",
+        dtype="bfloat16",
+        trainable_parameters=1000,
+        total_parameters=100000,
+        train_loss=0.9,
+        final_loss=0.8,
+        eval_loss=0.85,
+        **fields,
+    )
 
 
 def _adapter(folder: Path, *, base: str, r: int) -> None:

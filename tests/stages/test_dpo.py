@@ -1,18 +1,14 @@
-"""The DPO stage on the tiny model: CLI end to end, the image really reaches the loss, resume, errors."""
+"""The DPO stage on the tiny model: what it writes and reports, the image really reaches the loss, resume, errors."""
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
-# Prefect's logging setup (on `import prefect.main`) and transformers/datasets bind their log handlers to the
-# sys.stderr of the moment; done inside a CliRunner call, that stream is closed afterwards and every later CLI
-# call in the session fails with "I/O operation on closed file". Importing them at collection avoids it.
 import datasets
-import prefect.main  # noqa: F401
 import pytest
-import transformers  # noqa: F401
 
 from mathwizard.config import DPOConfig, ModelConfig, SFTConfig
 from mathwizard.errors import DataError, ModelError
@@ -24,17 +20,11 @@ from tests.training.builders import (
     png,
     teach_folder,
     trainable_snapshot,
-    use_session_model_cache,
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _models_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
-    use_session_model_cache(tmp_path_factory)
-
-
 @pytest.fixture(scope="module")
-def sft_dir(tmp_path_factory: pytest.TempPathFactory, _models_dir: None) -> Path:
+def sft_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A finished 03-sft folder (2 steps on the tiny model)."""
     from mathwizard.stages import sft
 
@@ -57,28 +47,32 @@ def small(**overrides) -> DPOConfig:
     return DPOConfig(**{**values, **overrides})
 
 
-def test_cli_dpo_end_to_end(tmp_path: Path, sft_dir: Path, prefect_harness: None) -> None:
+def test_dpo_writes_the_adapter_on_the_sft_model_and_reports(tmp_path: Path, sft_dir: Path) -> None:
     import torch
     from PIL import Image
-    from typer.testing import CliRunner
 
-    from mathwizard.cli import app
     from mathwizard.models import load_model
+    from mathwizard.stages import dpo
 
     pairs = pairs_folder(tmp_path / "04-pairs", n_train=6, n_val=2)
     out = tmp_path / "05-dpo"
-    args = ["dpo", "--home", str(tmp_path / "home"), "--model", str(sft_dir), "--pairs", str(pairs), "--out", str(out)]
-    args += ["--max-steps", "3", "--batch-size", "2", "--grad-accum", "1", "--max-length", "512", "--save-merged"]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
+    seen: list[tuple[int, int]] = []
+    cfg = small(max_steps=3, save_steps=50, save_merged=True)
+    manifest = dpo.run(cfg, ModelConfig(), sft_dir, pairs, out, progress=lambda done, total: seen.append((done, total)))
 
-    manifest = read_manifest(out)
-    assert manifest is not None and manifest.stage == "dpo"
-    assert manifest.counts == {"train": 6, "val": 2, "dropped_long_prompts": 0, "steps": 3}
+    assert manifest.stage == "dpo" and manifest == read_manifest(out)
     assert manifest.upstream == {"pairs": read_manifest(pairs).fingerprint, "sft": read_manifest(sft_dir).fingerprint}
-    extra = manifest.extra
-    assert (extra["base_model"], extra["backend"], extra["global_step"]) == ("tiny", "hf", 3)
-    assert extra["train_settings"]["lora"] == {**extra["train_settings"]["lora"], "r": 4, "alpha": 4, "dropout": 0.1}
+    report = dpo.Report.of(manifest)
+    assert (report.train_rows, report.val_rows, report.dropped_long_prompts, report.steps) == (6, 2, 0, 3)
+    assert (report.base_model, report.backend, report.resumed_from_step) == ("tiny", "hf", None)
+    assert report.sft_adapter == str((sft_dir / "adapter").resolve())
+    rewards = (report.rewards_accuracies, report.rewards_chosen, report.rewards_rejected, report.rewards_margins)
+    assert all(value is not None and math.isfinite(value) for value in rewards)
+    assert report.summary().startswith("3 steps on 6 rows, loss ")
+    assert report.summary().endswith(f", reward accuracy {report.rewards_accuracies:.2f}")
+    lora = manifest.config["dpo"]["lora"]
+    assert (lora["r"], lora["alpha"], lora["dropout"]) == (4, 4, 0.1)
+    assert seen == [(0, 3), (1, 3), (2, 3), (3, 3)]
     for name in (
         "loss.png",
         "rewards_accuracies.png",
@@ -99,6 +93,7 @@ def test_cli_dpo_end_to_end(tmp_path: Path, sft_dir: Path, prefect_harness: None
     assert relative == (sft_dir / "adapter").resolve() and not pointer["base_model_relative"].startswith("/")
 
     # base -> SFT merged -> DPO adapter gives the same outputs as merged/ (all three folded together)
+    assert "merged/model.safetensors" in manifest.files
     chain, processor = load_model(out / "adapter", "hf", for_training=False)
     merged, _ = load_model(out / "merged", "hf", for_training=False)
     sft_only, _ = load_model(sft_dir / "adapter", "hf", for_training=False)
@@ -162,7 +157,8 @@ def test_dpo_resumes_from_the_last_checkpoint_after_an_interruption(tmp_path: Pa
     assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2"]
 
     manifest = dpo.run(small(), ModelConfig(), sft_dir, pairs, out)
-    assert (manifest.extra["resumed_from_step"], manifest.extra["global_step"]) == (2, 4)
+    report = dpo.Report.of(manifest)
+    assert (report.resumed_from_step, report.steps) == (2, 4)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
     assert [r["step"] for r in records if "eval_loss" in r] == [4]
@@ -173,8 +169,16 @@ def test_dpo_clear_errors(tmp_path: Path, sft_dir: Path) -> None:
     from mathwizard.stages import dpo
 
     pairs = pairs_folder(tmp_path / "04-pairs", n_train=2, n_val=0)
-    with pytest.raises(ModelError, match=r"SFT model path .*missing-sft does not exist"):
+    with pytest.raises(ModelError, match=r"missing-sft is not an adapter folder; pass the SFT stage folder"):
         dpo.run(small(), ModelConfig(), tmp_path / "missing-sft", pairs, tmp_path / "a")
+    damaged = tmp_path / "damaged-sft"
+    shutil.copytree(sft_dir, damaged)
+    (damaged / "adapter" / "adapter_model.safetensors").unlink()
+    with pytest.raises(DataError) as info:
+        dpo.run(small(), ModelConfig(), damaged, pairs, tmp_path / "a")
+    assert str(info.value) == (
+        f"{damaged} is damaged (adapter/adapter_model.safetensors is missing); run `mathwizard sft` again to redo it"
+    )
     (tmp_path / "not-sft").mkdir()
     with pytest.raises(ModelError, match="holds no adapter"):
         dpo.run(small(), ModelConfig(), tmp_path / "not-sft", pairs, tmp_path / "b")
@@ -184,8 +188,10 @@ def test_dpo_clear_errors(tmp_path: Path, sft_dir: Path) -> None:
         columns = {"id": [], "image": [], "question": [], "chosen": [], "rejected": [], "strategy": []}
         datasets.Dataset.from_dict(columns).to_parquet(str(empty / "train.parquet"))
         record.add_file("train.parquet", rows=0)
-    with pytest.raises(DataError, match=r"train\.parquet has no rows"):
+    with pytest.raises(DataError, match=r"the train split in .*empty-pairs has no rows"):
         dpo.run(small(), ModelConfig(), sft_dir, empty, tmp_path / "c")
+    with pytest.raises(DataError, match=r"no manifest\.json: .*run `mathwizard pairs` first"):
+        dpo.run(small(), ModelConfig(), sft_dir, tmp_path / "nowhere", tmp_path / "e")
     # prompts (system + 16 image tokens + question) are far above 16 tokens: every pair would be dropped
     with pytest.raises(DataError, match=r"longer than dpo\.max_prompt_length=16"):
         dpo.run(small(max_prompt_length=16), ModelConfig(), sft_dir, pairs, tmp_path / "d")
@@ -209,9 +215,9 @@ def test_sft_then_dpo_on_the_unsloth_backend(tmp_path: Path) -> None:
     model = ModelConfig(backend="unsloth")
     common = dict(max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=1, max_length=512)
     done = sft.run(SFTConfig(**common, pad_to_multiple_of=512, save_merged=True), model, teach, tmp_path / "03-sft")
-    assert (done.extra["backend"], done.extra["global_step"]) == ("unsloth", 2)
+    assert (sft.Report.of(done).backend, sft.Report.of(done).steps) == ("unsloth", 2)
     assert (tmp_path / "03-sft" / "merged" / "config.json").is_file()
     aligned = dpo.run(DPOConfig(**common), model, tmp_path / "03-sft", pairs, tmp_path / "05-dpo")
-    assert (aligned.extra["backend"], aligned.extra["global_step"]) == ("unsloth", 2)
+    assert (dpo.Report.of(aligned).backend, dpo.Report.of(aligned).steps) == ("unsloth", 2)
     first = json.loads((tmp_path / "05-dpo" / "metrics.jsonl").read_text().splitlines()[0])
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-3)  # the SFT model is the reference

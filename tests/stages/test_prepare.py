@@ -1,4 +1,4 @@
-"""The prepare stage end to end: bundled sample, local data with bad rows, growth, skipping; Prefect tasks and flow."""
+"""The prepare stage end to end: bundled sample, local data with bad rows, growth, skipping and redoing by manifest."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from mathwizard.config import PrepareConfig, load_settings
-from mathwizard.data.splits import SPLIT_FILES, load_split, split_file, split_of
+from mathwizard.config import PrepareConfig
+from mathwizard.data.splits import SPLIT_FILES, read_dataset, read_table, split_of, split_path
 from mathwizard.errors import DataError
+from mathwizard.manifest import read_manifest
 from mathwizard.stages import prepare
 
 FIXTURES = Path(__file__).parent.parent / "data"
@@ -38,7 +39,7 @@ def _copy_rows(jsonl: Path, images: Path, rows: list[str], folder: Path) -> tupl
 
 def _ids(out: Path) -> dict[str, str]:
     """Row id -> split of a prepared folder."""
-    return {i: split for split in SPLIT_FILES for i in pq.read_table(split_file(out, split))["id"].to_pylist()}
+    return {i: split for split in SPLIT_FILES for i in pq.read_table(split_path(out, split))["id"].to_pylist()}
 
 
 # ----------------------------------------------------------------------------------------- sample
@@ -46,17 +47,27 @@ def test_sample_produces_the_contracted_folder(sample_out: Path) -> None:
     manifest = json.loads((sample_out / "manifest.json").read_text())
     # 60 bundled problems, all valid; their ids put 51 in train, 4 in val, 5 in test (51 + 4 + 5 = 60);
     # 22 figures are wider or taller than 512 px and get shrunk.
-    assert manifest["counts"] == {
-        "rows_in": 60, "kept": 60, "quarantined": 0, "resized": 22, "train": 51, "val": 4, "test": 5,
+    assert manifest["report"] == {
+        "source": "sample", "resolved_revision": None, "rows_in": 60, "kept": 60, "quarantined": 0, "resized": 22,
+        "quarantine_reasons": {}, "splits": {"train": 51, "val": 4, "test": 5}, "workers": 2,
     }  # fmt: skip
+    report = prepare.Report.of(manifest)
+    assert prepare.Report.of(read_manifest(sample_out)) == report
+    assert report.summary() == "60 of 60 rows kept (train 51 · val 4 · test 5), 0 quarantined"
     assert set(manifest["files"]) == {*SPLIT_FILES.values(), "quarantine.jsonl"}
     assert manifest["files"]["val-00000-of-00001.parquet"]["rows"] == 4
     assert (sample_out / "quarantine.jsonl").read_text() == ""
     assert manifest["stage"] == "prepare" and manifest["version"] == prepare.VERSION
     assert manifest["fingerprint"] == prepare.expected_fingerprint(PrepareConfig())
     assert manifest["config"]["max_image_size"] == 512 and manifest["config"]["splits"] == [0.9, 0.05, 0.05]
-    assert manifest["extra"]["inputs"]["source"] == "sample" and len(manifest["extra"]["inputs"]["fingerprint"]) == 64
-    assert set(manifest["extra"]["timings"]) == {"fetch_s", "clean_s", "split_s"}
+    # The fetch and clean steps keep manifests of their own, chained by fingerprint up to the stage's.
+    fetched, cleaned = read_manifest(sample_out / "raw"), read_manifest(sample_out / "clean")
+    assert (fetched.stage, cleaned.stage) == ("prepare.fetch", "prepare.clean")
+    assert fetched.fingerprint == prepare.fetch_fingerprint(PrepareConfig())
+    assert cleaned.upstream == {"prepare.fetch": fetched.fingerprint}
+    assert manifest["fingerprint"] == prepare.split_fingerprint(PrepareConfig(), cleaned.fingerprint)
+    assert prepare.FetchReport.of(fetched).source == "sample" and prepare.FetchReport.of(fetched).records_file
+    assert prepare.CleanReport.of(cleaned).kept == 60
     assert manifest["mathwizard_version"] and manifest["env"]["python"]
 
 
@@ -68,7 +79,7 @@ def test_splits_load_with_a_real_image_feature(sample_out: Path) -> None:
     assert list(loaded["train"].features) == [
         "id", "question", "solution", "image", "difficult", "year", "knowledge", "file_name",
     ]  # fmt: skip
-    for row in load_split(sample_out, "test"):
+    for row in read_dataset(sample_out, "test"):
         assert isinstance(row["image"], Image.Image)
         assert row["image"].mode == "RGB" and max(row["image"].size) <= 512
         assert row["solution"].startswith(r"\textbf{Solution:}") and r"\boxed{" in row["solution"]
@@ -84,8 +95,9 @@ def test_second_run_is_skipped_and_a_setting_change_redoes_it(sample_out: Path, 
     shutil.copytree(sample_out, out)
     small = prepare.run(PrepareConfig(max_image_size=64, limit=10, workers=1), out)
     assert small.fingerprint != again.fingerprint
-    assert small.counts["kept"] == 10 and small.counts["train"] + small.counts["val"] + small.counts["test"] == 10
-    assert all(max(r["image"].size) <= 64 for r in load_split(out, "train"))
+    report = prepare.Report.of(small)
+    assert report.kept == 10 and sum(report.splits.values()) == 10
+    assert all(max(r["image"].size) <= 64 for r in read_dataset(out, "train"))
 
 
 # --------------------------------------------------------------------------------------- local data
@@ -102,19 +114,20 @@ def test_local_data_with_bad_rows_counts_every_reason(tmp_path: Path) -> None:
     jsonl.write_text("\n".join(rows + bad) + "\n")
     cfg = PrepareConfig(source="local", jsonl=str(jsonl), images=str(FIXTURES / "images"), workers=1)
     manifest = prepare.run(cfg, tmp_path / "out")
-    counts = manifest.counts
-    assert (counts["rows_in"], counts["kept"], counts["quarantined"]) == (13, 8, 5)  # 8 good + 5 bad
-    assert (counts["train"], counts["val"], counts["test"]) == (7, 0, 1)  # 8 kept rows; their ids leave val empty
-    empty = load_split(tmp_path / "out", "val")  # an empty split still loads, with its features
-    assert empty.num_rows == 0 and isinstance(empty.features["image"], datasets.Image)
-    assert {k: v for k, v in counts.items() if k.startswith("quarantined.")} == {
-        "quarantined.duplicate": 1,
-        "quarantined.malformed_json": 1,
-        "quarantined.missing_image": 1,
-        "quarantined.unsafe_path": 1,
-        "quarantined.blank_field": 1,
+    report = prepare.Report.of(manifest)
+    assert (report.rows_in, report.kept, report.quarantined) == (13, 8, 5)  # 8 good + 5 bad
+    assert report.splits == {"train": 7, "val": 0, "test": 1}  # 8 kept rows; their ids leave val empty
+    empty = read_table(tmp_path / "out", "val")  # an empty split is still a file, with its features
+    assert empty.num_rows == 0
+    assert isinstance(datasets.Features.from_arrow_schema(empty.schema)["image"], datasets.Image)
+    assert report.quarantine_reasons == {
+        "blank_field": 1,
+        "duplicate": 1,
+        "malformed_json": 1,
+        "missing_image": 1,
+        "unsafe_path": 1,
     }
-    assert manifest.extra["quarantine_reasons"]["unsafe_path"] == 1
+    assert list(report.quarantine_reasons) == sorted(report.quarantine_reasons)  # stable order in the manifest
     lines = [json.loads(x) for x in (tmp_path / "out" / "quarantine.jsonl").read_text().splitlines()]
     assert [(q["line"], q["reason"]) for q in lines] == [
         (9, "duplicate"), (10, "malformed_json"), (11, "missing_image"), (12, "unsafe_path"), (13, "blank_field"),
@@ -154,57 +167,68 @@ def test_steps_need_their_upstream(tmp_path: Path) -> None:
         prepare.clean(PrepareConfig(), tmp_path / "raw", tmp_path / "clean")
 
 
-# -------------------------------------------------------------------------------------------- Prefect
-def test_task_policies() -> None:
-    from tasks import prepare as tasks
+# ------------------------------------------------------------------------------------------ skip and redo
+@pytest.fixture
+def written(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The (sub-)stages that write their folder during the test, in order (each goes through stage_output)."""
+    steps: list[str] = []
+    real = prepare.stage_output
 
-    assert (tasks.fetch.name, tasks.clean.name, tasks.split.name) == ("fetch", "clean", "split")
-    assert tasks.fetch.retries == 3 and tasks.fetch.retry_condition_fn is not None
-    assert tasks.clean.retries == 0 and tasks.split.retries == 0
-    assert all(t.cache_key_fn is not None and t.persist_result for t in (tasks.fetch, tasks.clean, tasks.split))
+    def spy(folder, **kwargs):
+        steps.append(kwargs["stage"])
+        return real(folder, **kwargs)
 
-
-def test_flow_runs_once_then_comes_from_cache(prefect_harness, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from flows.prepare import prepare_flow
-    from tasks import prepare as tasks
-
-    calls: list[str] = []
-
-    def counting(step: str):
-        real = getattr(prepare, step)
-
-        def wrapper(*args, **kwargs):
-            calls.append(step)
-            return real(*args, **kwargs)
-
-        return wrapper
-
-    for step in ("fetch", "clean", "split"):
-        monkeypatch.setattr(tasks.prepare, step, counting(step))
-    settings = load_settings(home=str(tmp_path / "home"), prepare={"limit": 12, "workers": 1})
-    first = prepare_flow(settings=settings)
-    assert calls == ["fetch", "clean", "split"]
-    assert first["counts"]["kept"] == 12
-    assert _artifact_rows("prepare-counts")[:2] == [{"what": "rows read", "count": 12}, {"what": "kept", "count": 12}]
-    second = prepare_flow(settings=settings)
-    assert calls == ["fetch", "clean", "split"]  # nothing ran: all three results came from Prefect's cache
-    assert second == first
-    # A deleted stage manifest makes the split step run again (its cached result would point at nothing).
-    (Path(settings.stage_dir("prepare")) / "manifest.json").unlink()
-    third = prepare_flow(settings=settings)
-    assert calls == ["fetch", "clean", "split", "split"]
-    assert third["fingerprint"] == first["fingerprint"]
+    monkeypatch.setattr(prepare, "stage_output", spy)
+    return steps
 
 
-def _artifact_rows(key: str) -> list[dict]:
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
-    from prefect.client.schemas.sorting import ArtifactSort
+def test_a_deleted_or_truncated_split_is_redone_from_the_clean_step(
+    sample_out: Path, tmp_path: Path, written: list[str]
+) -> None:
+    out = tmp_path / "01-prepare"
+    shutil.copytree(sample_out, out)
+    before = read_manifest(out)
+    cfg = PrepareConfig(workers=1)
 
-    # Other flow tests in the session write the same key: read the newest one.
-    with get_client(sync_client=True) as client:
-        (artifact,) = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])), sort=ArtifactSort.CREATED_DESC, limit=1
+    assert prepare.run(cfg, out) == before and written == []  # intact: skipped, nothing written
+    (out / SPLIT_FILES["val"]).unlink()
+    redone = prepare.run(cfg, out)
+    assert written == ["prepare"]  # fetch and clean found their own intact manifests: only the split ran again
+    assert redone.fingerprint == before.fingerprint and redone.files == before.files  # the same bytes again
+
+    train = out / SPLIT_FILES["train"]
+    train.write_bytes(train.read_bytes()[:1000])  # truncated, e.g. by a full disk
+    assert prepare.run(cfg, out).files == before.files and written == ["prepare", "prepare"]
+
+
+def test_a_damaged_clean_step_is_redone_too(sample_out: Path, tmp_path: Path, written: list[str]) -> None:
+    out = tmp_path / "01-prepare"
+    shutil.copytree(sample_out, out)
+    (out / "manifest.json").unlink()  # the stage must run ...
+    (out / "clean" / "clean.parquet").unlink()  # ... and its clean step's output is gone
+    again = prepare.run(PrepareConfig(workers=1), out)
+    assert written == ["prepare", "prepare.clean"]  # the stage, inside it clean again; fetch was intact
+    assert again.fingerprint == read_manifest(sample_out).fingerprint and again.files == read_manifest(sample_out).files
+
+
+def test_stable_split_keeps_last_weeks_test_rows_out_of_training(tmp_path: Path) -> None:
+    """Weekly retraining on grown data: week 1 sees the first 40 sample rows, week 2 all 60."""
+    lines = prepare.fetching.SAMPLE_JSONL.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 60
+    ids: list[dict[str, set[str]]] = []
+    for week, rows in (("week1", lines[:40]), ("week2", lines)):
+        jsonl = tmp_path / f"{week}.jsonl"
+        jsonl.write_text("\n".join(rows) + "\n", encoding="utf-8")
+        images = str(prepare.fetching.SAMPLE_IMAGES)
+        cfg = PrepareConfig(source="local", jsonl=str(jsonl), images=images, max_image_size=64, workers=1)
+        assert prepare.Report.of(prepare.run(cfg, tmp_path / week)).kept == len(rows)
+        ids.append(
+            {split: set(read_table(tmp_path / week, split, ["id"]).column("id").to_pylist()) for split in SPLIT_FILES}
         )
-    data = artifact.data
-    return json.loads(data) if isinstance(data, str) else data
+    old, new = ids
+    # Every old row keeps its split: the split is a salted hash of the row's content, not of its position.
+    for split in SPLIT_FILES:
+        assert old[split] <= new[split], split
+    assert not old["test"] & (new["train"] | new["val"])
+    added = set().union(*new.values()) - set().union(*old.values())
+    assert len(added) == 20  # 60 rows - 40 seen last week

@@ -1,34 +1,20 @@
-"""The SFT stage on the tiny model: CLI end to end, resume after an interruption, what is trained, errors."""
+"""The SFT stage on the tiny model: what it writes and reports, resume after an interruption, what is trained,
+skipping and redoing by manifest, errors."""
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
-# Prefect's logging setup (on `import prefect.main`) and transformers/datasets bind their log handlers to the
-# sys.stderr of the moment; done inside a CliRunner call, that stream is closed afterwards and every later CLI
-# call in the session fails with "I/O operation on closed file". Importing them at collection avoids it.
 import datasets
-import prefect.main  # noqa: F401
 import pytest
-import transformers  # noqa: F401
 
 from mathwizard.config import ModelConfig, SFTConfig
 from mathwizard.errors import DataError, ModelError
 from mathwizard.manifest import read_manifest
-from tests.training.builders import (
-    Interrupted,
-    interrupt_at,
-    teach_folder,
-    trainable_snapshot,
-    use_session_model_cache,
-)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _models_dir(tmp_path_factory: pytest.TempPathFactory) -> None:
-    use_session_model_cache(tmp_path_factory)
+from tests.training.builders import Interrupted, interrupt_at, teach_folder, trainable_snapshot
 
 
 def small(**overrides) -> SFTConfig:
@@ -44,41 +30,51 @@ def small(**overrides) -> SFTConfig:
     return SFTConfig(**{**values, **overrides})
 
 
-def test_cli_sft_end_to_end(tmp_path: Path, prefect_harness: None) -> None:
-    from typer.testing import CliRunner
-
-    from mathwizard.cli import app
+def test_sft_writes_the_adapter_metrics_and_report(tmp_path: Path) -> None:
     from mathwizard.models import load_model
+    from mathwizard.stages import sft
 
     teach = teach_folder(tmp_path / "02-teach", n_train=8, n_val=2)
     out = tmp_path / "03-sft"
-    args = ["sft", "--home", str(tmp_path / "home"), "--data", str(teach), "--out", str(out)]
-    args += ["--max-steps", "3", "--batch-size", "2", "--grad-accum", "1", "--max-length", "512"]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 0, result.output
+    cfg = small(max_steps=3, save_steps=50)
+    seen: list[tuple[int, int]] = []
+    manifest = sft.run(cfg, ModelConfig(), teach, out, progress=lambda done, total: seen.append((done, total)))
 
-    manifest = read_manifest(out)
-    assert manifest is not None and manifest.stage == "sft"
-    assert manifest.counts == {"train": 8, "val": 2, "steps": 3}
-    extra = manifest.extra
-    assert (extra["base_model"], extra["backend"], extra["device"], extra["global_step"]) == ("tiny", "hf", "cpu", 3)
-    assert extra["train_settings"]["max_steps"] == 3 and extra["train_settings"]["lora"]["r"] == 16
-    assert math.isfinite(extra["final_loss"]) and math.isfinite(extra["eval_loss"])
+    assert manifest.stage == "sft" and manifest.upstream == {"teach": read_manifest(teach).fingerprint}
+    assert manifest == read_manifest(out)
+    report = sft.Report.of(manifest)
+    assert (report.train_rows, report.val_rows, report.steps, report.resumed_from_step) == (8, 2, 3, None)
+    assert (report.base_model, report.backend, report.device, report.dtype) == ("tiny", "hf", "cpu", "float32")
+    assert 0 < report.trainable_parameters < report.total_parameters
+    assert math.isfinite(report.final_loss) and math.isfinite(report.eval_loss) and math.isfinite(report.train_loss)
+    assert report.summary() == f"3 steps on 8 rows, loss {report.final_loss:.4f}, val loss {report.eval_loss:.4f}"
+    assert manifest.config["sft"]["max_steps"] == 3 and manifest.config["sft"]["lora"]["r"] == 16
+    assert seen == [(0, 3), (1, 3), (2, 3), (3, 3)]  # the start, then every optimizer step up to the total
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]  # logging_steps=1
     assert [r["step"] for r in records if "eval_loss" in r] == [3]  # one evaluation on val, at the end
     assert (out / "loss.png").stat().st_size > 1000
     assert json.loads((out / "adapter" / "mathwizard_adapter.json").read_text())["base_model"] == "tiny"
-    assert "adapter/adapter_model.safetensors" in manifest.files
+    assert "adapter/adapter_model.safetensors" in manifest.files and "loss.png" in manifest.files
 
     _, processor = load_model(out / "adapter", "hf", for_training=False)
     assert processor.tokenizer.padding_side == "left"
 
-    # Same inputs and settings again: skipped (the manifest's own config reproduces its fingerprint).
-    from mathwizard.stages import sft
+    # Same inputs and settings again: skipped (the manifest's own config reproduces its fingerprint), no progress.
+    seen.clear()
+    cfg_again, model_again = SFTConfig(**manifest.config["sft"]), ModelConfig(**manifest.config["model"])
+    assert sft.run(cfg_again, model_again, teach, out, progress=lambda d, t: seen.append((d, t))) == manifest
+    assert seen == []
 
-    cfg, model_cfg = SFTConfig(**manifest.config["sft"]), ModelConfig(**manifest.config["model"])
-    assert sft.run(cfg, model_cfg, teach, out).created_at == manifest.created_at
+    # The adapter's weights deleted: the stage runs again (from its last checkpoint) and writes them back.
+    weights = out / "adapter" / "adapter_model.safetensors"
+    weights.unlink()
+    again = sft.run(cfg, ModelConfig(), teach, out)
+    redone = sft.Report.of(again)
+    assert (redone.steps, redone.resumed_from_step) == (3, 3)  # nothing left to train: the final checkpoint
+    name = "adapter/adapter_model.safetensors"
+    assert again.files[name] == manifest.files[name]  # the very same weights: not a step past max_steps
+    assert redone.train_loss == pytest.approx(report.train_loss) and redone.eval_loss == report.eval_loss
 
 
 def test_sft_resumes_from_the_last_checkpoint_after_an_interruption(tmp_path: Path) -> None:
@@ -95,8 +91,8 @@ def test_sft_resumes_from_the_last_checkpoint_after_an_interruption(tmp_path: Pa
     assert sorted(p.name for p in (out / "checkpoints").glob("checkpoint-*")) == ["checkpoint-2"]
 
     manifest = sft.run(cfg, ModelConfig(), teach, out)  # the same command again
-    assert manifest.extra["resumed_from_step"] == 2
-    assert manifest.extra["global_step"] == 4
+    report = sft.Report.of(manifest)
+    assert (report.resumed_from_step, report.steps) == (2, 4)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     # steps 1-2 from the first run, 3-4 from the resumed one; the interrupted run's step 3 was dropped
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
@@ -162,23 +158,18 @@ def test_sft_clear_errors(tmp_path: Path) -> None:
         columns = {"id": [], "question": [], "solution": [], "image": []}
         datasets.Dataset.from_dict(columns).to_parquet(str(empty / "train.parquet"))
         record.add_file("train.parquet", rows=0)
-    with pytest.raises(DataError, match=r"train\.parquet has no rows"):
+    with pytest.raises(DataError, match=r"the train split in .*empty-teach has no rows; check the upstream"):
         sft.run(small(), ModelConfig(), empty, tmp_path / "b")
-    with pytest.raises(DataError, match=r"no manifest\.json"):
+    with pytest.raises(DataError, match=r"no manifest\.json: .*run `mathwizard teach` first"):
         sft.run(small(), ModelConfig(), tmp_path / "nowhere", tmp_path / "c")
 
-
-def test_cli_sft_backend_unsloth_without_cuda_is_one_line(tmp_path: Path) -> None:
-    import torch
-    from typer.testing import CliRunner
-
-    from mathwizard.cli import app
-
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA")
-    teach = teach_folder(tmp_path / "02-teach", n_train=2, n_val=0)
-    args = ["sft", "--home", str(tmp_path), "--data", str(teach), "--out", str(tmp_path / "o"), "--backend", "unsloth"]
-    result = CliRunner().invoke(app, args)
-    assert result.exit_code == 1
-    lines = [line for line in result.output.splitlines() if line.strip()]
-    assert lines == ["error: --backend unsloth needs a CUDA GPU and none is visible; use --backend hf (or auto)"]
+    damaged = tmp_path / "damaged-teach"
+    shutil.copytree(teach, damaged)
+    (damaged / "train.parquet").write_bytes(b"PAR1")
+    with pytest.raises(DataError) as info:
+        sft.run(small(), ModelConfig(), damaged, tmp_path / "d")
+    assert str(info.value) == (
+        f"{damaged} is damaged (train.parquet is 4 bytes, not the "
+        f"{read_manifest(teach).files['train.parquet'].bytes:,} recorded); run `mathwizard teach` again to redo it"
+    )
+    assert not (tmp_path / "d").exists()  # refused before anything was written

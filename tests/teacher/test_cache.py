@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -78,3 +81,17 @@ def test_threads_share_one_cache(tmp_path: Path) -> None:
     assert len(cache) == 200  # 4 threads x 50 replies
     assert len(cache.get_many(f"{t}-{i}" for t in range(4) for i in range(50))) == 200
     cache.close()
+
+
+def test_the_cache_outlives_a_killed_writer(tmp_path: Path) -> None:
+    """A process killed right after its commits leaves them readable (WAL recovery on the next open)."""
+    code = (
+        "import os, signal, sys\n"
+        "from mathwizard.teacher.cache import ReplyCache, CachedReply\n"
+        "c = ReplyCache.in_dir(sys.argv[1])\n"
+        "for i in range(100): c.put(f'k{i}', CachedReply(text='t', model='m', host='h'))\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    assert subprocess.run([sys.executable, "-c", code, str(tmp_path)]).returncode == -signal.SIGKILL
+    with ReplyCache.in_dir(tmp_path) as cache:
+        assert len(cache) == 100

@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from teacher_fixtures import api_config
 
 from mathwizard.answers import final_answer
 from mathwizard.errors import TeacherError, TransientError
@@ -16,6 +15,7 @@ from mathwizard.teacher.cache import ReplyCache
 from mathwizard.teacher.runner import ApiRunner, Item, RateLimiter
 from mathwizard.testing import OpenAITestServer
 from scripts.make_sample import problems
+from tests.teacher.helpers import api_config
 
 SAMPLE = problems()
 

@@ -1,4 +1,5 @@
-"""remote.run_on_storage: stages on local folders hand work over through S3 (moto), skip, resume and share caches."""
+"""remote.run_on_storage: stages on local folders hand work over through S3 (moto), skip, resume and share caches;
+the teach stage's reply cache lets another machine finish a run cut off by an outage."""
 
 from __future__ import annotations
 
@@ -10,8 +11,20 @@ import pytest
 
 from mathwizard import storage
 from mathwizard.config import Settings, load_settings
+from mathwizard.errors import TransientError
 from mathwizard.manifest import fingerprint, read_manifest, reusable, stage_output
 from mathwizard.remote import run_on_storage
+
+SMOKE = Path(__file__).resolve().parents[1] / "deployments" / "recipes" / "smoke.yaml"
+
+
+def remote_files(url: str) -> set[str]:
+    fs, root = storage.filesystem(url)
+    fs.invalidate_cache()
+    return {p[len(root) + 1 :] for p in fs.find(root)}
+
+
+SMOKE = Path(__file__).resolve().parents[1] / "deployments" / "recipes" / "smoke.yaml"
 
 
 class FakeStage:
@@ -156,3 +169,36 @@ def test_run_folder_input_pulls_every_finished_stage(s3_settings: Settings, tmp_
         "01-prepare",
         "06-eval/sft",
     ]
+
+
+def test_teacher_cache_on_s3_lets_another_machine_resume(bucket: str, tmp_path: Path, monkeypatch) -> None:
+    """The API fails mid-way on machine A; machine B (empty disk) finishes, asking only what A did not get."""
+    from mathwizard.stages import prepare, teach
+    from mathwizard.testing.openai_server import OpenAITestServer
+
+    monkeypatch.setenv("MATHWIZARD_TEACHER_API_KEY", "sk-test-dummy")  # only ever sent to the local test server
+
+    def prepare_stage(settings, out: str) -> dict:
+        return prepare.run(settings.prepare, Path(out)).model_dump(mode="json")
+
+    def teach_stage(settings, out: str, data: str) -> dict:  # the library alone: no Prefect task retries to wait for
+        return teach.run(settings.teacher, Path(data), Path(out), Path(settings.cache_dir)).model_dump(mode="json")
+
+    with OpenAITestServer() as server:
+        teacher = {"kind": "openai", "base_url": server.base_url, "concurrency": 1, "request_retries": 0}
+        a = load_settings(SMOKE, home=f"{bucket}/mw", teacher=teacher, orchestration={"scratch": str(tmp_path / "a")})
+        b = a.model_copy(update={"orchestration": a.orchestration.model_copy(update={"scratch": str(tmp_path / "b")})})
+        prepared, taught = a.stage_dir("prepare"), a.stage_dir("teach")
+        run_on_storage("prepare", prepare_stage, a, {}, prepared)
+
+        server.fail_after(25, "503")  # 25 replies, then the API is down
+        with pytest.raises(TransientError, match="re-run to resume"):
+            run_on_storage("teach", teach_stage, a, {"data": prepared}, taught)
+        assert server.outcomes["ok"] == 25
+        assert any(name.startswith("teacher") for name in remote_files(f"{bucket}/mw/cache"))
+
+        server.clear()
+        server.reset_counts()
+        manifest = run_on_storage("teach", teach_stage, b, {"data": prepared}, taught)
+        assert teach.Report.of(manifest).written == 60
+        assert server.requests == 60 - 25  # the 25 replies A got came to B through the cache on S3

@@ -1,4 +1,4 @@
-"""Helpers shared by the teacher tests (a uniquely named module: `conftest` is not importable by name)."""
+"""Helpers for the tests that talk to the OpenAI-compatible test server: its key, settings for it, request counts."""
 
 from __future__ import annotations
 

@@ -1,66 +1,12 @@
-"""Fixtures for orchestration tests: a local S3 (moto's server mode) and a real Prefect server on 127.0.0.1."""
+"""The deployment tests' fixture: a real Prefect server on 127.0.0.1 with process workers (S3: tests/conftest.py)."""
 
 from __future__ import annotations
 
-import logging
-import os
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
-_S3_ENV = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_DEFAULT_REGION",
-    "FSSPEC_S3_ENDPOINT_URL",
-    "AWS_CA_BUNDLE",
-)
-
-
-@pytest.fixture(scope="session")
-def s3_endpoint() -> Iterator[str]:
-    """moto's S3 on 127.0.0.1 for the whole session; fsspec finds it through FSSPEC_S3_ENDPOINT_URL."""
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # one log line per S3 request otherwise
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    saved = {k: os.environ.get(k) for k in _S3_ENV}
-    os.environ.update(
-        {
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "FSSPEC_S3_ENDPOINT_URL": endpoint,
-        }
-    )
-    os.environ.pop("AWS_CA_BUNDLE", None)
-    yield endpoint
-    server.stop()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-
-
-@pytest.fixture
-def bucket(s3_endpoint: str) -> str:
-    """A fresh, empty bucket as an `s3://` URL."""
-    import fsspec.config
-    import s3fs
-
-    fsspec.config.set_conf_env(fsspec.config.conf)
-    name = f"mw-{uuid.uuid4().hex[:12]}"
-    s3fs.S3FileSystem(endpoint_url=s3_endpoint).mkdir(name)
-    return f"s3://{name}"
-
 
 # ------------------------------------------------------------------------------------- a real Prefect server
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}

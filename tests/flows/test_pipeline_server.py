@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from mathwizard.manifest import read_manifest
+from mathwizard.stages import teach
 from mathwizard.testing.openai_server import OpenAITestServer
 
 pytestmark = pytest.mark.slow
@@ -152,5 +153,5 @@ def test_teacher_outage_fails_the_run_and_retry_sends_only_missing_requests(pref
         assert server.outcomes == {"ok": 60 - answered}
 
     taught = read_manifest(home / "runs" / "smoke" / "02-teach")
-    assert taught.counts["written"] == 60
+    assert teach.Report.of(taught).written == 60
     assert read_manifest(home / "runs" / "smoke" / "06-eval" / "sft") is not None  # the rest of the pipeline ran

@@ -7,13 +7,13 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from typer.testing import CliRunner
 
 from flows import pipeline
 from flows.pipeline import PipelineParams, resolve
 from mathwizard.config import load_settings
 from mathwizard.errors import ConfigError, MathWizardError
 from mathwizard.manifest import stage_output
+from tests.flows.artifacts import table
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -55,11 +55,20 @@ def test_pipeline_runs_every_stage_in_order_with_locations(prefect_harness, tmp_
     def fake_flow(stage: str):
         def run(settings, out: str, **inputs: Any) -> dict[str, Any]:
             calls.append((stage, {"out": out, **inputs}))
-            return {"fingerprint": f"fp-{stage}-{inputs.get('label', '')}", "counts": {"n": 1}, "seconds": 0.5}
+            label = inputs.get("label", "")
+            return {"stage": stage, "fingerprint": f"fp-{stage}-{label}".ljust(16, "0"), "report": {}, "seconds": 0.5}
 
         return run
 
+    class Done:
+        def __init__(self, stage: str) -> None:
+            self.stage = stage
+
+        def summary(self) -> str:
+            return f"{self.stage} done"
+
     monkeypatch.setattr(pipeline, "stage_flow", fake_flow)
+    monkeypatch.setattr(pipeline, "report_of", lambda stage, manifest: Done(stage))
     settings = load_settings(home=str(tmp_path), run_name="r")
     result = pipeline.math_wizard(settings=settings)
 
@@ -76,7 +85,61 @@ def test_pipeline_runs_every_stage_in_order_with_locations(prefect_harness, tmp_
         ("publish", {"out": f"{run}/07-publish", "run_dir": run}),
     ]
     assert list(result) == ["prepare", "teach", "sft", "pairs", "dpo", "eval-base", "eval-sft", "eval-dpo", "publish"]
-    assert result["eval-sft"] == {"fingerprint": "fp-eval-sft", "counts": {"n": 1}, "seconds": 0.5}
+    assert result["eval-sft"] == {"fingerprint": "fp-eval-sft0", "seconds": 0.5, "summary": "eval done"}  # 12 chars
+    assert result["prepare"] == {"fingerprint": "fp-prepare-0", "seconds": 0.5, "summary": "prepare done"}
+
+
+def test_teacher_only_runs_prepare_then_teach(prefect_harness, tmp_path: Path, monkeypatch) -> None:
+    calls: list[str] = []
+
+    def fake_flow(stage: str):
+        def run(settings, out: str, **inputs: Any) -> dict[str, Any]:
+            calls.append(stage)
+            return {"stage": stage, "fingerprint": stage * 4, "report": {}, "seconds": 1.0}
+
+        return run
+
+    monkeypatch.setattr(pipeline, "stage_flow", fake_flow)
+    monkeypatch.setattr(pipeline, "report_of", lambda stage, manifest: SimpleNamespace(summary=lambda: stage))
+    result = pipeline.teacher_only(settings=load_settings(home=str(tmp_path)))
+    assert calls == ["prepare", "teach"] and list(result) == ["prepare", "teach"]
+
+
+def test_summary_is_each_stages_report_in_one_line(prefect_harness, tmp_path: Path) -> None:
+    from mathwizard.stages import prepare, publish
+
+    prepared = prepare.Report(
+        source="sample", resolved_revision=None, rows_in=60, kept=60, quarantined=0, resized=22,
+        quarantine_reasons={}, splits={"train": 51, "val": 4, "test": 5}, workers=2,
+    )  # fmt: skip
+    published = publish.Report(destination="local", endpoint=None, root="/r", repos=[])
+    done = {
+        "prepare": {"stage": "prepare", "fingerprint": "a" * 64, "seconds": 3.25, "report": prepared.model_dump()},
+        "publish": {"stage": "publish", "fingerprint": "b" * 64, "seconds": 0.5, "report": published.model_dump(),
+                    "where": "this flow run"},
+    }  # fmt: skip
+
+    @pipeline.flow
+    def run() -> dict[str, Any]:
+        return pipeline.summary(done)
+
+    assert run() == {
+        "prepare": {"fingerprint": "a" * 12, "seconds": 3.25, "summary": prepared.summary()},
+        "publish": {"fingerprint": "b" * 12, "seconds": 0.5, "summary": "0 repos written under /r (not uploaded)"},
+    }
+    rows = table("pipeline-stages")
+    assert [r["stage"] for r in rows] == ["prepare", "publish"] and rows[1]["ran on"] == "this flow run"
+    assert rows[0]["summary"] == "60 of 60 rows kept (train 51 · val 4 · test 5), 0 quarantined"
+
+
+def test_every_stage_has_its_flow_in_pipeline_order() -> None:
+    from mathwizard.config import STAGE_DIRS
+
+    assert list(pipeline.STAGE_FLOWS) == list(STAGE_DIRS)
+    names = {stage: pipeline.stage_flow(stage).name for stage in pipeline.STAGE_FLOWS}
+    assert names == {stage: stage for stage in STAGE_DIRS}  # each flow is named after its stage
+    with pytest.raises(ConfigError, match="unknown stage 'evaluate'; use one of prepare, teach, sft"):
+        pipeline.stage_flow("evaluate")
 
 
 # -------------------------------------------------------------------------------------------- dispatch
@@ -142,52 +205,3 @@ def test_dispatch_failures_fail_the_stage(prefect_harness, tmp_path: Path, monke
 
     with pytest.raises(MathWizardError, match=message):
         parent()
-
-
-# ------------------------------------------------------------------------------------------------- CLI
-def test_run_command_runs_the_pipeline_on_the_given_recipe(monkeypatch, tmp_path: Path) -> None:
-    from mathwizard.cli import app
-
-    seen: dict[str, Any] = {}
-
-    def fake(settings):
-        seen["settings"] = settings
-        return {"prepare": {"fingerprint": "abc", "counts": {"kept": 60}, "seconds": 1.0}}
-
-    monkeypatch.setattr(pipeline, "math_wizard", fake)
-    result = CliRunner().invoke(
-        app, ["run", "--config", str(REPO / "deployments/recipes/smoke.yaml"), "--home", str(tmp_path)]
-    )
-    assert result.exit_code == 0, result.output
-    assert seen["settings"].run_name == "smoke" and seen["settings"].home == str(tmp_path)
-    assert "prepare" in result.output and "kept 60" in result.output
-
-
-def test_up_command_starts_the_stack_and_stops_it(monkeypatch, tmp_path: Path) -> None:
-    from deployments import localstack
-    from mathwizard.cli import app
-
-    events: list[str] = []
-
-    class FakeStack:
-        ui_url, api_url, logs = "http://127.0.0.1:4300", "http://127.0.0.1:4300/api", tmp_path
-
-        def __init__(self) -> None:
-            self.server = SimpleNamespace(poll=lambda: events.append("poll") or 0)  # the server "exits" at once
-
-        def stop(self) -> None:
-            events.append("stop")
-
-    def fake_up(home, **kwargs):
-        events.append("up")
-        assert kwargs["port"] == 4300 and kwargs["cuda_worker"] is False
-        assert kwargs["env"]["MATHWIZARD_HOME"] == str(tmp_path.resolve())
-        assert kwargs["env"]["PREFECT_LOCAL_STORAGE_PATH"] == str(tmp_path.resolve() / "prefect-results")
-        assert Path(home) == tmp_path.resolve() / "prefect"
-        return FakeStack()
-
-    monkeypatch.setattr(localstack, "up", fake_up)
-    result = CliRunner().invoke(app, ["up", "--home", str(tmp_path), "--port", "4300", "--no-cuda"])
-    assert result.exit_code == 0, result.output
-    assert events == ["up", "poll", "stop"]
-    assert "http://127.0.0.1:4300" in result.output

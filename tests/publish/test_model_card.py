@@ -1,4 +1,5 @@
-"""Model and dataset cards: YAML metadata, lineage, eval table, training settings, plots, licence, usage."""
+"""The model repo and its card: YAML metadata, eval table and reports, lineage, training settings, plots, licence,
+usage, a portable base."""
 
 from __future__ import annotations
 
@@ -7,11 +8,10 @@ import re
 from pathlib import Path
 
 import pytest
-from huggingface_hub import DatasetCard, ModelCard
+from huggingface_hub import ModelCard
 
 from mathwizard.config import PublishConfig
 from mathwizard.models import adapter_base
-from mathwizard.publish.lineage import failure_summary
 from mathwizard.stages import publish
 from tests.publish.synthetic import BASE_MODEL, LOCAL_BASE_DIR, MM_MATH_COMMIT, make_run
 
@@ -46,7 +46,7 @@ def test_model_card_eval_table_has_every_stage_and_difficulty(published: Path) -
     reports = {p.stem: json.loads(p.read_text()) for p in (published / "models" / MODEL / "eval").glob("*.json")}
     assert sorted(reports) == ["base", "dpo", "sft"]
     assert reports["dpo"] == {
-        "model": "dpo",
+        "label": "dpo",
         "split": "test",
         "n": 10,
         "accuracy": 0.5,
@@ -56,7 +56,10 @@ def test_model_card_eval_table_has_every_stage_and_difficulty(published: Path) -
             "medium": {"n": 6, "accuracy": 0.5},
             "hard": {"n": 2, "accuracy": 0.0},
         },
-    }  # fmt: skip  (no model_location: it is a local path)
+        "generated_tokens": 1200,
+        "items": 10,
+        "no_reference": 0,
+    }  # fmt: skip  (no model_location: a local path; no seconds: this machine's)
 
 
 def test_model_card_lineage_and_training_settings(published: Path) -> None:
@@ -139,70 +142,6 @@ def test_stale_eval_report_is_flagged(run_dir: Path, tmp_path: Path) -> None:
     assert "the DPO report(s) evaluated an earlier version of that model" in text
 
 
-def test_dataset_cards_metadata(published: Path) -> None:
-    sft = DatasetCard.load(published / "datasets" / SFT / "README.md")
-    assert sft.data.license == "mit" and sft.data.size_categories == ["n<1K"]
-    assert sft.data.configs == [
-        {
-            "config_name": "default",
-            "data_files": [
-                {"split": "train", "path": "data/train-*"},
-                {"split": "val", "path": "data/val-*"},
-                {"split": "test", "path": "data/test-*"},
-            ],
-        }
-    ]
-    features = {f["name"]: f["dtype"] for f in sft.data.dataset_info["features"]}
-    assert features["image"] == "image" and features["solution"] == "string"
-    splits = {s["name"]: s["num_examples"] for s in sft.data.dataset_info["splits"]}
-    assert splits == {"train": 6, "val": 2, "test": 2}
-    dpo = DatasetCard.load(published / "datasets" / DPO / "README.md")
-    assert {s["name"]: s["num_examples"] for s in dpo.data.dataset_info["splits"]} == {"train": 4, "val": 2}
-    assert {f["name"]: f["dtype"] for f in dpo.data.dataset_info["features"]}["image"] == "image"
-
-
-def test_dataset_card_body(published: Path) -> None:
-    sft = (published / "datasets" / SFT / "README.md").read_text()
-    assert "[THU-KEG/MM_Math](https://huggingface.co/datasets/THU-KEG/MM_Math), licence MIT" in sft
-    assert f"Fetched as: hub; revision: {MM_MATH_COMMIT}." in sft
-    assert "resized to at most 512 px" in sft and "Rows: train 6, val 2, test 2; quarantined 1." in sft
-    assert "teacher model `gpt-4o-mini` (prompt version `v1`, temperature 0.0)" in sft
-    assert "excluded: 3 (final answer disagrees with the source ×2; timeout ×1)." in sft
-    assert "| image | image | The problem's figure" in sft and "| source_solution | string |" in sft
-    assert f'ds = load_dataset("{SFT}")' in sft and "## Licence\n\nMIT" in sft
-    dpo = (published / "datasets" / DPO / "README.md").read_text()
-    assert "(temperature 1.0, top_p 0.95, max_new_tokens 1024)" in dpo
-    assert "(broken_process: 2, calculation_error: 3, misapplied_concept: 1)" in dpo
-    assert "| rejected | string | Dispreferred answer" in dpo and "excluded: 1 (no flawed answer" in dpo
-
-
-@pytest.mark.parametrize(("repo", "rows"), [(SFT, {"train": 6, "val": 2, "test": 2}), (DPO, {"train": 4, "val": 2})])
-def test_load_dataset_reads_the_written_folder_offline(
-    published: Path, tmp_path: Path, repo: str, rows: dict[str, int]
-) -> None:
-    import datasets
-
-    loaded = datasets.load_dataset(str(published / "datasets" / repo), cache_dir=str(tmp_path / "cache"))
-    assert {split: ds.num_rows for split, ds in loaded.items()} == rows
-    assert isinstance(loaded["train"].features["image"], datasets.Image)
-    assert loaded["train"][0]["image"].size == (8, 6)  # decoded to PIL
-
-
-def test_failure_summary_groups_reasons(tmp_path: Path) -> None:
-    path = tmp_path / "failures.jsonl"
-    lines = [
-        {"error": {"message": "HTTP 429", "count": 2}},
-        {"error": "format:   no \\boxed{}"},
-        {"reason": "format: no \\boxed{}"},
-        {"id": "x"},
-        "not json",
-    ]
-    path.write_text("\n".join(line if isinstance(line, str) else json.dumps(line) for line in lines) + "\n\n")
-    total, reasons = failure_summary(path)
-    assert total == 5  # the blank line is not a record
-    assert reasons == [("format: no \\boxed{}", 2), ("HTTP 429", 1), ("unspecified", 1)]
-
-
 def test_cards_name_the_rule_teacher_and_the_rule_fallback(run_dir: Path, tmp_path: Path) -> None:
     def edit(manifest: Path, **changes) -> None:
         data = json.loads(manifest.read_text())
@@ -211,7 +150,7 @@ def test_cards_name_the_rule_teacher_and_the_rule_fallback(run_dir: Path, tmp_pa
         manifest.write_text(json.dumps(data))
 
     edit(run_dir / "02-teach" / "manifest.json", config={"kind": "rule"})
-    edit(run_dir / "04-pairs" / "manifest.json", counts={"pairs": 6, "from_model": 1, "from_rule": 5})
+    edit(run_dir / "04-pairs" / "manifest.json", report={"written": 6, "from_model": 1, "from_rule": 5})
     out = _publish(run_dir, tmp_path / "out")
 
     sft = (out / "datasets" / SFT / "README.md").read_text()

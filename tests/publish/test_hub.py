@@ -13,8 +13,7 @@ from mathwizard.errors import PublishError, TransientError, is_transient
 from mathwizard.manifest import read_manifest
 from mathwizard.publish.hub import git_blob_id, resolve_token
 from mathwizard.stages import publish
-from tests.publish.conftest import TOKEN
-from tests.publish.fakehub import FakeHub
+from tests.publish.fakehub import TOKEN, FakeHub
 
 MODEL, SFT, DPO = "acme/math-wizard-gemma-3n-dpo", "acme/math-wizard-sft", "acme/math-wizard-dpo"
 MODEL_FILES = {
@@ -90,15 +89,17 @@ def test_upload_creates_repos_and_commits_every_file_with_the_token_header(
         == (run_dir / "02-teach" / "train.parquet").read_bytes()
     )
 
-    repos = manifest.extra["repos"]
-    assert manifest.extra["destination"] == "hub" and manifest.extra["endpoint"] == fake_hub.url
-    assert [r["url"] for r in repos] == [
+    report = publish.Report.of(manifest)
+    repos = report.repos
+    assert report.destination == "hub" and report.endpoint == fake_hub.url
+    assert report.summary() == f"3 repos on {fake_hub.url}: " + ", ".join(r.url for r in repos)
+    assert [r.url for r in repos] == [
         f"{fake_hub.url}/{MODEL}",
         f"{fake_hub.url}/datasets/{SFT}",
         f"{fake_hub.url}/datasets/{DPO}",
     ]
-    assert all(r["commit"] for r in repos)
-    assert manifest.counts["commits"] == 3 and manifest.counts["uploaded"] == 18 + 4 + 3
+    assert all(r.commit for r in repos) and [r.deleted for r in repos] == [[], [], []]
+    assert sum(len(r.uploaded) for r in repos) == 18 + 4 + 3  # model + SFT dataset + DPO dataset files
 
     # Never written or logged: not in any file under tmp_path (run, stage folder, manifest), logs or output.
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
@@ -126,8 +127,9 @@ def test_rerun_with_nothing_new_sends_no_commit(
     new = fake_hub.requests[sent:]
     assert [(r.method, r.path.split("/")[-2]) for r in new if "/tree/" in r.path] == [("GET", "tree")] * 3
     assert not [r for r in new if "/commit/" in r.path or "/preupload/" in r.path]
-    assert [r["commit"] for r in fresh.extra["repos"]] == [None, None, None]
-    assert fresh.counts["commits"] == 0 and fresh.counts["uploaded"] == 0
+    fresh_repos = publish.Report.of(fresh).repos
+    assert [r.commit for r in fresh_repos] == [None, None, None]
+    assert [r.uploaded for r in fresh_repos] == [[], [], []]
     assert [len(fake_hub.repo(t, r).commits) for t, r in [("model", MODEL), ("dataset", SFT), ("dataset", DPO)]] == [
         2,
         2,
@@ -154,8 +156,8 @@ def test_a_changed_report_commits_only_the_files_it_changes(
     expected = {"README.md": "file", "eval/dpo.json": "file", "old-notes.txt": "deletedFile"}
     assert _committed_paths(commits[0]) == expected
     assert "| DPO | 10 | 60.0% |" in fake_hub.repo("model", MODEL).files["README.md"].decode()
-    model = manifest.extra["repos"][0]
-    assert model["uploaded"] == ["README.md", "eval/dpo.json"] and model["deleted"] == ["old-notes.txt"]
+    model = publish.Report.of(manifest).repos[0]
+    assert model.uploaded == ["README.md", "eval/dpo.json"] and model.deleted == ["old-notes.txt"]
 
 
 def test_stale_remote_files_are_kept_when_delete_stale_is_off(
@@ -188,7 +190,7 @@ def test_hub_5xx_is_transient_and_the_retry_only_sends_what_is_missing(
     manifest = publish.run(_cfg(fake_hub), run_dir, out)  # what Prefect's retry does
 
     assert [_repo_of(c) for c in fake_hub.commits()] == [MODEL, SFT, DPO, DPO]
-    assert [r["commit"] is not None for r in manifest.extra["repos"]] == [False, False, True]
+    assert [r.commit is not None for r in publish.Report.of(manifest).repos] == [False, False, True]
 
 
 def test_a_refused_token_is_a_permanent_one_line_error(
@@ -230,7 +232,7 @@ def test_the_hf_login_token_is_used(
 
     manifest = publish.run(_cfg(fake_hub), run_dir, tmp_path / "out")
 
-    assert manifest.extra["destination"] == "hub" and len(fake_hub.commits()) == 3
+    assert publish.Report.of(manifest).destination == "hub" and len(fake_hub.commits()) == 3
 
 
 def test_token_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -256,7 +258,7 @@ def test_a_target_folder_wins_over_a_token(
 
     manifest = publish.run(_cfg(fake_hub, target=str(target)), run_dir, tmp_path / "out")
 
-    assert fake_hub.requests == [] and manifest.extra["destination"] == "local"
+    assert fake_hub.requests == [] and publish.Report.of(manifest).destination == "local"
     assert (target / "models" / MODEL / "README.md").is_file()
     assert (target / "datasets" / DPO / "data" / "val-00000-of-00001.parquet").is_file()
 
@@ -266,7 +268,9 @@ def test_offline_mode_keeps_everything_local(run_dir: Path, tmp_path: Path, monk
 
     manifest = publish.run(PublishConfig(namespace="acme", endpoint="http://127.0.0.1:9"), run_dir, tmp_path / "out")
 
-    assert manifest.extra["destination"] == "local" and "commits" not in manifest.counts
+    report = publish.Report.of(manifest)
+    assert (report.destination, report.endpoint) == ("local", None)
+    assert [(r.url, r.commit, r.uploaded) for r in report.repos] == [(None, None, [])] * 3
 
 
 def test_git_blob_id_matches_git(tmp_path: Path) -> None:
