@@ -10,17 +10,29 @@ from mathwizard.config import STAGE_DIRS, Settings, load_secrets, load_settings
 from mathwizard.errors import ConfigError
 
 
-def test_defaults_reproduce_the_original_recipe() -> None:
+def test_defaults_keep_the_original_hyperparameters_with_lengths_sized_by_the_data() -> None:
     s = load_settings()
     assert s.prepare.source == "sample" and s.prepare.max_image_size == 512
     assert s.prepare.splits == (0.90, 0.05, 0.05)
     assert (s.sft.lora.r, s.sft.lora.alpha, s.sft.lora.dropout) == (16, 16, 0.05)
-    assert (s.sft.learning_rate, s.sft.max_steps, s.sft.lr_scheduler_type) == (2e-4, 320, "cosine")
+    assert (s.sft.learning_rate, s.sft.lr_scheduler_type) == (2e-4, "cosine")
     assert (s.sft.per_device_train_batch_size, s.sft.gradient_accumulation_steps, s.sft.max_length) == (4, 8, 2048)
     assert (s.dpo.lora.r, s.dpo.lora.alpha, s.dpo.lora.dropout) == (4, 4, 0.1)
-    assert (s.dpo.learning_rate, s.dpo.max_steps, s.dpo.beta, s.dpo.max_prompt_length) == (5e-6, 100, 0.1, 1024)
-    assert (s.pairs.temperature, s.pairs.top_p, s.pairs.max_new_tokens) == (1.0, 0.95, 1024)
+    assert (s.dpo.learning_rate, s.dpo.beta, s.dpo.max_prompt_length) == (5e-6, 0.1, 1024)
+    assert (s.pairs.temperature, s.pairs.top_p) == (1.0, 0.95)
     assert s.sft.lora.modules_to_save == ["lm_head", "embed_tokens"]
+    # Lengths scale with the data: 2 epochs of MM_Math at 32 rows per step is about the original 320 SFT steps,
+    # 0.15 of its pairs at 8 per step about the original 100 DPO steps; answers get 1.5 x the longest reference.
+    assert (s.sft.max_steps, s.sft.num_train_epochs, s.dpo.max_steps, s.dpo.num_train_epochs) == (None, 2.0, None, 0.15)
+    assert s.pairs.max_new_tokens is None and s.eval.max_new_tokens is None
+
+
+def test_the_real_recipe_pins_the_original_lengths() -> None:
+    s = load_settings(Path(__file__).resolve().parents[1] / "deployments" / "recipes" / "gemma-3n-e2b.yaml")
+    assert (s.sft.max_steps, s.dpo.max_steps, s.pairs.max_new_tokens, s.eval.max_new_tokens) == (320, 100, 1024, 1024)
+    effective = (s.sft.per_device_train_batch_size * s.sft.gradient_accumulation_steps,
+                 s.dpo.per_device_train_batch_size * s.dpo.gradient_accumulation_steps)  # fmt: skip
+    assert effective == (32, 8)  # the original 4 x 8 and 2 x 4
 
 
 def test_precedence_yaml_then_env_then_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

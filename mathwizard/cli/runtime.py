@@ -107,15 +107,17 @@ os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
 
 @contextlib.contextmanager
 def prefect_api(timeout_s: float = 120.0) -> Iterator[str | None]:
-    """A Prefect API server for this CLI process, unless `PREFECT_API_URL` points at one; yields its URL.
+    """A Prefect API server for this CLI process, unless Prefect is configured with one (`PREFECT_API_URL` in the
+    environment, the profile, or a test harness); yields its URL.
 
     Raises:
         MathWizardError: the server did not answer within `timeout_s` (its last output is in the message).
     """
-    if os.environ.get("PREFECT_API_URL"):
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
         yield None
         return
-    from prefect.settings import PREFECT_API_URL, temporary_settings
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"

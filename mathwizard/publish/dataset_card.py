@@ -196,11 +196,9 @@ def _how_made_section(info: RunInfo, kind: DatasetKind, files: dict[str, Path]) 
 
     if kind == "dpo":
         pairs = info.config("pairs")
-        sampling = ", ".join(
-            f"{key} {find(pairs, key)}"
-            for key in ("temperature", "top_p", "max_new_tokens")
-            if find(pairs, key) is not None
-        )
+        used = {key: find(pairs, key) for key in ("temperature", "top_p", "max_new_tokens")}
+        used["max_new_tokens"] = info.report("pairs").get("max_new_tokens") or used["max_new_tokens"]  # the budget
+        sampling = ", ".join(f"{key} {value}" for key, value in used.items() if value is not None)
         strategies: dict[str, int] = {}
         for path in files.values():
             for name, n in column_counts(path, "strategy").items():

@@ -165,6 +165,7 @@ class RunInfo:
             "seed",
         )
         settings: dict[str, Any] = {key: find(config, key) for key in keys}
+        settings["max_steps"] = self.report(stage).get("steps") or settings["max_steps"]  # what ran, epochs or not
         lora = find(config, "lora") or {}
         adapter = read_json(self.folder(stage) / "adapter" / "adapter_config.json")
         settings["lora_r"] = lora.get("r", adapter.get("r"))

@@ -45,9 +45,12 @@ def train(trainer: Any, checkpoints: Path) -> tuple[Any, int | None]:
     A checkpoint that already reached the run's last step (killed after saving it, before the manifest) is loaded,
     not trained further: resuming there would train one step more than the settings ask for.
     """
-    from transformers import TrainerState
+    from transformers import PrinterCallback, TrainerState
     from transformers.trainer_utils import TrainOutput
 
+    # disable_tqdm makes the Trainer print every log dict at INFO; progress goes to our callback, the numbers to
+    # metrics.jsonl, so the log stays readable.
+    trainer.remove_callback(PrinterCallback)
     resume = last_checkpoint(checkpoints)
     if resume is None:
         return trainer.train(), None

@@ -31,7 +31,9 @@ def test_flow_aligns_the_sft_model_and_shows_progress_and_rewards(prefect_harnes
     found, tasks = of_run(state)
     assert tasks == ["Completed"]
     assert float(found["dpo-progress"].data) == 100.0
-    assert found["dpo-progress"].description == "dpo: optimizer steps: 2 of 2"
+    # the live description carries the latest training metrics beside the step count
+    description = found["dpo-progress"].description
+    assert description.startswith("dpo: optimizer steps: 2 of 2 · loss ") and "reward_accuracies" in description
     rows = {r["metric"]: r["value"] for r in table("dpo-metrics")}
     assert rows["steps"] == 2 and rows["rewards_accuracies"] == report.rewards_accuracies
     plots = {"dpo-loss", "dpo-rewards-accuracies", "dpo-rewards-chosen", "dpo-rewards-rejected", "dpo-rewards-margins"}

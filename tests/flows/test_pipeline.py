@@ -135,8 +135,7 @@ def test_summary_is_each_stages_report_in_one_line(prefect_harness, tmp_path: Pa
 def test_every_stage_has_its_flow_in_pipeline_order() -> None:
     from mathwizard.config import STAGE_DIRS
 
-    assert list(pipeline.STAGE_FLOWS) == list(STAGE_DIRS)
-    names = {stage: pipeline.stage_flow(stage).name for stage in pipeline.STAGE_FLOWS}
+    names = {stage: pipeline.stage_flow(stage).name for stage in STAGE_DIRS}
     assert names == {stage: stage for stage in STAGE_DIRS}  # each flow is named after its stage
     with pytest.raises(ConfigError, match="unknown stage 'evaluate'; use one of prepare, teach, sft"):
         pipeline.stage_flow("evaluate")
@@ -175,7 +174,8 @@ def test_gpu_stage_is_dispatched_with_locations(prefect_harness, tmp_path: Path,
 
     @pipeline.flow
     def parent() -> dict[str, Any]:
-        return pipeline.run_stage("sft", settings, settings.stage_dir("sft"), {"data": settings.stage_dir("teach")})
+        inputs = {"data": settings.stage_dir("teach")}
+        return pipeline.run_stage("sft", settings, settings.stage_dir("sft"), inputs, lock_holder="holder-1")
 
     manifest = parent()
     [call] = fake.calls
@@ -184,6 +184,7 @@ def test_gpu_stage_is_dispatched_with_locations(prefect_harness, tmp_path: Path,
     assert sent["out"] == settings.stage_dir("sft") and sent["inputs"] == {"data": settings.stage_dir("teach")}
     assert "scratch" not in sent["settings"]["orchestration"]  # the worker's own scratch folder applies there
     assert sent["settings"]["home"] == str(tmp_path)
+    assert sent["lock_holder"] == "holder-1"  # the worker's stage joins the pipeline's run-folder lock
     assert manifest["fingerprint"] == "f" * 64  # read back from the stage folder, not from Prefect's result
 
 
@@ -201,7 +202,8 @@ def test_dispatch_failures_fail_the_stage(prefect_harness, tmp_path: Path, monke
 
     @pipeline.flow
     def parent() -> None:
-        pipeline.run_stage("sft", settings, settings.stage_dir("sft"), {"data": settings.stage_dir("teach")})
+        inputs = {"data": settings.stage_dir("teach")}
+        pipeline.run_stage("sft", settings, settings.stage_dir("sft"), inputs, lock_holder="holder-1")
 
     with pytest.raises(MathWizardError, match=message):
         parent()

@@ -33,7 +33,7 @@ def test_flow_trains_and_shows_progress_metrics_and_loss(prefect_harness: None, 
     found, tasks = of_run(state)
     assert tasks == ["Completed"]
     assert float(found["sft-progress"].data) == 100.0
-    assert found["sft-progress"].description == "sft: optimizer steps: 2 of 2"
+    assert found["sft-progress"].description.startswith("sft: optimizer steps: 2 of 2 · loss ")
     rows = {r["metric"]: r["value"] for r in table("sft-metrics")}
     assert (rows["steps"], rows["train_rows"], rows["base_model"]) == (2, 4, "tiny")
     assert rows["seconds"] == manifest["seconds"]

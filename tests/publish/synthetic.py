@@ -192,7 +192,7 @@ def make_run(
         )
         pq.write_table(table, pairs / f"{split}.parquet")
     (pairs / "failures.jsonl").write_text('{"id": "p1", "error": "no flawed answer after 3 attempts"}\n')
-    counts = {"items": 7, "written": 6, "from_model": 6, "from_rule": 0, "failed": 1}
+    counts = {"items": 7, "written": 6, "from_model": 6, "from_rule": 0, "failed": 1, "max_new_tokens": 1024}
     fps["pairs"] = _write(pairs, "pairs", PairsConfig(), {"teach": fps["teach"], "sft": fps["sft"]}, counts)
 
     # 05-dpo: the adapter was trained on the SFT model, so its pointer names the SFT adapter folder
@@ -207,6 +207,7 @@ def make_run(
     trained = _training(
         dpo_stage.Report,
         base_model,
+        steps=100,
         dropped_long_prompts=0,
         sft_adapter=str((sft / "adapter").resolve()),
         rewards_accuracies=0.75,
@@ -232,6 +233,7 @@ def make_run(
                 d: evaluate.Score(n=values[d][0], accuracy=values[d][1]) for d in ("easy", "medium", "hard")
             },
             generated_tokens=1200,
+            max_new_tokens=1024,
             split="test",
             items=10,
             no_reference=0,
@@ -244,12 +246,12 @@ def make_run(
     return run_dir
 
 
-def _training(report: type[StageReport], base_model: str, **fields: Any) -> StageReport:
+def _training(report: type[StageReport], base_model: str, steps: int = 320, **fields: Any) -> StageReport:
     """A training stage's report as SFT and DPO write it (the numbers are made up; the cards read the names)."""
     return report(
         train_rows=6,
         val_rows=2,
-        steps=320,
+        steps=steps,
         resumed_from_step=None,
         base_model=base_model,
         backend="hf",

@@ -57,6 +57,7 @@ def test_model_card_eval_table_has_every_stage_and_difficulty(published: Path) -
             "hard": {"n": 2, "accuracy": 0.0},
         },
         "generated_tokens": 1200,
+        "max_new_tokens": 1024,
         "items": 10,
         "no_reference": 0,
     }  # fmt: skip  (no model_location: a local path; no seconds: this machine's)

@@ -56,9 +56,16 @@ def test_dpo_writes_the_adapter_on_the_sft_model_and_reports(tmp_path: Path, sft
 
     pairs = pairs_folder(tmp_path / "04-pairs", n_train=6, n_val=2)
     out = tmp_path / "05-dpo"
-    seen: list[tuple[int, int]] = []
+    seen: list[tuple[int, int, dict]] = []
     cfg = small(max_steps=3, save_steps=50, save_merged=True)
-    manifest = dpo.run(cfg, ModelConfig(), sft_dir, pairs, out, progress=lambda done, total: seen.append((done, total)))
+    manifest = dpo.run(
+        cfg,
+        ModelConfig(),
+        sft_dir,
+        pairs,
+        out,
+        progress=lambda done, total, **metrics: seen.append((done, total, metrics)),
+    )
 
     assert manifest.stage == "dpo" and manifest == read_manifest(out)
     assert manifest.upstream == {"pairs": read_manifest(pairs).fingerprint, "sft": read_manifest(sft_dir).fingerprint}
@@ -72,7 +79,10 @@ def test_dpo_writes_the_adapter_on_the_sft_model_and_reports(tmp_path: Path, sft
     assert report.summary().endswith(f", reward accuracy {report.rewards_accuracies:.2f}")
     lora = manifest.config["dpo"]["lora"]
     assert (lora["r"], lora["alpha"], lora["dropout"]) == (4, 4, 0.1)
-    assert seen == [(0, 3), (1, 3), (2, 3), (3, 3)]
+    # the start, every optimizer step up to the total, and each new log's metrics with the step it belongs to
+    steps = [done for done, _, _ in seen]
+    assert steps == sorted(steps) and set(steps) == {0, 1, 2, 3} and {total for _, total, _ in seen} == {3}
+    assert "loss" in seen[-1][2] and "eval_loss" in seen[-1][2]
     for name in (
         "loss.png",
         "rewards_accuracies.png",
@@ -161,7 +171,8 @@ def test_dpo_resumes_from_the_last_checkpoint_after_an_interruption(tmp_path: Pa
     assert (report.resumed_from_step, report.steps) == (2, 4)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
-    assert [r["step"] for r in records if "eval_loss" in r] == [4]
+    # eval_steps 0.1 of 4 steps: a validation point at every step, those before the kill restored from checkpoint-2
+    assert [r["step"] for r in records if "eval_loss" in r] == [1, 2, 3, 4]
 
 
 def test_dpo_clear_errors(tmp_path: Path, sft_dir: Path) -> None:

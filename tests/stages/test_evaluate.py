@@ -169,6 +169,7 @@ def _report(folder: Path, accuracy: float, easy: float) -> Path:
         format_rate=0.9,
         by_difficulty={"easy": Score(n=4, accuracy=easy), "hard": Score(n=6, accuracy=0.5)},
         generated_tokens=100,
+        max_new_tokens=64,
         split="test",
         items=10,
         no_reference=0,

@@ -405,6 +405,7 @@ def _report(**counts: int) -> Report:
     return Report(
         **counts,
         model="m",
+        max_new_tokens=64,
         fallback="none",
         prompt_version="v1",
         splits={"train": Stats(written=4), "val": Stats(written=1)},

@@ -37,8 +37,10 @@ def test_sft_writes_the_adapter_metrics_and_report(tmp_path: Path) -> None:
     teach = teach_folder(tmp_path / "02-teach", n_train=8, n_val=2)
     out = tmp_path / "03-sft"
     cfg = small(max_steps=3, save_steps=50)
-    seen: list[tuple[int, int]] = []
-    manifest = sft.run(cfg, ModelConfig(), teach, out, progress=lambda done, total: seen.append((done, total)))
+    seen: list[tuple[int, int, dict]] = []
+    manifest = sft.run(
+        cfg, ModelConfig(), teach, out, progress=lambda done, total, **metrics: seen.append((done, total, metrics))
+    )
 
     assert manifest.stage == "sft" and manifest.upstream == {"teach": read_manifest(teach).fingerprint}
     assert manifest == read_manifest(out)
@@ -49,10 +51,13 @@ def test_sft_writes_the_adapter_metrics_and_report(tmp_path: Path) -> None:
     assert math.isfinite(report.final_loss) and math.isfinite(report.eval_loss) and math.isfinite(report.train_loss)
     assert report.summary() == f"3 steps on 8 rows, loss {report.final_loss:.4f}, val loss {report.eval_loss:.4f}"
     assert manifest.config["sft"]["max_steps"] == 3 and manifest.config["sft"]["lora"]["r"] == 16
-    assert seen == [(0, 3), (1, 3), (2, 3), (3, 3)]  # the start, then every optimizer step up to the total
+    # the start, every optimizer step up to the total, and each new log's metrics with the step it belongs to
+    steps = [done for done, _, _ in seen]
+    assert steps == sorted(steps) and set(steps) == {0, 1, 2, 3} and {total for _, total, _ in seen} == {3}
+    assert "loss" in seen[-1][2] and "eval_loss" in seen[-1][2]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]  # logging_steps=1
-    assert [r["step"] for r in records if "eval_loss" in r] == [3]  # one evaluation on val, at the end
+    assert [r["step"] for r in records if "eval_loss" in r] == [1, 2, 3]  # eval_steps 0.1 of 3 steps: every step
     assert (out / "loss.png").stat().st_size > 1000
     assert json.loads((out / "adapter" / "mathwizard_adapter.json").read_text())["base_model"] == "tiny"
     assert "adapter/adapter_model.safetensors" in manifest.files and "loss.png" in manifest.files
@@ -63,7 +68,7 @@ def test_sft_writes_the_adapter_metrics_and_report(tmp_path: Path) -> None:
     # Same inputs and settings again: skipped (the manifest's own config reproduces its fingerprint), no progress.
     seen.clear()
     cfg_again, model_again = SFTConfig(**manifest.config["sft"]), ModelConfig(**manifest.config["model"])
-    assert sft.run(cfg_again, model_again, teach, out, progress=lambda d, t: seen.append((d, t))) == manifest
+    assert sft.run(cfg_again, model_again, teach, out, progress=lambda d, t, **metrics: seen.append((d, t))) == manifest
     assert seen == []
 
     # The adapter's weights deleted: the stage runs again (from its last checkpoint) and writes them back.

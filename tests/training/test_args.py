@@ -33,14 +33,31 @@ def test_sft_trl_args_map_our_settings_for_a_cpu() -> None:
 def test_dpo_trl_args_map_the_original_recipe() -> None:
     from mathwizard.stages.dpo import _trl_args
 
-    args = _trl_args(DPOConfig(), Path("/tmp/x"))
+    args = _trl_args(DPOConfig(max_steps=100), Path("/tmp/x"))
     # original DPO recipe: lr 5e-6 linear, 100 steps, batch 2 x accum 4, beta 0.1, max_length 2048
     assert (args.learning_rate, args.lr_scheduler_type.value, args.max_steps) == (5e-6, "linear", 100)
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps) == (2, 4)
     assert (args.beta, args.max_length, args.save_steps) == (0.1, 2048, 25)
     assert args.truncation_mode == "keep_start" and args.precompute_ref_log_probs is False
     assert args.use_cpu and not args.bf16
-    assert args.eval_strategy.value == "no"  # eval_steps None: one evaluation at the end instead
+    assert (args.eval_strategy.value, args.eval_steps) == ("steps", 0.1)  # ten validation points on the curves
+    assert _trl_args(DPOConfig(eval_steps=None), Path("/tmp/x")).eval_strategy.value == "no"  # one at the end
+    # By default the length scales with the data: 0.15 passes over the pairs (about 100 steps on MM_Math).
+    default = _trl_args(DPOConfig(), Path("/tmp/x"))
+    assert (default.max_steps, default.num_train_epochs) == (-1, 0.15)
+
+
+def test_report_to_reaches_the_trainer_and_tensorboard_writes_in_the_stage_folder(tmp_path: Path) -> None:
+    from mathwizard.stages.sft import _trl_args
+    from mathwizard.training.callbacks import TENSORBOARD_DIR, tensorboard_callback
+
+    assert _trl_args(SFTConfig(report_to="mlflow"), tmp_path).report_to == ["mlflow"]
+    # TensorBoard's writer is ours, so the Trainer's own integration stays off and the files land in the stage folder
+    assert _trl_args(SFTConfig(report_to="tensorboard"), tmp_path).report_to == []
+    callback = tensorboard_callback(tmp_path)
+    callback.tb_writer.add_scalar("train/loss", 1.5, 1)
+    callback.tb_writer.close()
+    assert list((tmp_path / TENSORBOARD_DIR).glob("events.out.tfevents.*"))
 
 
 def test_common_args_on_cuda_and_unsloth() -> None:

@@ -4,23 +4,27 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 
-def test_metrics_callback_trims_steps_after_the_resumed_checkpoint(tmp_path: Path) -> None:
-    from mathwizard.training.metrics import metrics_callback, read_metrics
+def test_metrics_are_the_trainers_log_history_as_json_lines(tmp_path: Path) -> None:
+    from mathwizard.training.metrics import write_metrics
 
-    path = tmp_path / "metrics.jsonl"
-    path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in (1, 2, 3)) + '{"step": 4, "lo')
-    callback = metrics_callback(path)
-    callback.on_train_begin(None, SimpleNamespace(global_step=2), None)
-    callback.on_log(
-        None, SimpleNamespace(global_step=3, epoch=0.5), None, logs={"loss": 0.25, "grad_norm": float("nan")}
+    history = [
+        {"step": 1, "loss": 2.0},
+        {"step": 2, "loss": 1.5, "grad_norm": float("nan")},
+        {"step": 2, "eval_loss": 1.7},
+    ]
+    records = write_metrics(tmp_path / "metrics.jsonl", history)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert (
+        records
+        == lines
+        == [
+            {"step": 1, "loss": 2.0},
+            {"step": 2, "loss": 1.5, "grad_norm": None},  # JSON has no NaN
+            {"step": 2, "eval_loss": 1.7},
+        ]
     )
-    records = read_metrics(path)
-    # steps 1-2 kept (up to the checkpoint), the stale 3 and the torn 4 dropped, the new 3 appended
-    assert [r["step"] for r in records] == [1, 2, 3]
-    assert records[-1] == {"step": 3, "epoch": 0.5, "loss": 0.25, "grad_norm": None}
 
 
 def test_plots_are_written_for_each_metric(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from mathwizard.stages import stage_module
 from tests.cli_runner import invoke
 
 runner = CliRunner()
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 FIXTURES = Path(__file__).parent / "data"
 FP = "0123456789abcdef" * 4
 
@@ -157,7 +157,8 @@ class FakeFlows:
 
 
 @pytest.fixture
-def flows(monkeypatch: pytest.MonkeyPatch) -> FakeFlows:
+def flows(monkeypatch: pytest.MonkeyPatch, prefect_harness: None) -> FakeFlows:
+    """The stage flows replaced by a recorder; the session's Prefect API stands in for the CLI's own server."""
     import flows.pipeline
 
     fake = FakeFlows()
@@ -304,7 +305,8 @@ def test_eval_flags_reach_the_flow(flows: FakeFlows, tmp_path: Path) -> None:
 
     flows.reports["eval"] = Report(
         label="dpo", n=10, accuracy=0.25, format_rate=0.9, by_difficulty={"easy": Score(n=4, accuracy=0.5)},
-        generated_tokens=100, split="test", items=10, no_reference=0, seconds=2.0, model_location="m",
+        generated_tokens=100, max_new_tokens=64, split="test", items=10, no_reference=0, seconds=2.0,
+        model_location="m",
     )  # fmt: skip
     args = ["eval", "--home", str(tmp_path), "--model", "m", "--label", "dpo", "--data", "d", "--out", "o"]
     result = runner.invoke(app, [*args, "--limit", "7", "--batch-size", "2", "--max-new-tokens", "50"])
@@ -344,7 +346,7 @@ def test_publish_flags_reach_the_flow(flows: FakeFlows, tmp_path: Path) -> None:
     assert result.output.splitlines()[0] == "publish: 1 repos on http://hub: http://hub/acme/m"
 
 
-def test_run_prints_one_line_per_stage(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_run_prints_one_line_per_stage(monkeypatch: pytest.MonkeyPatch, prefect_harness: None, tmp_path: Path) -> None:
     import flows.pipeline
 
     seen: dict[str, Any] = {}
@@ -361,10 +363,18 @@ def test_run_prints_one_line_per_stage(monkeypatch: pytest.MonkeyPatch, tmp_path
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert seen["settings"].run_name == "smoke" and seen["settings"].home == str(tmp_path)
-    assert result.output.splitlines() == [
-        "✓ prepare           1.0 s  60 of 60 rows kept",
-        "✓ eval-sft         22.2 s  accuracy 40.0% on 5 problems",
-        f"{tmp_path}/runs/smoke",
+    lines = [" ".join(line.split()) for line in result.output.splitlines() if line.strip()]
+    run_dir = f"{tmp_path}/runs/smoke"
+    assert lines[:3] == [
+        "stage seconds result",
+        "✓ prepare 1.0 60 of 60 rows kept",
+        "✓ eval-sft 22.2 accuracy 40.0% on 5 problems",
+    ]
+    # then where the model is and how to try it (no publish folder in this fake run, no prepared figure)
+    assert lines[3:] == [
+        f"model {run_dir}/05-dpo/adapter (SFT: {run_dir}/03-sft/adapter)",
+        f'try it mathwizard ask --model {run_dir}/05-dpo --image figure.png "What is the measure of the marked angle?"',
+        run_dir,
     ]
 
 
@@ -479,7 +489,8 @@ def test_teach_against_the_server_under_faults(prefect_harness: None, prepared: 
     report = json.loads((out / "report.json").read_text())
     assert report["written"] == 60
     expected = f"teach: 60 of 60 items written by test-teacher, 0 failed; {report['api_calls']} API calls, 0 cache hits"
-    assert _printed(result).startswith(expected)
+    # off a terminal the live display is one line per finished loop, then the stage's summary
+    assert _printed(result).startswith(f"✓ teach (all): items done: 60 of 60 {expected}")
 
 
 def test_publish_end_to_end_offline_and_its_gate(
