@@ -115,10 +115,10 @@ def run_flow(settings: Settings, call: Callable[[Any], dict[str, Any]], *, lock:
     from mathwizard.cli.display import live_progress
     from mathwizard.cli.runtime import prefect_api, quiet_prefect_console
 
-    pipeline = _pipeline()
-    quiet_prefect_console()
-    with run_folder_lock(settings) if lock else contextlib.nullcontext(), prefect_api(), live_progress(console):
-        return call(pipeline)
+    with run_folder_lock(settings) if lock else contextlib.nullcontext(), prefect_api(_pipeline) as pipeline:
+        quiet_prefect_console()
+        with live_progress(console):
+            return call(pipeline)
 
 
 def run_folder_lock(settings: Settings) -> contextlib.AbstractContextManager[str]:

@@ -23,12 +23,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from typing import IO
+from collections.abc import Callable, Iterator
+from typing import IO, TypeVar
 
 from mathwizard.errors import MathWizardError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 _verbosity = 0
 
@@ -106,9 +107,11 @@ os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
 
 
 @contextlib.contextmanager
-def prefect_api(timeout_s: float = 120.0) -> Iterator[str | None]:
+def prefect_api(meanwhile: Callable[[], T], timeout_s: float = 120.0) -> Iterator[T]:
     """A Prefect API server for this CLI process, unless Prefect is configured with one (`PREFECT_API_URL` in the
-    environment, the profile, or a test harness); yields its URL.
+    environment, the profile, or a test harness); yields what `meanwhile()` returned.
+
+    `meanwhile` (importing the flows: torch, transformers, ...) runs while the server starts, so the two overlap.
 
     Raises:
         MathWizardError: the server did not answer within `timeout_s` (its last output is in the message).
@@ -116,7 +119,7 @@ def prefect_api(timeout_s: float = 120.0) -> Iterator[str | None]:
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     if PREFECT_API_URL.value():
-        yield None
+        yield meanwhile()
         return
 
     port = _free_port()
@@ -136,10 +139,13 @@ def prefect_api(timeout_s: float = 120.0) -> Iterator[str | None]:
             start_new_session=True,  # the terminal's Ctrl-C goes to the CLI alone
         )
         with _stopped_at_exit(server):
+            result = meanwhile()
             _wait_healthy(server, url, errors, timeout_s)
-            with temporary_settings(updates={PREFECT_API_URL: url}):
+            # Heartbeats let a server notice a crashed run; this private server ends with the run, and each flow run
+            # waited up to a second at its end for the heartbeat thread: ten stages, ten seconds.
+            with temporary_settings(updates={PREFECT_API_URL: url, "flows.heartbeat_frequency": None}):
                 try:
-                    yield url
+                    yield result
                 finally:
                     _flush_logs()
 
@@ -184,7 +190,7 @@ def _stopped_at_exit(server: subprocess.Popen) -> Iterator[None]:
     finally:
         server.terminate()
         try:
-            server.wait(timeout=10)
+            server.wait(timeout=5)
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()

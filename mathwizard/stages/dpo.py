@@ -72,16 +72,15 @@ def _start(model: ModelConfig, sft: Path | None) -> Any:
 def expected_fingerprint(cfg: DPOConfig, model: ModelConfig, sft: Path | None, pairs: Path) -> str:
     """Settings, the starting model's identity, the training prompt and the pairs' fingerprint.
 
-    Checks the inputs on the way, in one line each, before anything heavy starts.
+    Checks the inputs on the way, in one line each, before anything heavy starts (whether the backend can run here
+    is checked first thing when there is training to do: a finished stage needs no GPU to be reused).
 
     Raises:
-        ModelError: the backend cannot run here, or the SFT folder holds no adapter.
+        ModelError: the SFT folder holds no adapter.
         DataError: the pairs folder is unfinished or damaged.
     """
-    from mathwizard.models import resolve_backend
     from mathwizard.prompts import load_prompt
 
-    resolve_backend(model.backend)
     start = _start(model, sft)
     pairs_manifest = require_manifest(Path(pairs), "pairs")
     upstream = {pairs_manifest.stage: pairs_manifest.fingerprint}

@@ -55,17 +55,16 @@ def _training_summary(steps: int, rows: int, loss: float | None, eval_loss: floa
 def expected_fingerprint(cfg: SFTConfig, model: ModelConfig, data: Path) -> str:
     """Settings, the base model's identity, the training prompt and the teach output's fingerprint.
 
-    Checks the inputs on the way, in one line each, before anything heavy starts.
+    Checks the inputs on the way, in one line each, before anything heavy starts (whether the backend can run here
+    is checked first thing when there is training to do: a finished stage needs no GPU to be reused).
 
     Raises:
-        ModelError: the backend cannot run here or the model path does not exist.
+        ModelError: the model path does not exist.
         DataError: the teach folder is unfinished or damaged.
     """
-    from mathwizard.models import resolve_backend
     from mathwizard.models.ref import resolve
     from mathwizard.prompts import load_prompt
 
-    resolve_backend(model.backend)
     base = resolve(model.name)
     teach = require_manifest(Path(data), "teach")
     return fingerprint(
