@@ -8,6 +8,7 @@ GPU stages never (an OOM repeats itself; a re-run resumes from the last checkpoi
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +46,20 @@ def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
         return is_transient(exc)
     return False
 
+
+def library_logs_to_the_ui() -> None:
+    """The library's INFO lines (rows kept, chunks written, accuracy) in the flow run logs, also in a worker whose
+    environment lacks PREFECT_LOGGING_EXTRA_LOGGERS=mathwizard (the `mathwizard` logger would stay at WARNING)."""
+    from prefect.logging.handlers import APILogHandler
+
+    logger = logging.getLogger("mathwizard")
+    if logger.level == logging.NOTSET or logger.level > logging.INFO:
+        logger.setLevel(logging.INFO)
+    if not any(isinstance(handler, APILogHandler) for handler in logger.handlers):
+        logger.addHandler(APILogHandler())
+
+
+library_logs_to_the_ui()
 
 _NETWORK_RETRIES = {
     "retries": 3,

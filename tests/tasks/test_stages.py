@@ -122,3 +122,35 @@ def test_task_bodies_call_the_stage_with_paths(calls: list, monkeypatch: pytest.
         ("eval", (s.eval, s.model, "m", d, o, "base"), {"progress": progress}),
         ("publish", (s.publish.model_copy(update={"token_block": "hf"}), Path("r"), o), {"token": "token from hf"}),
     ]
+
+
+def test_the_librarys_info_lines_reach_the_flow_run_logs(prefect_harness: None) -> None:
+    """Under a worker nobody sets PREFECT_LOGGING_EXTRA_LOGGERS; importing the tasks still sends the library's logs."""
+    import logging
+
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.context import get_run_context
+    from prefect.logging.handlers import APILogHandler
+
+    stages.library_logs_to_the_ui()  # idempotent: one API handler however often the module is loaded
+    handlers = [h for h in logging.getLogger("mathwizard").handlers if isinstance(h, APILogHandler)]
+    assert len(handlers) == 1
+
+    @flow
+    def logs() -> str:
+        logging.getLogger("mathwizard.stages.prepare").info("kept 57 of 60 rows")
+        return str(get_run_context().flow_run.id)
+
+    run_id = logs()
+    APILogHandler().flush()
+
+    async def read() -> list[str]:
+        async with get_client() as client:
+            found = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id])))
+            return [log.message for log in found]
+
+    import asyncio
+
+    assert "kept 57 of 60 rows" in asyncio.run(read())
