@@ -178,3 +178,21 @@ def test_sft_clear_errors(tmp_path: Path) -> None:
         f"{read_manifest(teach).files['train.parquet'].bytes:,} recorded); run `mathwizard teach` again to redo it"
     )
     assert not (tmp_path / "d").exists()  # refused before anything was written
+
+
+def test_tensorboard_curves_are_written_and_readable(tmp_path: Path) -> None:
+    """report_to: tensorboard writes event files under the stage folder, one train/loss point per step and the
+    validation points, readable by TensorBoard's own reader (offline)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from mathwizard.stages import sft
+    from mathwizard.training.callbacks import TENSORBOARD_DIR
+
+    teach = teach_folder(tmp_path / "02-teach", n_train=8, n_val=2)
+    out = tmp_path / "03-sft"
+    sft.run(small(max_steps=3, save_steps=50, eval_steps=1, report_to="tensorboard"), ModelConfig(), teach, out)
+    events = EventAccumulator(str(out / TENSORBOARD_DIR))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
+    assert [e.step for e in events.Scalars("eval/loss")] == [1, 2, 3]
+    assert all(math.isfinite(e.value) for e in events.Scalars("train/loss"))
