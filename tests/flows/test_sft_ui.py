@@ -31,13 +31,13 @@ def server(tmp_path_factory: pytest.TempPathFactory):
         stack.stop()
 
 
-def _progress(server) -> tuple[float, str, str] | None:
-    """The latest `sft-progress` artifact: (percent, description, flow run id), or None before the first report."""
+def _progress(server) -> tuple[float, str] | None:
+    """The latest `sft-progress` artifact: (percent, description), or None before the first report."""
     found = server.api("POST", "/artifacts/latest/filter", json={"artifacts": {"key": {"any_": ["sft-progress"]}}})
     rows = found.json() if found.status_code == 200 else []
     if not rows:
         return None
-    return float(rows[0]["data"]), rows[0]["description"], rows[0]["flow_run_id"]
+    return float(rows[0]["data"]), rows[0]["description"]
 
 
 def test_the_ui_shows_sft_progress_while_it_trains(server, prepared: Path, tmp_path: Path) -> None:
@@ -60,7 +60,7 @@ def test_the_ui_shows_sft_progress_while_it_trains(server, prepared: Path, tmp_p
                 midway = seen
             time.sleep(0.5)
         assert midway is not None, "no progress artifact between the first and the last step"
-        percent, description, flow_run_id = midway
+        percent, description = midway
         assert re.match(rf"sft: optimizer steps: \d+ of {STEPS:,} · loss ", description), description
 
         url = f"{server.ui_url}/artifacts/key/sft-progress"
