@@ -294,11 +294,16 @@ class PublishConfig(_Stage):
     dpo_dataset_repo: str | None = Field(
         None, pattern=r"^[\w.-]+/[\w.-]+$", description="Default: <namespace>/math-wizard-dpo."
     )
+    push: bool = Field(
+        False,
+        description="Upload the repos to the Hub (needs a Hub token: HF_TOKEN, `hf auth login` or the Secret block);"
+        " false: only write them locally, whatever token is at hand.",
+    )
     target: str | None = Field(
-        None, description="Write the repos into this folder instead of uploading (default when no token)."
+        None, description="Folder the repos are laid out in (default: the publish stage's folder)."
     )
     endpoint: str | None = Field(None, description="Hub endpoint (default: huggingface.co or HF_ENDPOINT).")
-    private: bool = Field(True, description="Create the repos private.")
+    private: bool = Field(True, description="Create the repos private (an existing repo keeps its visibility).")
     push_merged: bool = Field(False, description="Also upload merged weights (needs sft/dpo save_merged).")
     require_improvement: bool = Field(False, description="Refuse to publish a DPO model that scores below SFT.")
     include: list[Literal["model", "sft_dataset", "dpo_dataset"]] = Field(

@@ -520,6 +520,7 @@ def publish(
         Path | None, typer.Option(help="Run folder holding 01-prepare ... 06-eval (default: <home>/runs/<run>).")
     ] = None,
     out: OutOpt = None,
+    push: Annotated[bool | None, setting(PublishConfig, "push", "--push/--no-push")] = None,
     target: Annotated[Path | None, setting(PublishConfig, "target")] = None,
     namespace: Annotated[str | None, setting(PublishConfig, "namespace")] = None,
     private: Annotated[bool | None, setting(PublishConfig, "private", "--private/--public")] = None,
@@ -530,14 +531,15 @@ def publish(
     endpoint: Annotated[str | None, setting(PublishConfig, "endpoint")] = None,
     push_merged: Annotated[bool | None, setting(PublishConfig, "push_merged", "--push-merged/--no-push-merged")] = None,
 ) -> None:
-    """Push the DPO model and the SFT and DPO datasets with their cards to the Hub (token: HF_TOKEN or `hf auth
-    login`), or write them into --target (the default without a token)."""
+    """Lay out the DPO model and the SFT and DPO datasets with their cards as Hub repos; --push uploads them (token:
+    HF_TOKEN or `hf auth login`; private unless --public). Without --push nothing is uploaded."""
     settings = load(
         config,
         home,
         run_name,
         wait,
         publish={
+            "push": push,
             "target": str(target) if target else None,
             "namespace": namespace,
             "private": private,

@@ -334,13 +334,13 @@ def test_publish_flags_reach_the_flow(flows: FakeFlows, tmp_path: Path) -> None:
     )  # fmt: skip
     flows.reports["publish"] = Report(destination="hub", endpoint="http://hub", root="/r", repos=[repo])
     args = ["publish", "--home", str(tmp_path), "--run-name", "r1", "--run-dir", "some/run", "--namespace", "acme"]
-    args += ["--public", "--require-improvement", "--endpoint", "http://127.0.0.1:5", "--target", "t"]
+    args += ["--public", "--require-improvement", "--endpoint", "http://127.0.0.1:5", "--target", "t", "--push"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     settings, inputs = flows.call
     assert inputs == {"run_dir": "some/run"}
     cfg = settings.publish
-    assert (cfg.namespace, cfg.private, cfg.require_improvement) == ("acme", False, True)
+    assert (cfg.push, cfg.namespace, cfg.private, cfg.require_improvement) == (True, "acme", False, True)
     assert (cfg.endpoint, cfg.target, cfg.push_merged) == ("http://127.0.0.1:5", "t", False)
     assert settings.run_name == "r1"
     assert result.output.splitlines()[0] == "publish: 1 repos on http://hub: http://hub/acme/m"
@@ -502,7 +502,7 @@ def test_publish_end_to_end_offline_and_its_gate(
     result = invoke(["publish", "--home", str(home), "--run-dir", str(run_dir)])
     assert result.exit_code == 0, result.output
     out = home / "runs" / "default" / "07-publish"
-    assert result.output.startswith(f"publish: 3 repos written under {out} (not uploaded)")
+    assert result.output.startswith(f"publish: 3 repos written under {out} (not uploaded: publish.push is false)")
     assert (out / "datasets" / "math-wizard" / "math-wizard-sft").is_dir()
 
     worse = make_run(tmp_path / "worse", accuracies={"sft": 0.4, "dpo": 0.35})

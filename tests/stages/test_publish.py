@@ -44,7 +44,7 @@ def test_without_a_token_the_repos_are_written_into_the_stage_folder(run_dir: Pa
     assert len(files) == 18 + 7 + 1  # model + datasets + manifest.json
     report = publish.Report.of(manifest)
     assert (report.destination, report.endpoint, report.root) == ("local", None, str(out.resolve()))
-    assert report.summary() == f"3 repos written under {out.resolve()} (not uploaded)"
+    assert report.summary() == f"3 repos written under {out.resolve()} (not uploaded: publish.push is false)"
     assert sum(len(r.files) for r in report.repos) == 25 and manifest == read_manifest(out)
     assert sorted(manifest.files) == [f for f in files if f != "manifest.json"]  # checksums of all of them
     assert [(r.repo_id, r.repo_type, r.folder) for r in report.repos] == [
