@@ -32,8 +32,8 @@ MODEL_FILES = {
     *(f"sft-adapter/{n}" for n in ("adapter_config.json", "adapter_model.safetensors", "mathwizard_adapter.json")),
     "sft-adapter/tokenizer_config.json",
 }  # 5 adapter files + 3 eval reports + 6 plots + 4 SFT adapter files = 18
-SFT_FILES = {"README.md", *(f"data/{s}-00000-of-00001.parquet" for s in ("train", "val", "test"))}
-DPO_FILES = {"README.md", *(f"data/{s}-00000-of-00001.parquet" for s in ("train", "val"))}
+SFT_FILES = {"README.md", *(f"data/{s}-00000-of-00001.parquet" for s in ("train", "validation", "test"))}
+DPO_FILES = {"README.md", *(f"data/{s}-00000-of-00001.parquet" for s in ("train", "validation"))}
 
 
 def _cfg(hub: FakeHub, **overrides) -> PublishConfig:
@@ -124,10 +124,8 @@ def test_upload_creates_repos_and_commits_every_file_with_the_token_header(
     assert remote["README.md"] == (model_dir / "README.md").read_bytes()
     assert "| DPO | 10 | 50.0% | 100.0% |" in remote["README.md"].decode()
     assert set(remote) == MODEL_FILES | {".gitattributes"}
-    assert (
-        fake_hub.repo("dataset", SFT).files["data/train-00000-of-00001.parquet"]
-        == (run_dir / "02-teach" / "train.parquet").read_bytes()
-    )
+    sft_train = "data/train-00000-of-00001.parquet"
+    assert fake_hub.repo("dataset", SFT).files[sft_train] == (out / "datasets" / SFT / sft_train).read_bytes()
 
     report = publish.Report.of(manifest)
     repos = report.repos
@@ -290,7 +288,7 @@ def test_a_target_folder_is_where_the_repos_are_laid_out_and_pushed_from(
     local = publish.run(_cfg(fake_hub, target=str(target), push=False), run_dir, tmp_path / "out")
     assert fake_hub.requests == [] and publish.Report.of(local).destination == "local"
     assert (target / "models" / MODEL / "README.md").is_file()
-    assert (target / "datasets" / DPO / "data" / "val-00000-of-00001.parquet").is_file()
+    assert (target / "datasets" / DPO / "data" / "validation-00000-of-00001.parquet").is_file()
 
     pushed = publish.run(_cfg(fake_hub, target=str(target)), run_dir, tmp_path / "out")
     assert publish.Report.of(pushed).destination == "hub" and len(fake_hub.commits()) == 3
