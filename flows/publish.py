@@ -15,7 +15,7 @@ from mathwizard.stages.publish import NOT_UPLOADED, Report
 from tasks.stages import publish
 
 
-@flow(name="publish", flow_run_name="publish")
+@flow(name="math-wizard-publish", flow_run_name="publish")
 def publish_flow(settings: Settings, run_dir: str | None = None, out: str | None = None) -> dict[str, Any]:
     """Publish the run in `run_dir` (default: the run's folder); `out` defaults to its `07-publish` folder."""
     run_dir = run_dir or settings.run_dir

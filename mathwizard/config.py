@@ -333,7 +333,8 @@ class OrchestrationConfig(_Stage):
 
     gpu_deployments: dict[str, str] = Field(
         default_factory=dict,
-        description="Stage -> deployment name ('sft': 'mathwizard-sft/cuda'); listed stages run on that work pool.",
+        description="Stage -> full deployment name ('sft': 'math-wizard-gpu-sft/sft-on-cuda', see"
+        " deployments/prefect.yaml); the listed stages run on that deployment's work pool.",
     )
     poll_seconds: float = Field(5.0, gt=0, description="How often the pipeline checks a dispatched GPU stage.")
     lock_wait_s: float = Field(
@@ -359,7 +360,16 @@ class OrchestrationConfig(_Stage):
         bad = sorted(name for name in value.values() if name.count("/") != 1)
         if bad:
             raise ValueError(f"gpu_deployments values must look like 'flow-name/deployment-name', got {bad}")
+        wrong = sorted(f"{stage}: {name}" for stage, name in value.items() if name.split("/")[0] != gpu_flow(stage))
+        if wrong:
+            expected = ", ".join(f"{stage}: {gpu_flow(stage)}/..." for stage in sorted(value))
+            raise ValueError(f"gpu_deployments must name each stage's GPU flow ({expected}), got {wrong}")
         return value
+
+
+def gpu_flow(stage: str) -> str:
+    """The name of the flow that runs `stage` on a GPU worker (flows/gpu.py)."""
+    return f"math-wizard-gpu-{stage}"
 
 
 class Settings(BaseSettings):

@@ -241,8 +241,10 @@ def run_pipeline(
     """Run the whole pipeline; finished stages are skipped, so re-running resumes after any failure."""
     from mathwizard.cli.display import stage_table
 
-    settings = load(config, home, run_name, wait)
-    result = run_flow(settings, lambda pipeline: pipeline.math_wizard(settings=settings))
+    # The flow's own input (its run form), built from the flags; the flow derives the same settings from it.
+    params = _pipeline().PipelineParams.for_command_line(config, home, run_name, wait)
+    settings = params.settings()
+    result = run_flow(settings, lambda pipeline: pipeline.math_wizard(params))
     console.print(stage_table(result))
     _where(settings)
 
@@ -660,6 +662,14 @@ def up(
         bool | None,
         typer.Option("--cuda/--no-cuda", help="Start a worker on the cuda pool (default: when a GPU is seen)."),
     ] = None,
+    schedules: Annotated[
+        bool,
+        typer.Option(
+            "--schedules/--no-schedules",
+            help="Switch the deployments' schedules on (the weekly real run: a Hub download, a paid teacher, a GPU);"
+            " default: deployed off.",
+        ),
+    ] = False,
 ) -> None:
     """Start a local Prefect stack: server, work pools, deployments, workers; Ctrl-C stops it (workers first)."""
     import time
@@ -670,7 +680,14 @@ def up(
     settings = load(config, home)
     root = settings.home if storage.is_remote(settings.home) else str(Path(settings.home).resolve())
     state_home = prefect_home or (Path("mathwizard-prefect") if storage.is_remote(root) else Path(root) / "prefect")
-    stack = start_stack(state_home, port=port, cuda_worker=cuda, env={"MATHWIZARD_HOME": root}, announce=console.print)
+    stack = start_stack(
+        state_home,
+        port=port,
+        cuda_worker=cuda,
+        schedules=schedules,
+        env={"MATHWIZARD_HOME": root},
+        announce=console.print,
+    )
     try:
         console.print(f"[bold green]ready:[/] Prefect UI at {stack.ui_url}  (artifacts under {root})", highlight=False)
         console.print(

@@ -351,8 +351,8 @@ def test_run_prints_one_line_per_stage(monkeypatch: pytest.MonkeyPatch, prefect_
 
     seen: dict[str, Any] = {}
 
-    def fake(settings):
-        seen["settings"] = settings
+    def fake(params):
+        seen["settings"] = params.settings()  # the flow's own input, from which it derives its settings
         return {
             "prepare": {"fingerprint": "abc", "seconds": 1.0, "summary": "60 of 60 rows kept"},
             "eval-sft": {"fingerprint": "def", "seconds": 22.25, "summary": "accuracy 40.0% on 5 problems"},
@@ -395,6 +395,7 @@ def test_up_command_starts_the_stack_and_stops_it(monkeypatch: pytest.MonkeyPatc
     def fake_up(home, **kwargs):
         events.append("up")
         assert kwargs["port"] == 4300 and kwargs["cuda_worker"] is False
+        assert kwargs["schedules"] is False  # deployed off unless --schedules
         assert kwargs["env"] == {"MATHWIZARD_HOME": str(tmp_path.resolve())}  # no result storage to configure
         assert Path(home) == tmp_path.resolve() / "prefect"
         return FakeStack()
