@@ -18,7 +18,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_serializer
 
 from mathwizard.config import Settings, load_settings
 from mathwizard.errors import ConfigError
@@ -52,6 +52,33 @@ Recipe.__doc__ = "A recipe shipped in deployments/recipes."
 _RECIPE_HELP = "; ".join(f"{p.stem}: {_recipe_summary(p)}" for p in _SHIPPED)
 
 
+# --------------------------------------------------------------------------------------- form rendering
+def _plain_fields(schema: dict[str, Any], _model: Any = None) -> None:
+    """Optional fields as their plain type in the JSON schema: the UI then shows a text box or a select, not a
+    "str | None" switch; a field left empty is simply not sent, and None (keep the recipe's value) applies."""
+    for prop in schema.get("properties", {}).values():
+        options = prop.get("anyOf")
+        if options and {"type": "null"} in options:
+            rest = [option for option in options if option != {"type": "null"}]
+            del prop["anyOf"]
+            if len(rest) == 1:
+                prop.update(rest[0])
+            else:
+                prop["anyOf"] = rest
+        if "default" in prop and prop["default"] is None:
+            del prop["default"]
+
+
+class _Form(BaseModel):
+    """A form section: unset fields (None) are left out of its dump, so a run's parameters show what was set."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra=_plain_fields)
+
+    @model_serializer(mode="wrap")
+    def _set_fields_only(self, handler: Any) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if value is not None and value != {}}
+
+
 # ----------------------------------------------------------------------------------------------- advanced
 def _partial(model: type[BaseModel], name: str) -> type[BaseModel]:
     """`model` with every field optional (None: keep the recipe's value), same types, limits and descriptions."""
@@ -64,7 +91,7 @@ def _partial(model: type[BaseModel], name: str) -> type[BaseModel]:
             annotation = Annotated[(annotation, *info.metadata)]  # ge/gt/pattern limits
         fields[field_name] = (annotation | None, Field(None, description=form_text(info.description)))
     doc = form_text((model.__doc__ or "").strip().splitlines()[0])
-    return create_model(name, __config__=ConfigDict(extra="forbid", title=name), __doc__=doc, **fields)
+    return create_model(name, __base__=_Form, __doc__=doc, **fields)
 
 
 _SECTIONS = {
@@ -73,7 +100,7 @@ _SECTIONS = {
 }
 Advanced = create_model(
     "Advanced",
-    __config__=ConfigDict(extra="forbid"),
+    __base__=_Form,
     __doc__="Any other setting, by stage; an empty field keeps the recipe's value.",
     **{
         section: (partial, Field(default_factory=partial, description=partial.__doc__))
@@ -83,10 +110,10 @@ Advanced = create_model(
 
 
 # -------------------------------------------------------------------------------------------------- the form
-class PipelineParams(BaseModel):
+class PipelineParams(_Form):
     """What the pipeline runs on: a recipe, the settings changed most often, and any other setting under advanced."""
 
-    model_config = ConfigDict(extra="forbid", use_enum_values=True)
+    model_config = ConfigDict(use_enum_values=True)
 
     recipe: Recipe | None = Field(  # type: ignore[valid-type]
         None, description=f"A shipped recipe ({_RECIPE_HELP}); empty: the embedded defaults."

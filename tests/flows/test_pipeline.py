@@ -25,7 +25,7 @@ def test_params_load_a_shipped_recipe_or_a_file_from_any_directory(tmp_path: Pat
     settings = PipelineParams(recipe="smoke", home="/data/mw").settings()
     assert (settings.run_name, settings.model.name, settings.home) == ("smoke", "tiny", "/data/mw")
     by_file = PipelineParams(recipe_file="deployments/recipes/smoke.yaml", home="/data/mw").settings()
-    assert by_file == settings
+    assert by_file.model_dump() == settings.model_dump()
     assert PipelineParams().settings() == load_settings()  # no recipe: the embedded defaults
     with pytest.raises(ConfigError, match="not both"):
         PipelineParams(recipe="smoke", recipe_file="deployments/recipes/smoke.yaml").settings()
@@ -63,6 +63,12 @@ def test_a_bad_value_is_one_config_error() -> None:
         PipelineParams(advanced={"prepare": {"splits": [0.5, 0.5, 0.5]}}).settings()
 
 
+def test_a_runs_parameters_show_only_what_was_set() -> None:
+    params = PipelineParams(recipe="smoke", sft_max_steps=3, advanced={"teacher": {"rpm": 60}})
+    assert params.model_dump() == {"recipe": "smoke", "sft_max_steps": 3, "advanced": {"teacher": {"rpm": 60}}}
+    assert PipelineParams.model_validate(params.model_dump()) == params
+
+
 def test_the_command_lines_input(tmp_path: Path) -> None:
     params = PipelineParams.for_command_line(
         REPO / "deployments/recipes/smoke.yaml", home=str(tmp_path), run_name="r", lock_wait_s=5.0
@@ -86,13 +92,16 @@ def test_the_run_form_is_one_typed_model(monkeypatch) -> None:
     ]  # fmt: skip
     recipes = sorted(p.stem for p in (REPO / "deployments" / "recipes").glob("*.yaml"))
     assert definitions["Recipe"]["enum"] == recipes == ["gemma-3n-e2b", "smoke"]
-    assert {"$ref": "#/definitions/Recipe"} in form["recipe"]["anyOf"]
-    assert {"enum": ["auto", "hf", "unsloth"], "type": "string"} in form["backend"]["anyOf"]
+    # Optional fields render as their plain type (a select, a text box), not as a "str | None" switch; an empty
+    # field is not sent, and its None keeps the recipe's value.
+    assert form["recipe"]["$ref"] == "#/definitions/Recipe" and "anyOf" not in form["recipe"]
+    assert (form["backend"]["type"], form["backend"]["enum"]) == ("string", ["auto", "hf", "unsloth"])
+    assert "'null'" not in str(schema) and schema["properties"]["params"]["default"] == {}
     advanced = definitions["Advanced"]["properties"]
     assert list(advanced) == ["prepare", "teacher", "model", "sft", "pairs", "dpo", "eval", "publish", "orchestration"]
     sft = definitions["AdvancedSft"]["properties"]
-    assert {"$ref": "#/definitions/AdvancedSftLoRA"} in sft["lora"]["anyOf"]
-    assert {"minimum": 1, "type": "integer"} in sft["max_steps"]["anyOf"]  # the settings' limits travel along
+    assert sft["lora"]["$ref"] == "#/definitions/AdvancedSftLoRA"
+    assert (sft["max_steps"]["type"], sft["max_steps"]["minimum"]) == ("integer", 1)  # the settings' limits too
     assert schema == pipeline.data_only.parameters.model_dump()  # one form for both pipeline flows
 
     # The UI renders descriptions as HTML: `<home>` would vanish. None of the form's descriptions has a bracket.
