@@ -118,8 +118,7 @@ def build_dataset_repo(info: RunInfo, kind: DatasetKind, repo_id: str, folder: P
         ds = trl_dataset(kind, path)
         name = HUB_SPLITS[split]
         target = folder / "data" / f"{name}-00000-of-00001.parquet"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        ds.to_parquet(str(target))
+        _to_parquet(ds, target)
         sizes[name] = SplitSize(rows=ds.num_rows, num_bytes=ds.data.nbytes, download_bytes=target.stat().st_size)
         features = features or ds.features
     card = dataset_card(info, kind, repo_id, cfg, sizes=sizes, features=features, files=files)
@@ -162,6 +161,20 @@ def trl_dataset(kind: DatasetKind, path: Path):
     columns["images"] = images
     features["images"] = datasets.List(datasets.Image())
     return datasets.Dataset.from_dict(columns, features=datasets.Features(features))
+
+
+def _to_parquet(ds, target: Path) -> None:
+    """`Dataset.to_parquet` without its progress bar (it would land in the command line's output)."""
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    quiet = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        ds.to_parquet(str(target))
+    finally:
+        if not quiet:
+            enable_progress_bars()
 
 
 def _messages_feature():
