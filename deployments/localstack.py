@@ -3,7 +3,8 @@
 It lives beside `prefect.yaml` because it deploys that file from this source checkout (the deployments' pull step
 runs flows from the checkout too). Everything runs as child processes of the `prefect` command line: a server on
 127.0.0.1 with SQLite under its own PREFECT_HOME and analytics off, the `cpu` and `cuda` process pools (`cuda` runs
-one flow at a time), the deployments of `deployments/prefect.yaml`, and workers. `stop()` stops the workers first and
+one flow at a time), the deployments of `deployments/prefect.yaml` with their schedules off unless asked, and
+workers. `stop()` stops the workers first and
 the server last: stopped together, the server can hang for a minute waiting on its clients.
 """
 
@@ -151,6 +152,17 @@ class LocalStack:
         selection = [arg for name in names for arg in ("--name", name)] or ["--all"]
         self.cli("deploy", "--prefect-file", str(Path(prefect_yaml).resolve()), *selection, cwd=REPO)
 
+    def set_schedules(self, active: bool) -> list[str]:
+        """Switch every deployment schedule on or off; returns the deployments' full names that have one."""
+        flows = {f["id"]: f["name"] for f in self.api("POST", "/flows/filter", json={}).json()}
+        switched = []
+        for deployment in self.api("POST", "/deployments/filter", json={}).json():
+            for schedule in deployment.get("schedules") or []:
+                path = f"/deployments/{deployment['id']}/schedules/{schedule['id']}"
+                self.api("PATCH", path, json={"active": active})
+                switched.append(f"{flows[deployment['flow_id']]}/{deployment['name']}")
+        return sorted(set(switched))
+
     def start_worker(self, pool: str, *, name: str | None = None, **env: str) -> subprocess.Popen:
         """A process worker polling `pool`; its flow runs inherit `env` (e.g. CUDA_VISIBLE_DEVICES)."""
         worker_name = name or f"{pool}-{socket.gethostname()}"
@@ -270,6 +282,7 @@ def up(
     port: int = 4200,
     prefect_yaml: Path = PREFECT_YAML,
     cuda_worker: bool | None = None,
+    schedules: bool = False,
     env: Mapping[str, str] | None = None,
     announce=print,
 ) -> LocalStack:
@@ -279,6 +292,8 @@ def up(
         home: PREFECT_HOME of the stack.
         port: the server's port on 127.0.0.1.
         cuda_worker: start a worker on the `cuda` pool (default: when torch sees a GPU).
+        schedules: switch the deployments' schedules on; off by default, whatever prefect.yaml or an earlier
+            `up --schedules` left in the stack's database (the weekly run costs a download, an API and a GPU).
         env: extra environment for the workers' flow runs (e.g. MATHWIZARD_HOME).
         announce: where progress lines go.
     """
@@ -290,6 +305,10 @@ def up(
         stack.create_pools()
         announce(f"deploying {prefect_yaml}")
         stack.deploy(prefect_yaml)
+        scheduled = stack.set_schedules(schedules)
+        if scheduled:
+            state = "on" if schedules else "off (mathwizard up --schedules switches them on)"
+            announce(f"schedules of {', '.join(scheduled)}: {state}")
         stack.start_worker("cpu")
         with_cuda = gpu_available() if cuda_worker is None else cuda_worker
         if with_cuda:

@@ -16,7 +16,7 @@ from tasks.artifacts import ProgressArtifact, training_artifacts
 from tasks.stages import dpo
 
 
-@flow(name="dpo", flow_run_name="dpo", log_prints=True)
+@flow(name="math-wizard-dpo", flow_run_name="dpo", log_prints=True)
 def dpo_flow(
     settings: Settings, sft: str | None = None, pairs: str | None = None, out: str | None = None
 ) -> dict[str, Any]:

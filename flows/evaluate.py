@@ -21,7 +21,7 @@ from tasks.stages import evaluate
 LABELS = ("base", "sft", "dpo")
 
 
-@flow(name="eval", flow_run_name="eval-{label}", log_prints=True)
+@flow(name="math-wizard-eval", flow_run_name="eval-{label}", log_prints=True)
 def eval_flow(
     settings: Settings,
     model: str | None = None,

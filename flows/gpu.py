@@ -1,8 +1,8 @@
 """The GPU stages as deployable flows for the `cuda` work pool: they take artifact locations, not objects.
 
-The pipeline dispatches them with `run_deployment("mathwizard-sft/cuda", ...)` (see `gpu_deployments` in the
-settings). Each pulls its inputs from the shared artifact root, runs the stage's own flow on local folders and pushes
-the output back, manifest last; the pipeline then reads that manifest from storage.
+The pipeline dispatches them with `run_deployment("math-wizard-gpu-sft/sft-on-cuda", ...)` (see `gpu_deployments`
+in the settings). Each pulls its inputs from the shared artifact root, runs the stage's own flow on local folders and
+pushes the output back, manifest last; the pipeline then reads that manifest from storage.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def _on_worker(
         return run_on_storage(stage, stage_flow(stage), settings, inputs or {}, out, **(params or {}))
 
 
-@flow(name="mathwizard-sft", log_prints=True)
+@flow(name="math-wizard-gpu-sft", log_prints=True)
 def sft_on_worker(
     settings: Settings,
     out: str,
@@ -43,7 +43,7 @@ def sft_on_worker(
     return _on_worker("sft", settings, out, inputs, params, lock_holder)
 
 
-@flow(name="mathwizard-pairs", log_prints=True)
+@flow(name="math-wizard-gpu-pairs", log_prints=True)
 def pairs_on_worker(
     settings: Settings,
     out: str,
@@ -55,7 +55,7 @@ def pairs_on_worker(
     return _on_worker("pairs", settings, out, inputs, params, lock_holder)
 
 
-@flow(name="mathwizard-dpo", log_prints=True)
+@flow(name="math-wizard-gpu-dpo", log_prints=True)
 def dpo_on_worker(
     settings: Settings,
     out: str,
@@ -67,7 +67,7 @@ def dpo_on_worker(
     return _on_worker("dpo", settings, out, inputs, params, lock_holder)
 
 
-@flow(name="mathwizard-eval", log_prints=True)
+@flow(name="math-wizard-gpu-eval", log_prints=True)
 def eval_on_worker(
     settings: Settings,
     out: str,

@@ -17,7 +17,7 @@ from tasks.artifacts import ProgressArtifact
 from tasks.stages import pairs
 
 
-@flow(name="pairs", flow_run_name="pairs", log_prints=True)
+@flow(name="math-wizard-pairs", flow_run_name="pairs", log_prints=True)
 def pairs_flow(
     settings: Settings, sft: str | None = None, data: str | None = None, out: str | None = None
 ) -> dict[str, Any]:

@@ -1,10 +1,11 @@
 """The whole pipeline as one Prefect flow: prepare → teach → sft → pairs → dpo → eval (base, sft, dpo) → publish.
 
 Usage: `mathwizard run [--config deployments/recipes/smoke.yaml]`, or the `math-wizard/*` deployments of
-`deployments/prefect.yaml` from the UI. Each stage is a subflow that skips itself when its folder's manifest matches
-its inputs, so a re-run (or `prefect flow-run retry`) after any failure redoes only what is missing. Stages named in
-`settings.orchestration.gpu_deployments` run as deployments on the `cuda` work pool instead of in this process;
-they receive artifact locations and hand their manifests back through storage.
+`deployments/prefect.yaml` from the UI, whose "Run" form is `PipelineParams` (flows/params.py); in Python,
+`math_wizard(PipelineParams(recipe="smoke"))`. Each stage is a subflow that skips itself when its folder's manifest
+matches its inputs, so a re-run (or `prefect flow-run retry`) after any failure redoes only what is missing. Stages
+named in `settings.orchestration.gpu_deployments` run as deployments on the `cuda` work pool instead of in this
+process; they receive artifact locations and hand their manifests back through storage.
 """
 
 from __future__ import annotations
@@ -20,67 +21,17 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.deployments import run_deployment
-from pydantic import BaseModel, Field, ValidationError
 
+from flows.params import PipelineParams
 from mathwizard import storage
-from mathwizard.config import STAGE_DIRS, Settings, load_settings
+from mathwizard.config import STAGE_DIRS, Settings
 from mathwizard.errors import ConfigError, MathWizardError
 from mathwizard.lock import run_lock
 from mathwizard.remote import run_on_storage
 from mathwizard.stages import module_name, report_of
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-class PipelineParams(BaseModel):
-    """What the UI form asks for: a recipe, where artifacts go, and any overrides of the recipe's values."""
-
-    recipe: str | None = Field(
-        None, description="YAML recipe, relative to the repository (deployments/recipes/smoke.yaml); none: defaults."
-    )
-    home: str | None = Field(None, description="Artifact root: a folder or fsspec URL (default: the recipe's/env's).")
-    run_name: str | None = Field(None, description="Run folder under <home>/runs (default: the recipe's).")
-    overrides: dict[str, Any] = Field(
-        default_factory=dict, description="Nested values that win over the recipe, e.g. {'sft': {'max_steps': 10}}."
-    )
-
-    def settings(self) -> Settings:
-        """The run's settings: defaults < recipe < .env/environment of this worker < home/run_name/overrides."""
-        recipe = None
-        if self.recipe:
-            recipe = Path(self.recipe)
-            if not recipe.is_absolute() and not recipe.exists():
-                recipe = REPO / recipe  # a worker may start in another directory
-        settings = load_settings(recipe, home=self.home, run_name=self.run_name)
-        if not self.overrides:
-            return settings
-        # Merged by hand rather than passed to load_settings, which drops None (an unset CLI flag): here None is a
-        # value, e.g. {"teacher": {"rpm": None}} lifts the rate limit.
-        merged = _deep_merge(settings.model_dump(), self.overrides)
-        try:
-            return Settings(**merged)
-        except ValidationError as exc:
-            raise ConfigError(f"invalid pipeline overrides: {_problems(exc)}") from None
-
-
-def _deep_merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in changes.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def _problems(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
-
-
-def resolve(params: PipelineParams | None, settings: Settings | None) -> Settings:
-    if settings is not None and params is not None and params != PipelineParams():
-        raise ConfigError("pass either settings or params to the pipeline, not both")
-    return settings if settings is not None else (params or PipelineParams()).settings()
+__all__ = ["PipelineParams", "data_only", "math_wizard", "run_stage", "stage_flow"]
 
 
 # ------------------------------------------------------------------------------------------------- stages
@@ -177,9 +128,9 @@ def _locked(settings: Settings) -> Iterator[Callable[..., dict[str, Any]]]:
 
 
 @flow(name="math-wizard", log_prints=True)
-def math_wizard(params: PipelineParams | None = None, settings: Settings | None = None) -> dict[str, Any]:
+def math_wizard(params: PipelineParams = PipelineParams()) -> dict[str, Any]:
     """Every stage in order; returns each stage's manifest fingerprint (eval: per model)."""
-    s = resolve(params, settings)
+    s = params.settings()
     logger = get_run_logger()
     logger.info("run %s under %s", s.run_name, s.home)
     prepared, taught = s.stage_dir("prepare"), s.stage_dir("teach")
@@ -199,10 +150,10 @@ def math_wizard(params: PipelineParams | None = None, settings: Settings | None 
     return summary(done)
 
 
-@flow(name="math-wizard-teacher", log_prints=True)
-def teacher_only(params: PipelineParams | None = None, settings: Settings | None = None) -> dict[str, Any]:
+@flow(name="math-wizard-data", log_prints=True)
+def data_only(params: PipelineParams = PipelineParams()) -> dict[str, Any]:
     """prepare → teach only: refresh the distilled dataset (e.g. after the source grew) without touching models."""
-    s = resolve(params, settings)
+    s = params.settings()
     with _locked(s) as stage:
         done = {"prepare": stage("prepare", s, s.stage_dir("prepare"))}
         done["teach"] = stage("teach", s, s.stage_dir("teach"), {"data": s.stage_dir("prepare")})

@@ -15,7 +15,7 @@ from mathwizard.stages.prepare import Report
 from tasks.stages import prepare
 
 
-@flow(name="prepare", flow_run_name="prepare", log_prints=True)
+@flow(name="math-wizard-prepare", flow_run_name="prepare", log_prints=True)
 def prepare_flow(settings: Settings, out: str | None = None) -> dict[str, Any]:
     """Fetch, clean and split MM_Math into `out` (default: the run's `01-prepare` folder); returns the manifest."""
     out = out or settings.stage_dir("prepare")

@@ -16,7 +16,7 @@ from tasks.artifacts import ProgressArtifact, training_artifacts
 from tasks.stages import sft
 
 
-@flow(name="sft", flow_run_name="sft", log_prints=True)
+@flow(name="math-wizard-sft", flow_run_name="sft", log_prints=True)
 def sft_flow(settings: Settings, data: str | None = None, out: str | None = None) -> dict[str, Any]:
     """Train on the teach output in `data` (default: the run's 02-teach) into `out` (default: its 03-sft)."""
     data = data or settings.stage_dir("teach")

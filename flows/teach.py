@@ -18,7 +18,7 @@ from tasks.artifacts import ProgressArtifact
 from tasks.stages import teach
 
 
-@flow(name="teach", flow_run_name="teach", log_prints=True)
+@flow(name="math-wizard-teach", flow_run_name="teach", log_prints=True)
 def teach_flow(settings: Settings, data: str | None = None, out: str | None = None) -> dict[str, Any]:
     """Rewrite the prepared splits in `data` (default: the run's `01-prepare`) into `out` (`02-teach`)."""
     cfg = settings.teacher

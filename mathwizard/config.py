@@ -294,11 +294,16 @@ class PublishConfig(_Stage):
     dpo_dataset_repo: str | None = Field(
         None, pattern=r"^[\w.-]+/[\w.-]+$", description="Default: <namespace>/math-wizard-dpo."
     )
+    push: bool = Field(
+        False,
+        description="Upload the repos to the Hub (needs a Hub token: HF_TOKEN, `hf auth login` or the Secret block);"
+        " false: only write them locally, whatever token is at hand.",
+    )
     target: str | None = Field(
-        None, description="Write the repos into this folder instead of uploading (default when no token)."
+        None, description="Folder the repos are laid out in (default: the publish stage's folder)."
     )
     endpoint: str | None = Field(None, description="Hub endpoint (default: huggingface.co or HF_ENDPOINT).")
-    private: bool = Field(True, description="Create the repos private.")
+    private: bool = Field(True, description="Create the repos private (an existing repo keeps its visibility).")
     push_merged: bool = Field(False, description="Also upload merged weights (needs sft/dpo save_merged).")
     require_improvement: bool = Field(False, description="Refuse to publish a DPO model that scores below SFT.")
     include: list[Literal["model", "sft_dataset", "dpo_dataset"]] = Field(
@@ -328,7 +333,8 @@ class OrchestrationConfig(_Stage):
 
     gpu_deployments: dict[str, str] = Field(
         default_factory=dict,
-        description="Stage -> deployment name ('sft': 'mathwizard-sft/cuda'); listed stages run on that work pool.",
+        description="Stage -> full deployment name ('sft': 'math-wizard-gpu-sft/sft-on-cuda', see"
+        " deployments/prefect.yaml); the listed stages run on that deployment's work pool.",
     )
     poll_seconds: float = Field(5.0, gt=0, description="How often the pipeline checks a dispatched GPU stage.")
     lock_wait_s: float = Field(
@@ -354,7 +360,16 @@ class OrchestrationConfig(_Stage):
         bad = sorted(name for name in value.values() if name.count("/") != 1)
         if bad:
             raise ValueError(f"gpu_deployments values must look like 'flow-name/deployment-name', got {bad}")
+        wrong = sorted(f"{stage}: {name}" for stage, name in value.items() if name.split("/")[0] != gpu_flow(stage))
+        if wrong:
+            expected = ", ".join(f"{stage}: {gpu_flow(stage)}/..." for stage in sorted(value))
+            raise ValueError(f"gpu_deployments must name each stage's GPU flow ({expected}), got {wrong}")
         return value
+
+
+def gpu_flow(stage: str) -> str:
+    """The name of the flow that runs `stage` on a GPU worker (flows/gpu.py)."""
+    return f"math-wizard-gpu-{stage}"
 
 
 class Settings(BaseSettings):

@@ -121,10 +121,11 @@ def evaluate(
 def publish(cfg: PublishConfig, run_dir: str, out: str) -> Manifest:
     """Push the run's DPO model and SFT/DPO datasets to the Hub, or lay them out in the target folder.
 
-    The Hub token may come from a Prefect Secret block (`publish.token_block`); it is read here, at call time, so it
-    is never a task parameter nor part of a persisted result.
+    The Hub token may come from a Prefect Secret block (`publish.token_block`); it is read here, at call time and
+    only with `publish.push`, so it is never a task parameter nor part of a persisted result.
     """
-    return publish_stage.run(cfg, Path(run_dir), Path(out), token=secret_block_token(cfg.token_block))
+    token = secret_block_token(cfg.token_block) if cfg.push else None
+    return publish_stage.run(cfg, Path(run_dir), Path(out), token=token, token_block=cfg.token_block)
 
 
 def secret_block_token(name: str | None) -> str | None:

@@ -196,4 +196,5 @@ def test_report_of_picks_the_stage_modules_report() -> None:
     assert {stage: stage_module(stage) for stage in modules} == modules
     report = {"destination": "local", "endpoint": None, "root": "/r", "repos": []}
     assert report_of("publish", {"report": report}) == publish.Report(**report)
-    assert report_of("publish", {"report": report}).summary() == "0 repos written under /r (not uploaded)"
+    summary = report_of("publish", {"report": report}).summary()
+    assert summary == "0 repos written under /r (not uploaded: publish.push is false)"

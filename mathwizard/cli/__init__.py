@@ -241,8 +241,10 @@ def run_pipeline(
     """Run the whole pipeline; finished stages are skipped, so re-running resumes after any failure."""
     from mathwizard.cli.display import stage_table
 
-    settings = load(config, home, run_name, wait)
-    result = run_flow(settings, lambda pipeline: pipeline.math_wizard(settings=settings))
+    # The flow's own input (its run form), built from the flags; the flow derives the same settings from it.
+    params = _pipeline().PipelineParams.for_command_line(config, home, run_name, wait)
+    settings = params.settings()
+    result = run_flow(settings, lambda pipeline: pipeline.math_wizard(params))
     console.print(stage_table(result))
     _where(settings)
 
@@ -520,6 +522,7 @@ def publish(
         Path | None, typer.Option(help="Run folder holding 01-prepare ... 06-eval (default: <home>/runs/<run>).")
     ] = None,
     out: OutOpt = None,
+    push: Annotated[bool | None, setting(PublishConfig, "push", "--push/--no-push")] = None,
     target: Annotated[Path | None, setting(PublishConfig, "target")] = None,
     namespace: Annotated[str | None, setting(PublishConfig, "namespace")] = None,
     private: Annotated[bool | None, setting(PublishConfig, "private", "--private/--public")] = None,
@@ -530,14 +533,15 @@ def publish(
     endpoint: Annotated[str | None, setting(PublishConfig, "endpoint")] = None,
     push_merged: Annotated[bool | None, setting(PublishConfig, "push_merged", "--push-merged/--no-push-merged")] = None,
 ) -> None:
-    """Push the DPO model and the SFT and DPO datasets with their cards to the Hub (token: HF_TOKEN or `hf auth
-    login`), or write them into --target (the default without a token)."""
+    """Lay out the DPO model and the SFT and DPO datasets with their cards as Hub repos; --push uploads them (token:
+    HF_TOKEN or `hf auth login`; private unless --public). Without --push nothing is uploaded."""
     settings = load(
         config,
         home,
         run_name,
         wait,
         publish={
+            "push": push,
             "target": str(target) if target else None,
             "namespace": namespace,
             "private": private,
@@ -658,6 +662,14 @@ def up(
         bool | None,
         typer.Option("--cuda/--no-cuda", help="Start a worker on the cuda pool (default: when a GPU is seen)."),
     ] = None,
+    schedules: Annotated[
+        bool,
+        typer.Option(
+            "--schedules/--no-schedules",
+            help="Switch the deployments' schedules on (the weekly real run: a Hub download, a paid teacher, a GPU);"
+            " default: deployed off.",
+        ),
+    ] = False,
 ) -> None:
     """Start a local Prefect stack: server, work pools, deployments, workers; Ctrl-C stops it (workers first)."""
     import time
@@ -668,7 +680,14 @@ def up(
     settings = load(config, home)
     root = settings.home if storage.is_remote(settings.home) else str(Path(settings.home).resolve())
     state_home = prefect_home or (Path("mathwizard-prefect") if storage.is_remote(root) else Path(root) / "prefect")
-    stack = start_stack(state_home, port=port, cuda_worker=cuda, env={"MATHWIZARD_HOME": root}, announce=console.print)
+    stack = start_stack(
+        state_home,
+        port=port,
+        cuda_worker=cuda,
+        schedules=schedules,
+        env={"MATHWIZARD_HOME": root},
+        announce=console.print,
+    )
     try:
         console.print(f"[bold green]ready:[/] Prefect UI at {stack.ui_url}  (artifacts under {root})", highlight=False)
         console.print(

@@ -1,8 +1,12 @@
 """The two dataset repos (SFT and DPO) in the parquet layout `datasets.load_dataset(repo)` reads, with their cards.
 
-Layout: `data/<split>-00000-of-00001.parquet` (the stage's parquet, byte for byte) and a README.md whose YAML
-declares `configs` (split -> file) and `dataset_info` (features, so `image` loads as an Image even when the
-parquet carries no `datasets` metadata) followed by the card: source, how it was made, schema, licence.
+Layout: `data/<split>-00000-of-00001.parquet`, written by `datasets.Dataset.to_parquet` (so the file carries its
+features), and a README.md whose YAML declares `configs` (split -> file) and `dataset_info` (features, rows and
+bytes per split) followed by the card: source, how it was made, schema, licence. The splits are the Hub's names
+(`val` becomes `validation`). Each dataset keeps the stage's columns and adds TRL's conversational ones, built by
+the same functions the pipeline trains with (`mathwizard.training.data`): the SFT dataset `messages` and
+`images`, the DPO dataset `prompt`, `chosen`, `rejected` (assistant turns) and `images`; both go straight into
+TRL's trainers and collators.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ from typing import Literal
 from huggingface_hub import DatasetCard, DatasetCardData
 
 from mathwizard.config import PublishConfig
+from mathwizard.data.splits import read_table
 from mathwizard.errors import DataError
-from mathwizard.publish.layout import copy_file, fmt, md_table, size_category, write_card
+from mathwizard.publish.layout import fmt, md_table, size_category, write_card
 from mathwizard.publish.lineage import (
     MM_MATH_LICENSE,
     MM_MATH_PAPER,
@@ -35,6 +40,7 @@ from mathwizard.publish.lineage import (
 log = logging.getLogger(__name__)
 
 DatasetKind = Literal["sft", "dpo"]
+HUB_SPLITS = {"train": "train", "val": "validation", "test": "test"}  # the pipeline's split -> the Hub's name
 
 COLUMN_DOCS = {
     "id": "Stable content hash of the MM_Math problem (the same id in both datasets).",
@@ -49,8 +55,13 @@ COLUMN_DOCS = {
     "year": "School grade given by MM_Math.",
     "knowledge": "Knowledge points given by MM_Math.",
     "file_name": "The figure's file name in MM_Math.",
-    "chosen": "Preferred answer: the teacher's solution.",
-    "rejected": "Dispreferred answer: a deliberately flawed solution sampled from the SFT model, same format.",
+    "chosen": "Preferred answer, the teacher's solution, as one assistant turn (TRL's conversational format).",
+    "rejected": "Dispreferred answer, a deliberately flawed solution in the same format, as one assistant turn.",
+    "messages": "TRL's conversational format: the tutor instructions (system), the figure and question (user),"
+    " the solution (assistant), as the pipeline trained on them; the figure is `images[0]`.",
+    "prompt": "TRL's conversational prompt: the tutor instructions (system), the figure and question (user);"
+    " the figure is `images[0]`.",
+    "images": "The figure as a one-element list, where TRL's vision collators look for it.",
     "strategy": "The flaw the SFT model was asked for: calculation_error, misapplied_concept or broken_process.",
     "source": "Who wrote the rejected answer: model (the SFT model) or rule (the deterministic fallback).",
 }
@@ -101,12 +112,76 @@ def source_files(info: RunInfo, kind: DatasetKind) -> dict[str, Path]:
 def build_dataset_repo(info: RunInfo, kind: DatasetKind, repo_id: str, folder: Path, cfg: PublishConfig) -> None:
     """Write the repo folder for the `kind` dataset: data files and README.md."""
     files = source_files(info, kind)
-    rows = {split: parquet_rows(path) for split, path in files.items()}
+    sizes: dict[str, SplitSize] = {}
+    features = None
     for split, path in files.items():
-        copy_file(path, folder / "data" / f"{split}-00000-of-00001.parquet")
-    features = _features(files["train"])
-    write_card(dataset_card(info, kind, repo_id, cfg, rows=rows, features=features, files=files), folder)
-    log.info("dataset repo %s laid out in %s (%s rows)", repo_id, folder, sum(rows.values()))
+        ds = trl_dataset(kind, path)
+        name = HUB_SPLITS[split]
+        target = folder / "data" / f"{name}-00000-of-00001.parquet"
+        _to_parquet(ds, target)
+        sizes[name] = SplitSize(rows=ds.num_rows, num_bytes=ds.data.nbytes, download_bytes=target.stat().st_size)
+        features = features or ds.features
+    card = dataset_card(info, kind, repo_id, cfg, sizes=sizes, features=features, files=files)
+    write_card(card, folder)
+    log.info("dataset repo %s laid out in %s (%s rows)", repo_id, folder, sum(s.rows for s in sizes.values()))
+
+
+@dataclass
+class SplitSize:
+    """A published split's rows, its size as Arrow data (`datasets`' num_bytes) and its parquet file's size."""
+
+    rows: int
+    num_bytes: int
+    download_bytes: int
+
+
+def trl_dataset(kind: DatasetKind, path: Path):
+    """The stage's split with TRL's conversational columns added (DPO: `chosen`/`rejected` become assistant turns).
+
+    The images are copied as stored (bytes), never decoded and re-encoded.
+    """
+    import datasets
+
+    from mathwizard.training.data import assistant, tutor_prompt
+
+    table = read_table(path.parent, path.stem)
+    seed = _features(path)
+    columns = {name: table.column(name).to_pylist() for name in table.column_names}
+    images = [[image] for image in columns["image"]]
+    prompts = [tutor_prompt(question) for question in columns["question"]]
+    messages = _messages_feature()
+    if kind == "sft":
+        columns["messages"] = [p + assistant(answer) for p, answer in zip(prompts, columns["solution"], strict=True)]
+        features = {**seed, "messages": messages}
+    else:
+        columns["prompt"] = prompts
+        columns["chosen"] = [assistant(text) for text in columns["chosen"]]
+        columns["rejected"] = [assistant(text) for text in columns["rejected"]]
+        features = {**seed, "prompt": messages, "chosen": messages, "rejected": messages}
+    columns["images"] = images
+    features["images"] = datasets.List(datasets.Image())
+    return datasets.Dataset.from_dict(columns, features=datasets.Features(features))
+
+
+def _to_parquet(ds, target: Path) -> None:
+    """`Dataset.to_parquet` without its progress bar (it would land in the command line's output)."""
+    from datasets.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    quiet = are_progress_bars_disabled()
+    disable_progress_bars()
+    try:
+        ds.to_parquet(str(target))
+    finally:
+        if not quiet:
+            enable_progress_bars()
+
+
+def _messages_feature():
+    import datasets
+
+    content = datasets.List({"type": datasets.Value("string"), "text": datasets.Value("string")})
+    return datasets.List({"role": datasets.Value("string"), "content": content})
 
 
 def dataset_card(
@@ -115,7 +190,7 @@ def dataset_card(
     repo_id: str,
     cfg: PublishConfig,
     *,
-    rows: dict[str, int],
+    sizes: dict[str, SplitSize],
     features: object,
     files: dict[str, Path],
 ) -> DatasetCard:
@@ -130,21 +205,28 @@ def dataset_card(
         pretty_name=spec.title,
         task_categories=["image-text-to-text"],
         tags=["math", "geometry", "multimodal", "mm-math", kind, "mathwizard"],
-        size_categories=[size_category(sum(rows.values()))],
+        size_categories=[size_category(sum(s.rows for s in sizes.values()))],
     )
-    data_files = [{"split": split, "path": f"data/{split}-*"} for split in rows]
+    data_files = [{"split": split, "path": f"data/{split}-*"} for split in sizes]
     MetadataConfigs({"default": {"data_files": data_files}}).to_dataset_card_data(data)
-    splits = SplitDict({split: SplitInfo(split, num_examples=n) for split, n in rows.items()})
-    DatasetInfosDict({"default": DatasetInfo(features=features, splits=splits)}).to_dataset_card_data(data)
+    splits = SplitDict({n: SplitInfo(n, num_bytes=s.num_bytes, num_examples=s.rows) for n, s in sizes.items()})
+    dataset_info = DatasetInfo(
+        features=features,
+        splits=splits,
+        download_size=sum(s.download_bytes for s in sizes.values()),
+        dataset_size=sum(s.num_bytes for s in sizes.values()),
+    )
+    DatasetInfosDict({"default": dataset_info}).to_dataset_card_data(data)
 
     sections = [
         f"# {spec.title}",
         spec.summary,
         _source_section(info),
         _how_made_section(info, kind, files),
-        "## Splits\n\n" + md_table(["split", "rows"], [(s, f"{n:,}") for s, n in rows.items()]),
+        "## Splits\n\n"
+        + md_table(["split", "rows", "parquet"], [(n, f"{s.rows:,}", _mb(s.download_bytes)) for n, s in sizes.items()]),
         _schema_section(features),
-        _usage_section(repo_id),
+        _usage_section(repo_id, kind),
         _licence_section(info, cfg),
     ]
     body = "\n\n".join(s for s in sections if s) + "\n"
@@ -225,15 +307,26 @@ def _schema_section(features: object) -> str:
     return "## Schema\n\n" + md_table(["column", "type", "description"], rows)
 
 
-def _usage_section(repo_id: str) -> str:
+def _usage_section(repo_id: str, kind: DatasetKind) -> str:
+    if kind == "sft":
+        trl = (
+            "# TRL: SFTTrainer(model=..., train_dataset=ds[\"train\"], args=SFTConfig(...)) trains on `messages`\n"
+            "# with `images`; its vision collator is trl.trainer.sft_trainer.DataCollatorForVisionLanguageModeling\n"
+        )
+    else:
+        trl = (
+            "# TRL: DPOTrainer(model=..., train_dataset=ds[\"train\"], args=DPOConfig(...)) trains on `prompt`,\n"
+            "# `chosen` and `rejected` with `images`; its collator is\n"
+            "# trl.trainer.dpo_trainer.DataCollatorForVisionPreference\n"
+        )
     return (
         "## Usage\n\n"
         "```python\n"
         "from datasets import load_dataset\n\n"
         f'ds = load_dataset("{repo_id}")\n'
         'row = ds["train"][0]\n'
-        'row["image"]  # a PIL image\n'
-        "```"
+        'row["image"]  # a PIL image\n' + trl + "```\n\n"
+        "The splits are `train`, `validation`" + (" and `test`" if kind == "sft" else "") + "."
     )
 
 
@@ -262,13 +355,19 @@ def _features(path: Path) -> object:
 
 
 def _dtype(feature: object) -> str:
-    from datasets import Image, Value
+    from datasets import Image, List, Value
 
     if isinstance(feature, Image):
         return "image"
     if isinstance(feature, Value):
         return feature.dtype
+    if isinstance(feature, List):
+        return "list of images" if isinstance(feature.feature, Image) else "list of messages"
     return type(feature).__name__
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:.1f} MB" if size >= 100_000 else f"{size / 1e3:.1f} kB"
 
 
 def _split_counts(info: RunInfo, stage: str) -> str:

@@ -1,14 +1,14 @@
-"""Pushing repo folders to the Hub idempotently, and finding the token without ever logging or storing it.
+"""Pushing repo folders to the Hub, and finding the token without ever logging or storing it.
 
-Idempotence: before committing, the remote tree is listed and each local file compared with it (sha256 for LFS
-files, the git blob id for regular ones), so a re-run with nothing new sends no commit at all; a changed card
-commits only the card. Hub errors become our errors: 5xx, 429 and network failures are TransientError
-(Prefect retries them), refusals (401/403, bad metadata) are PublishError.
+Nothing is sent unless `publish.push` is true (`will_upload`). A push is one `HfApi.create_commit` per repo with
+every file of the folder: the library asks the Hub which files it already holds (the preupload call) and leaves
+those out, and makes no commit at all when nothing is left, so a re-run with nothing new commits nothing and a
+changed card commits only the card. Hub errors become our errors: 5xx, 429 and network failures are
+TransientError (Prefect retries them), refusals (401/403, bad metadata) are PublishError.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,7 +17,6 @@ from pathlib import Path
 
 from mathwizard.config import PublishConfig, load_secrets
 from mathwizard.errors import ConfigError, PublishError, TransientError
-from mathwizard.manifest import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +53,27 @@ def resolve_token(token: str | None = None) -> str | None:
         return None
 
 
-def will_upload(cfg: PublishConfig, token: str | None) -> bool:
-    """Upload only with a token, no `target` folder and Hub access allowed (HF_HUB_OFFLINE unset)."""
+def will_upload(cfg: PublishConfig, token: str | None, *, token_block: str | None = None) -> bool:
+    """Upload only when asked (`publish.push`); asked, a token and Hub access are required.
+
+    Raises:
+        ConfigError: push without a token, or with HF_HUB_OFFLINE set (before anything is written or sent).
+    """
     from huggingface_hub import constants
 
-    return bool(token) and cfg.target is None and not constants.is_offline_mode()
+    if not cfg.push:
+        return False
+    if constants.is_offline_mode():
+        raise ConfigError(
+            "publish.push is true but HF_HUB_OFFLINE is set: unset it to upload, or publish without --push"
+        )
+    if not token:
+        block = f", or save one in the Prefect Secret block {token_block!r}" if token_block else ""
+        raise ConfigError(
+            f"publish.push is true but there is no Hub token: set HF_TOKEN or run `hf auth login`{block};"
+            " or publish without --push to write the repos locally"
+        )
+    return True
 
 
 def make_api(cfg: PublishConfig, token: str):
@@ -74,59 +89,39 @@ def push_folder(
 ) -> PushResult:
     """Create the repo if needed and commit the files of `folder` that differ from the remote (none: no commit).
 
-    `private` applies when the repo is created; an existing repo keeps its visibility.
+    `private` applies when the repo is created; an existing repo keeps its visibility. With `delete_stale`, remote
+    files the folder no longer has are deleted in the same commit (`.gitattributes` is kept).
     """
     from huggingface_hub import CommitOperationAdd, CommitOperationDelete
 
-    local = {p.relative_to(folder).as_posix(): p for p in sorted(folder.rglob("*")) if p.is_file()}
+    local = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    additions = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(folder / rel)) for rel in local]
     what = f"{repo_type} repo {repo_id}"
     with hub_errors(what, api.endpoint):
         url = api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True)
-        remote = _remote_files(api, repo_id, repo_type)
-        changed = [rel for rel, path in local.items() if _differs(path, remote.get(rel))]
-        stale = sorted(set(remote) - set(local) - KEEP_REMOTE) if delete_stale else []
-        result = PushResult(repo_id, repo_type, str(url), unchanged=len(local) - len(changed))
-        if not changed and not stale:
-            log.info("%s is up to date (%d files); nothing to commit", what, len(local))
-            return result
-        operations = [CommitOperationAdd(path_in_repo=rel, path_or_fileobj=str(local[rel])) for rel in changed]
-        operations += [CommitOperationDelete(path_in_repo=rel) for rel in stale]
-        description = "\n".join([*(f"- add/update {r}" for r in changed), *(f"- delete {r}" for r in stale)])
-        info = api.create_commit(
-            repo_id, operations, commit_message=message, commit_description=description, repo_type=repo_type
-        )
-    result.commit, result.uploaded, result.deleted = info.oid, changed, stale
-    log.info("%s: committed %s (%d uploaded, %d deleted)", what, info.oid, len(changed), len(stale))
+        stale = sorted(set(_remote_files(api, repo_id, repo_type)) - set(local) - KEEP_REMOTE) if delete_stale else []
+        deletions = [CommitOperationDelete(path_in_repo=rel) for rel in stale]
+        info = api.create_commit(repo_id, [*additions, *deletions], commit_message=message, repo_type=repo_type)
+    # create_commit left out each file whose content the Hub already holds: its preupload call records the remote
+    # id of every file, and "remote id == local id" is the library's own test for "unchanged" (hf_api.create_commit).
+    uploaded = [op.path_in_repo for op in additions if op._remote_oid is None or op._remote_oid != op._local_oid]
+    result = PushResult(repo_id, repo_type, str(url), unchanged=len(local) - len(uploaded))
+    if not uploaded and not stale:  # the library made no commit (an empty one is skipped)
+        log.info("%s is up to date (%d files); nothing to commit", what, len(local))
+        return result
+    result.commit, result.uploaded, result.deleted = info.oid, uploaded, stale
+    log.info("%s: committed %s (%d uploaded, %d deleted)", what, info.oid, len(uploaded), len(stale))
     return result
 
 
-def _remote_files(api, repo_id: str, repo_type: str) -> dict:
-    """Path -> RepoFile of the remote main branch; empty for a repo without commits."""
-    from huggingface_hub import RepoFile
+def _remote_files(api, repo_id: str, repo_type: str) -> list[str]:
+    """Paths on the remote main branch; empty for a repo without commits."""
     from huggingface_hub.errors import EntryNotFoundError, RevisionNotFoundError
 
     try:
-        return {
-            f.path: f
-            for f in api.list_repo_tree(repo_id, repo_type=repo_type, recursive=True)
-            if isinstance(f, RepoFile)
-        }
+        return api.list_repo_files(repo_id, repo_type=repo_type)
     except (EntryNotFoundError, RevisionNotFoundError):
-        return {}
-
-
-def _differs(path: Path, remote) -> bool:
-    if remote is None or remote.size != path.stat().st_size:
-        return True
-    if remote.lfs is not None:
-        return remote.lfs.sha256 != file_sha256(path)
-    return remote.blob_id != git_blob_id(path)
-
-
-def git_blob_id(path: Path) -> str:
-    """The git object id of a file's content, as the Hub reports for regular (non-LFS) files."""
-    data = Path(path).read_bytes()
-    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+        return []
 
 
 @contextmanager
@@ -138,7 +133,7 @@ def hub_errors(what: str, endpoint: str) -> Iterator[None]:
     try:
         yield
     except OfflineModeIsEnabled:
-        raise ConfigError("HF_HUB_OFFLINE is set: unset it to upload, or publish into a folder with --target") from None
+        raise ConfigError("HF_HUB_OFFLINE is set: unset it to upload, or publish without --push") from None
     except HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else None
         reason = " ".join(str(exc).split())[:300]

@@ -13,7 +13,7 @@ import json
 import logging
 from pathlib import Path
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from mathwizard import __version__
 from mathwizard.config import STAGE_DIRS, PublishConfig
@@ -104,14 +104,17 @@ def build_model_repo(info: RunInfo, repo_id: str, folder: Path, cfg: PublishConf
 def model_card(
     info: RunInfo, repo_id: str, cfg: PublishConfig, *, datasets: dict[str, str], plots: list[str]
 ) -> ModelCard:
-    """The card: YAML metadata (licence, base model, datasets) and a body built only from what the run recorded."""
+    """The card: YAML metadata (licence, base model, datasets, `model-index` eval results) and a body built only from
+    what the run recorded."""
     data = ModelCardData(
+        model_name=repo_id.split("/")[-1],
         license=cfg.model_license,
         base_model=hub_base_model(info),
         library_name="peft",
         pipeline_tag="image-text-to-text",
         datasets=[*datasets.values(), "THU-KEG/MM_Math"],
         tags=["math", "geometry", "multimodal", "gemma3n", "lora", "sft", "dpo", "trl", "mathwizard"],
+        eval_results=eval_results(info, datasets.get("sft_dataset")) or None,
     )
     sections = [
         _intro(info, repo_id, datasets),
@@ -125,6 +128,34 @@ def model_card(
     ]
     body = "\n\n".join(s for s in sections if s) + "\n"
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+
+
+def eval_results(info: RunInfo, sft_dataset: str | None) -> list[EvalResult]:
+    """The published (DPO) model's test results as `model-index` entries, which the Hub's evaluation widget reads.
+
+    The test split is our stable split of MM_Math, published with the SFT dataset (as `test`) when that is
+    published too; a report that evaluated an earlier DPO model is left out.
+    """
+    report = info.evals.get("dpo")
+    if report is None or "dpo" in stale_evals(info):
+        return []
+    dataset = {
+        "dataset_type": sft_dataset or "THU-KEG/MM_Math",
+        "dataset_name": f"MM_Math geometry, Math Wizard {report.split} split ({report.n:,} problems)",
+        "dataset_split": {"val": "validation"}.get(report.split, report.split),
+    }
+    common = {"task_type": "image-text-to-text", "task_name": "Geometry problem solving", **dataset}
+    return [
+        EvalResult(
+            metric_type="accuracy", metric_name="Accuracy (final boxed answer)", metric_value=report.accuracy, **common
+        ),
+        EvalResult(
+            metric_type="format_rate",
+            metric_name="Answers in the Solution / Final Answer format",
+            metric_value=report.format_rate,
+            **common,
+        ),
+    ]
 
 
 # ---------------------------------------------------------------------------------------- sections

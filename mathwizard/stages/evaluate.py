@@ -5,7 +5,7 @@ Usage: `mathwizard eval --model <run>/05-dpo --label dpo`.
 The pipeline evaluates the base, SFT and DPO models with the same greedy decoding, so a run shows whether each
 stage helped (`evaluation_table` puts them side by side; the model card uses it). The reference is the final
 boxed answer of the split's `solution` (the teacher's rewrite in 02-teach, the source solution in 01-prepare);
-answers are compared after `answers.normalize_answer`.
+answers agree when `answers.answers_match` says so (the same normalised spelling, or symbolically equivalent).
 """
 
 from __future__ import annotations

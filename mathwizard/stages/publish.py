@@ -1,9 +1,11 @@
 """Publish a run: the DPO model and the SFT and DPO datasets as Hub repos, or into a folder standing in for the Hub.
 
-Usage: `mathwizard publish --namespace me --public` (library: `publish.run(settings.publish, run_dir, out)`).
+Usage: `mathwizard publish` (written locally), `mathwizard publish --push --namespace me` (uploaded; private unless
+`--public`); library: `publish.run(settings.publish, run_dir, out)`.
 Each repo is first laid out under `<root>/models/<repo_id>/` or `<root>/datasets/<repo_id>/`, where root is
-`target` when set, else this stage's folder (`07-publish/`); with a Hub token and no `target`, those folders are
-then pushed. Without a token, or with `target`, nothing leaves the machine, so the pipeline completes offline.
+`target` when set, else this stage's folder (`07-publish/`). Only with `publish.push` are those folders then pushed,
+and then a Hub token is required; without it nothing leaves the machine, whatever token is at hand (HF_TOKEN,
+`hf auth login`), so the pipeline completes offline and never uploads by surprise.
 """
 
 from __future__ import annotations
@@ -60,7 +62,10 @@ class Report(StageReport):
     def summary(self) -> str:
         if self.destination == "hub":
             return f"{len(self.repos)} repos on {self.endpoint}: " + ", ".join(r.url or r.repo_id for r in self.repos)
-        return f"{len(self.repos)} repos written under {self.root} (not uploaded)"
+        return f"{len(self.repos)} repos written under {self.root} ({NOT_UPLOADED})"
+
+
+NOT_UPLOADED = "not uploaded: publish.push is false"
 
 
 def destination(upload: bool) -> Literal["hub", "local"]:
@@ -97,15 +102,18 @@ def check_gate(cfg: PublishConfig, info: RunInfo) -> None:
     log.info("gate passed: DPO accuracy %.3f >= SFT accuracy %.3f", dpo.accuracy, sft.accuracy)
 
 
-def run(cfg: PublishConfig, run_dir: Path, out: Path, *, token: str | None = None) -> Manifest:
-    """Lay out the model and dataset repos with their cards and, with a token and no target, push them.
+def run(
+    cfg: PublishConfig, run_dir: Path, out: Path, *, token: str | None = None, token_block: str | None = None
+) -> Manifest:
+    """Lay out the model and dataset repos with their cards and, with `cfg.push`, push them.
 
     Args:
         cfg: publish settings (no secrets).
         run_dir: the run folder holding 01-prepare ... 06-eval.
         out: this stage's folder (07-publish); the repos are laid out here unless `cfg.target` is set.
         token: a Hub token from a Prefect Secret block; by default HF_TOKEN / MATHWIZARD_HF_TOKEN / the HF login.
-            Used only for the HTTP calls: never logged, written or put in the manifest.
+            Read only with `cfg.push` and used only for the HTTP calls: never logged, written or put in the manifest.
+        token_block: the Secret block's name, named in the error when push finds no token.
 
     Returns:
         The manifest; its report (a `Report`) lists each repo with its id, type, local folder and, after an
@@ -113,7 +121,7 @@ def run(cfg: PublishConfig, run_dir: Path, out: Path, *, token: str | None = Non
 
     Raises:
         DataError: an upstream stage folder is missing or incomplete.
-        ConfigError: push_merged without merged weights, HF_HUB_OFFLINE during an upload.
+        ConfigError: push without a token or with HF_HUB_OFFLINE set, push_merged without merged weights.
         PublishError: the gate refused the model, or the Hub refused an upload.
         TransientError: the Hub failed (5xx, 429) or could not be reached; a retry is safe.
     """
@@ -128,14 +136,13 @@ def run(cfg: PublishConfig, run_dir: Path, out: Path, *, token: str | None = Non
             info.require(stage)
     check_gate(cfg, info)
 
-    token = hub.resolve_token(token)
-    upload = hub.will_upload(cfg, token)
+    token = hub.resolve_token(token) if cfg.push else None  # not even looked for unless asked to push
+    upload = hub.will_upload(cfg, token, token_block=token_block)
     fp = fingerprint(STAGE, VERSION, cfg, info.upstream(), destination=destination(upload))
     if (done := reusable(out, fp)) is not None:
         return done
-    if token and not upload:
-        why = f"publish.target is set ({cfg.target})" if cfg.target else "HF_HUB_OFFLINE is set"
-        log.info("a Hub token is available but %s: writing the repos locally instead of uploading", why)
+    if not upload:
+        log.info("writing the repos locally (%s; --push or publish.push: true uploads them)", NOT_UPLOADED)
 
     root = Path(cfg.target) if cfg.target else out
     repo_ids = {part: repo for part, repo in cfg.repo_ids().items() if part in cfg.include}

@@ -334,13 +334,13 @@ def test_publish_flags_reach_the_flow(flows: FakeFlows, tmp_path: Path) -> None:
     )  # fmt: skip
     flows.reports["publish"] = Report(destination="hub", endpoint="http://hub", root="/r", repos=[repo])
     args = ["publish", "--home", str(tmp_path), "--run-name", "r1", "--run-dir", "some/run", "--namespace", "acme"]
-    args += ["--public", "--require-improvement", "--endpoint", "http://127.0.0.1:5", "--target", "t"]
+    args += ["--public", "--require-improvement", "--endpoint", "http://127.0.0.1:5", "--target", "t", "--push"]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     settings, inputs = flows.call
     assert inputs == {"run_dir": "some/run"}
     cfg = settings.publish
-    assert (cfg.namespace, cfg.private, cfg.require_improvement) == ("acme", False, True)
+    assert (cfg.push, cfg.namespace, cfg.private, cfg.require_improvement) == (True, "acme", False, True)
     assert (cfg.endpoint, cfg.target, cfg.push_merged) == ("http://127.0.0.1:5", "t", False)
     assert settings.run_name == "r1"
     assert result.output.splitlines()[0] == "publish: 1 repos on http://hub: http://hub/acme/m"
@@ -351,8 +351,8 @@ def test_run_prints_one_line_per_stage(monkeypatch: pytest.MonkeyPatch, prefect_
 
     seen: dict[str, Any] = {}
 
-    def fake(settings):
-        seen["settings"] = settings
+    def fake(params):
+        seen["settings"] = params.settings()  # the flow's own input, from which it derives its settings
         return {
             "prepare": {"fingerprint": "abc", "seconds": 1.0, "summary": "60 of 60 rows kept"},
             "eval-sft": {"fingerprint": "def", "seconds": 22.25, "summary": "accuracy 40.0% on 5 problems"},
@@ -395,6 +395,7 @@ def test_up_command_starts_the_stack_and_stops_it(monkeypatch: pytest.MonkeyPatc
     def fake_up(home, **kwargs):
         events.append("up")
         assert kwargs["port"] == 4300 and kwargs["cuda_worker"] is False
+        assert kwargs["schedules"] is False  # deployed off unless --schedules
         assert kwargs["env"] == {"MATHWIZARD_HOME": str(tmp_path.resolve())}  # no result storage to configure
         assert Path(home) == tmp_path.resolve() / "prefect"
         return FakeStack()
@@ -502,7 +503,7 @@ def test_publish_end_to_end_offline_and_its_gate(
     result = invoke(["publish", "--home", str(home), "--run-dir", str(run_dir)])
     assert result.exit_code == 0, result.output
     out = home / "runs" / "default" / "07-publish"
-    assert result.output.startswith(f"publish: 3 repos written under {out} (not uploaded)")
+    assert result.output.startswith(f"publish: 3 repos written under {out} (not uploaded: publish.push is false)")
     assert (out / "datasets" / "math-wizard" / "math-wizard-sft").is_dir()
 
     worse = make_run(tmp_path / "worse", accuracies={"sft": 0.4, "dpo": 0.35})

@@ -96,6 +96,7 @@ def prefect_stack(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) ->
         stack.start_server()
         stack.create_pools()
         stack.deploy()
+        stack.set_schedules(False)  # as `mathwizard up` without --schedules
         stack.start_worker("cpu", MATHWIZARD_ORCHESTRATION__SCRATCH=str(root / "scratch-cpu"))
         stack.start_worker("cuda", MATHWIZARD_ORCHESTRATION__SCRATCH=str(root / "scratch-cuda"))
         yield Stack(stack, root)

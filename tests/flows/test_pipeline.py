@@ -7,10 +7,11 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from flows import pipeline
-from flows.pipeline import PipelineParams, resolve
-from mathwizard.config import load_settings
+from flows.pipeline import PipelineParams
+from mathwizard.config import gpu_flow, load_settings
 from mathwizard.errors import ConfigError, MathWizardError
 from mathwizard.manifest import stage_output
 from tests.flows.artifacts import table
@@ -19,33 +20,113 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 # ------------------------------------------------------------------------------------------------ params
-def test_params_load_the_recipe_from_any_directory(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.chdir(tmp_path)  # a worker may start elsewhere: the recipe path is relative to the repository
-    settings = PipelineParams(recipe="deployments/recipes/smoke.yaml", home="/data/mw").settings()
+def test_params_load_a_shipped_recipe_or_a_file_from_any_directory(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)  # a worker may start elsewhere: recipes are found in the repository
+    settings = PipelineParams(recipe="smoke", home="/data/mw").settings()
     assert (settings.run_name, settings.model.name, settings.home) == ("smoke", "tiny", "/data/mw")
-
-
-def test_overrides_win_and_may_set_none() -> None:
-    params = PipelineParams(
-        recipe="deployments/recipes/smoke.yaml", overrides={"teacher": {"rpm": None}, "sft": {"max_steps": 7}}
-    )
-    settings = params.settings()
-    assert settings.teacher.rpm is None  # load_settings alone would drop a None
-    assert settings.sft.max_steps == 7
-    assert settings.sft.per_device_train_batch_size == 1  # the recipe's value beside the override survives
-
-
-def test_bad_override_is_one_config_error() -> None:
-    with pytest.raises(ConfigError, match=r"sft\.max_step: Extra inputs"):
-        PipelineParams(overrides={"sft": {"max_step": 7}}).settings()
-
-
-def test_params_and_settings_are_exclusive() -> None:
-    settings = load_settings()
-    assert resolve(None, settings) is settings
-    assert resolve(PipelineParams(), settings) is settings  # the default form is "no params"
+    by_file = PipelineParams(recipe_file="deployments/recipes/smoke.yaml", home="/data/mw").settings()
+    assert by_file.model_dump() == settings.model_dump()
+    assert PipelineParams().settings() == load_settings()  # no recipe: the embedded defaults
     with pytest.raises(ConfigError, match="not both"):
-        resolve(PipelineParams(run_name="x"), settings)
+        PipelineParams(recipe="smoke", recipe_file="deployments/recipes/smoke.yaml").settings()
+    with pytest.raises(ValidationError, match="recipe"):
+        PipelineParams(recipe="deployments/recipes/smoke.yaml")  # a choice, not a path
+
+
+def test_typed_fields_and_advanced_values_win_and_empty_keeps_the_recipes() -> None:
+    params = PipelineParams(
+        recipe="gemma-3n-e2b",
+        run_name="try",
+        base_model="google/gemma-3n-E2B-it",
+        backend="hf",
+        sft_max_steps=7,
+        dpo_max_steps=3,
+        teacher_model="deepseek-chat",
+        teacher_base_url="https://api.deepseek.com",
+        push=True,
+        advanced={"sft": {"lora": {"r": 8}, "max_steps": 99}, "teacher": {"rpm": 60}, "eval": {"limit": None}},
+    )
+    s = params.settings()
+    assert (s.run_name, s.model.name, s.model.backend) == ("try", "google/gemma-3n-E2B-it", "hf")
+    assert (s.sft.max_steps, s.dpo.max_steps) == (7, 3)  # the typed field wins over advanced
+    assert (s.teacher.model, s.teacher.base_url, s.teacher.rpm) == ("deepseek-chat", "https://api.deepseek.com", 60)
+    assert s.publish.push is True and s.sft.lora.r == 8
+    assert s.sft.lora.alpha == 16 and s.sft.per_device_train_batch_size == 8  # the recipe's, beside the changes
+    assert s.eval.max_new_tokens == 1024  # empty fields keep the recipe's values
+
+
+def test_a_bad_value_is_one_config_error() -> None:
+    with pytest.raises(ValidationError, match="max_step"):
+        PipelineParams(advanced={"sft": {"max_step": 7}})  # a typo is refused by the form itself
+    # A value of the right type that the settings' own checks refuse: one line naming the field.
+    with pytest.raises(ConfigError, match=r"^invalid pipeline parameters: prepare.splits: .*summing to 1"):
+        PipelineParams(advanced={"prepare": {"splits": [0.5, 0.5, 0.5]}}).settings()
+
+
+def test_a_runs_parameters_show_only_what_was_set() -> None:
+    params = PipelineParams(recipe="smoke", sft_max_steps=3, advanced={"teacher": {"rpm": 60}})
+    assert params.model_dump() == {"recipe": "smoke", "sft_max_steps": 3, "advanced": {"teacher": {"rpm": 60}}}
+    assert PipelineParams.model_validate(params.model_dump()) == params
+
+
+def test_the_command_lines_input(tmp_path: Path) -> None:
+    params = PipelineParams.for_command_line(
+        REPO / "deployments/recipes/smoke.yaml", home=str(tmp_path), run_name="r", lock_wait_s=5.0
+    )
+    expected = load_settings(
+        REPO / "deployments/recipes/smoke.yaml", home=str(tmp_path), run_name="r", orchestration={"lock_wait_s": 5.0}
+    )
+    assert params.settings().model_dump() == expected.model_dump()
+    assert PipelineParams.for_command_line().settings() == load_settings()
+
+
+def test_the_run_form_is_one_typed_model(monkeypatch) -> None:
+    """What Prefect renders as the Run form: the flow signature's pydantic schema."""
+    schema = pipeline.math_wizard.parameters.model_dump()
+    assert list(schema["properties"]) == ["params"] and schema["required"] == []  # no competing `settings`
+    definitions = schema["definitions"]
+    form = definitions["PipelineParams"]["properties"]
+    assert list(form) == [
+        "recipe", "recipe_file", "run_name", "home", "base_model", "backend", "sft_max_steps", "dpo_max_steps",
+        "teacher_model", "teacher_base_url", "push", "advanced",
+    ]  # fmt: skip
+    recipes = sorted(p.stem for p in (REPO / "deployments" / "recipes").glob("*.yaml"))
+    assert definitions["Recipe"]["enum"] == recipes == ["gemma-3n-e2b", "smoke"]
+    # Optional fields render as their plain type (a select, a text box), not as a "str | None" switch; an empty
+    # field is not sent, and its None keeps the recipe's value.
+    assert form["recipe"]["$ref"] == "#/definitions/Recipe" and "anyOf" not in form["recipe"]
+    assert (form["backend"]["type"], form["backend"]["enum"]) == ("string", ["auto", "hf", "unsloth"])
+    assert "'null'" not in str(schema) and schema["properties"]["params"]["default"] == {}
+    advanced = definitions["Advanced"]["properties"]
+    assert list(advanced) == ["prepare", "teacher", "model", "sft", "pairs", "dpo", "eval", "publish", "orchestration"]
+    sft = definitions["AdvancedSft"]["properties"]
+    assert sft["lora"]["$ref"] == "#/definitions/AdvancedSftLoRA"
+    assert (sft["max_steps"]["type"], sft["max_steps"]["minimum"]) == ("integer", 1)  # the settings' limits too
+    assert schema == pipeline.data_only.parameters.model_dump()  # one form for both pipeline flows
+
+    # The UI renders descriptions as HTML: `<home>` would vanish. None of the form's descriptions has a bracket.
+    def descriptions(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("description"), str):
+                yield node["description"]
+            for value in node.values():
+                yield from descriptions(value)
+        elif isinstance(node, list):
+            for value in node:
+                yield from descriptions(value)
+
+    found = list(descriptions(schema))
+    assert len(found) > 100 and not [d for d in found if "<" in d or ">" in d]
+    assert "Default: {namespace}/math-wizard-gemma-3n-dpo." in found  # was <namespace>
+
+
+def test_gpu_deployments_must_name_each_stages_gpu_flow() -> None:
+    from flows import gpu
+
+    names = {s: getattr(gpu, f"{s}_on_worker").name for s in ("sft", "pairs", "dpo", "eval")}
+    assert names == {s: gpu_flow(s) for s in names} == {s: f"math-wizard-gpu-{s}" for s in names}
+    with pytest.raises(ConfigError, match=r"must name each stage's GPU flow \(sft: math-wizard-gpu-sft/...\)"):
+        load_settings(orchestration={"gpu_deployments": {"sft": "math-wizard-gpu-dpo/dpo-on-cuda"}})
 
 
 # ------------------------------------------------------------------------------------------ stage order
@@ -69,8 +150,7 @@ def test_pipeline_runs_every_stage_in_order_with_locations(prefect_harness, tmp_
 
     monkeypatch.setattr(pipeline, "stage_flow", fake_flow)
     monkeypatch.setattr(pipeline, "report_of", lambda stage, manifest: Done(stage))
-    settings = load_settings(home=str(tmp_path), run_name="r")
-    result = pipeline.math_wizard(settings=settings)
+    result = pipeline.math_wizard(PipelineParams(home=str(tmp_path), run_name="r"))
 
     run = f"{tmp_path}/runs/r"
     assert calls == [
@@ -89,7 +169,7 @@ def test_pipeline_runs_every_stage_in_order_with_locations(prefect_harness, tmp_
     assert result["prepare"] == {"fingerprint": "fp-prepare-0", "seconds": 0.5, "summary": "prepare done"}
 
 
-def test_teacher_only_runs_prepare_then_teach(prefect_harness, tmp_path: Path, monkeypatch) -> None:
+def test_data_only_runs_prepare_then_teach(prefect_harness, tmp_path: Path, monkeypatch) -> None:
     calls: list[str] = []
 
     def fake_flow(stage: str):
@@ -101,12 +181,13 @@ def test_teacher_only_runs_prepare_then_teach(prefect_harness, tmp_path: Path, m
 
     monkeypatch.setattr(pipeline, "stage_flow", fake_flow)
     monkeypatch.setattr(pipeline, "report_of", lambda stage, manifest: SimpleNamespace(summary=lambda: stage))
-    result = pipeline.teacher_only(settings=load_settings(home=str(tmp_path)))
+    result = pipeline.data_only(PipelineParams(home=str(tmp_path)))
     assert calls == ["prepare", "teach"] and list(result) == ["prepare", "teach"]
 
 
 def test_summary_is_each_stages_report_in_one_line(prefect_harness, tmp_path: Path) -> None:
     from mathwizard.stages import prepare, publish
+    from mathwizard.stages.publish import NOT_UPLOADED
 
     prepared = prepare.Report(
         source="sample", resolved_revision=None, rows_in=60, kept=60, quarantined=0, resized=22,
@@ -125,7 +206,7 @@ def test_summary_is_each_stages_report_in_one_line(prefect_harness, tmp_path: Pa
 
     assert run() == {
         "prepare": {"fingerprint": "a" * 12, "seconds": 3.25, "summary": prepared.summary()},
-        "publish": {"fingerprint": "b" * 12, "seconds": 0.5, "summary": "0 repos written under /r (not uploaded)"},
+        "publish": {"fingerprint": "b" * 12, "seconds": 0.5, "summary": f"0 repos written under /r ({NOT_UPLOADED})"},
     }
     rows = table("pipeline-stages")
     assert [r["stage"] for r in rows] == ["prepare", "publish"] and rows[1]["ran on"] == "this flow run"
@@ -136,7 +217,7 @@ def test_every_stage_has_its_flow_in_pipeline_order() -> None:
     from mathwizard.config import STAGE_DIRS
 
     names = {stage: pipeline.stage_flow(stage).name for stage in STAGE_DIRS}
-    assert names == {stage: stage for stage in STAGE_DIRS}  # each flow is named after its stage
+    assert names == {stage: f"math-wizard-{stage}" for stage in STAGE_DIRS}  # each flow is named after its stage
     with pytest.raises(ConfigError, match="unknown stage 'evaluate'; use one of prepare, teach, sft"):
         pipeline.stage_flow("evaluate")
 
@@ -162,7 +243,11 @@ class FakeDeployments:
 def gpu_settings(tmp_path: Path):
     return load_settings(
         home=str(tmp_path),
-        orchestration={"gpu_deployments": {"sft": "mathwizard-sft/cuda"}, "poll_seconds": 1, "scratch": "/here"},
+        orchestration={
+            "gpu_deployments": {"sft": "math-wizard-gpu-sft/sft-on-cuda"},
+            "poll_seconds": 1,
+            "scratch": "/here",
+        },
     )
 
 
@@ -179,7 +264,7 @@ def test_gpu_stage_is_dispatched_with_locations(prefect_harness, tmp_path: Path,
 
     manifest = parent()
     [call] = fake.calls
-    assert call["name"] == "mathwizard-sft/cuda" and call["poll_interval"] == 1
+    assert call["name"] == "math-wizard-gpu-sft/sft-on-cuda" and call["poll_interval"] == 1
     sent = call["parameters"]
     assert sent["out"] == settings.stage_dir("sft") and sent["inputs"] == {"data": settings.stage_dir("teach")}
     assert "scratch" not in sent["settings"]["orchestration"]  # the worker's own scratch folder applies there

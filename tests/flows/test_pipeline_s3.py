@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from mathwizard import storage
-from mathwizard.config import load_settings
 
 REPO = Path(__file__).resolve().parents[2]
 SMOKE = REPO / "deployments" / "recipes" / "smoke.yaml"
@@ -26,12 +25,13 @@ def remote_files(url: str) -> set[str]:
 
 
 def test_prepare_and_teach_hand_over_through_s3(prefect_harness, bucket: str, tmp_path: Path, monkeypatch) -> None:
-    from flows.pipeline import teacher_only
+    from flows.pipeline import PipelineParams, data_only
     from mathwizard.stages import teach
 
     home = f"{bucket}/mw"
-    settings = load_settings(SMOKE, home=home, orchestration={"scratch": str(tmp_path / "machine-a")})
-    first = teacher_only(settings=settings)
+    first = data_only(
+        PipelineParams(recipe="smoke", home=home, advanced={"orchestration": {"scratch": str(tmp_path / "machine-a")}})
+    )
 
     run = f"{home}/runs/smoke"
     files = remote_files(run)
@@ -64,10 +64,10 @@ def test_prepare_and_teach_hand_over_through_s3(prefect_harness, bucket: str, tm
         return sent[-1]
 
     monkeypatch.setattr(storage, "push", counting_push)
-    other = settings.model_copy(
-        update={"orchestration": settings.orchestration.model_copy(update={"scratch": str(tmp_path / "machine-b")})}
+    other = PipelineParams(
+        recipe="smoke", home=home, advanced={"orchestration": {"scratch": str(tmp_path / "machine-b")}}
     )
-    second = teacher_only(settings=other)
+    second = data_only(other)
     assert {k: v["fingerprint"] for k, v in second.items()} == {k: v["fingerprint"] for k, v in first.items()}
     assert sum(sent) == 0  # (the shared cache is compared after teach, and found unchanged)
     mirrored = sorted(p.name for p in (tmp_path / "machine-b" / "home").glob("*/runs/smoke/02-teach/*"))
@@ -80,17 +80,17 @@ def test_smoke_pipeline_deployment_on_s3(prefect_stack, bucket: str) -> None:
     overrides = {
         "orchestration": {
             "gpu_deployments": {
-                "sft": "mathwizard-sft/cuda",
-                "pairs": "mathwizard-pairs/cuda",
-                "dpo": "mathwizard-dpo/cuda",
-                "eval": "mathwizard-eval/cuda",
+                "sft": "math-wizard-gpu-sft/sft-on-cuda",
+                "pairs": "math-wizard-gpu-pairs/pairs-on-cuda",
+                "dpo": "math-wizard-gpu-dpo/dpo-on-cuda",
+                "eval": "math-wizard-gpu-eval/eval-on-cuda",
             },
             "poll_seconds": 2,
         }
     }
     run_id = prefect_stack.run(
         "math-wizard/smoke",
-        {"params": {"recipe": "deployments/recipes/smoke.yaml", "home": home, "overrides": overrides}},
+        {"params": {"recipe": "smoke", "home": home, "advanced": overrides}},
     )
     run = prefect_stack.wait(run_id, timeout=1500)
     assert run["state_type"] == "COMPLETED", prefect_stack.logs(run_id)[-4000:] + prefect_stack.log_tail()

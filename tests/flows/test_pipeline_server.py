@@ -24,24 +24,24 @@ from mathwizard.testing.openai_server import OpenAITestServer
 
 pytestmark = pytest.mark.slow
 
-SMOKE = "deployments/recipes/smoke.yaml"
+SMOKE = "smoke"
 GPU = {
-    "sft": "mathwizard-sft/cuda",
-    "pairs": "mathwizard-pairs/cuda",
-    "dpo": "mathwizard-dpo/cuda",
-    "eval": "mathwizard-eval/cuda",
+    "sft": "math-wizard-gpu-sft/sft-on-cuda",
+    "pairs": "math-wizard-gpu-pairs/pairs-on-cuda",
+    "dpo": "math-wizard-gpu-dpo/dpo-on-cuda",
+    "eval": "math-wizard-gpu-eval/eval-on-cuda",
 }
 # Subflows of the pipeline run, in order: GPU stages appear as their deployments' flows.
 STAGES = [
-    "prepare",
-    "teach",
-    "mathwizard-sft",
-    "mathwizard-pairs",
-    "mathwizard-dpo",
-    "mathwizard-eval",
-    "mathwizard-eval",
-    "mathwizard-eval",
-    "publish",
+    "math-wizard-prepare",
+    "math-wizard-teach",
+    "math-wizard-gpu-sft",
+    "math-wizard-gpu-pairs",
+    "math-wizard-gpu-dpo",
+    "math-wizard-gpu-eval",
+    "math-wizard-gpu-eval",
+    "math-wizard-gpu-eval",
+    "math-wizard-publish",
 ]
 STAGE_DIRS = ["01-prepare", "02-teach", "03-sft", "04-pairs", "05-dpo", "06-eval/base", "06-eval/sft", "06-eval/dpo"]
 
@@ -52,7 +52,7 @@ def pipeline_run(prefect_stack, tmp_path_factory: pytest.TempPathFactory) -> tup
     home = tmp_path_factory.mktemp("pipeline") / "home"
     overrides = {"orchestration": {"gpu_deployments": GPU, "poll_seconds": 2}}
     run_id = prefect_stack.run(
-        "math-wizard/smoke", {"params": {"recipe": SMOKE, "home": str(home), "overrides": overrides}}
+        "math-wizard/smoke", {"params": {"recipe": SMOKE, "home": str(home), "advanced": overrides}}
     )
     run = prefect_stack.wait(run_id, timeout=1500)
     assert run["state_type"] == "COMPLETED", prefect_stack.logs(run_id)[-4000:] + prefect_stack.log_tail()
@@ -68,12 +68,12 @@ def test_pipeline_deployment_completes_every_stage(prefect_stack, pipeline_run) 
     api = prefect_stack.stack.api
     for child in stages:
         run = api("GET", f"/flow_runs/{child['id']}").json()
-        on_gpu_pool = child["flow"].startswith("mathwizard-")
+        on_gpu_pool = child["flow"].startswith("math-wizard-gpu-")
         # GPU stages were runs of their deployments, picked up by the cuda worker; the rest ran inside the pipeline.
         assert (run["work_pool_name"] == "cuda") == on_gpu_pool, child
         if on_gpu_pool:
             [inner] = prefect_stack.subflows(child["id"])  # the stage's own flow, inside the GPU run
-            assert inner["flow"] == child["flow"].removeprefix("mathwizard-") and inner["state"] == "Completed"
+            assert inner["flow"] == child["flow"].replace("-gpu-", "-") and inner["state"] == "Completed"
 
     run_dir = home / "runs" / "smoke"
     manifests = {name: read_manifest(run_dir / name) for name in STAGE_DIRS}
@@ -107,7 +107,7 @@ def test_screenshot_of_the_finished_run_shows_the_stages(prefect_stack, pipeline
     expected = ["Completed", "math-wizard", "smoke"]
     expected += [f"stage {name}: done" for name in ("prepare", "teach", "sft", "pairs", "dpo", "publish")]
     expected += [f"stage eval ({label}): done" for label in ("base", "sft", "dpo")]
-    expected += ["starting on deployment mathwizard-sft/cuda"]
+    expected += ["starting on deployment math-wizard-gpu-sft/sft-on-cuda"]
     text = html.unescape(re.sub(r"<[^>]+>", " ", dom))
     missing = [phrase for phrase in expected if phrase not in text]
     assert not missing, f"not on the rendered page: {missing}"
@@ -123,13 +123,13 @@ def test_teacher_outage_fails_the_run_and_retry_sends_only_missing_requests(pref
     home = tmp_path / "home"
     overrides = {
         # The openai teacher against the local test server (its key is a dummy in the workers' environment).
-        "teacher": {"kind": "openai", "concurrency": 2, "rpm": None, "request_retries": 1, "max_attempts": 1},
+        "teacher": {"kind": "openai", "concurrency": 2, "rpm": 60000, "request_retries": 1, "max_attempts": 1},
         "eval": {"models": ["sft"]},
     }
     with OpenAITestServer(latency=0.05) as server:
         overrides["teacher"]["base_url"] = server.base_url
         run_id = prefect_stack.run(
-            "math-wizard/smoke", {"params": {"recipe": SMOKE, "home": str(home), "overrides": overrides}}
+            "math-wizard/smoke", {"params": {"recipe": SMOKE, "home": str(home), "advanced": overrides}}
         )
         # Mid-way: once a third of the 60 items have been asked, the API goes down until we say otherwise.
         deadline = time.monotonic() + 300

@@ -1,4 +1,5 @@
-"""The publish flow: the repos listed in artifacts, the Hub token from a Secret block, retries of a Hub 5xx only."""
+"""The publish flow: the repos listed in artifacts, nothing sent without push, the Hub token from a Secret block,
+retries of a Hub 5xx only."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def test_flow_publishes_locally_and_lists_the_repos(prefect_harness, run_dir: Pa
     assert report.destination == "local" and len(report.repos) == 3
     assert (out / "models" / MODEL / "README.md").is_file()
     artifact = latest("publish-summary")
-    assert "written to" in artifact.data and "(not uploaded)" in artifact.data
+    assert "written to" in artifact.data and "(not uploaded: publish.push is false)" in artifact.data
     assert f"| {MODEL} | model | 18 | `models/{MODEL}` | – |" in artifact.data
 
 
@@ -40,10 +41,13 @@ def test_flow_uploads_with_the_token_from_a_secret_block(
     from flows.publish import publish_flow
 
     Secret(value=TOKEN).save("hf-token-publish-test", overwrite=True)
-    settings = load_settings(
-        home=str(tmp_path / "home"),
-        publish={"namespace": "acme", "endpoint": fake_hub.url, "token_block": "hf-token-publish-test"},
-    )
+    publish = {"namespace": "acme", "endpoint": fake_hub.url, "token_block": "hf-token-publish-test"}
+    # The token in the block is not enough: without push nothing is sent.
+    quiet = load_settings(home=str(tmp_path / "home"), publish=publish)
+    unasked = publish_flow(settings=quiet, run_dir=str(run_dir), out=str(tmp_path / "local"))
+    assert Report.of(unasked).destination == "local" and fake_hub.requests == []
+
+    settings = load_settings(home=str(tmp_path / "home"), publish={**publish, "push": True})
     out = tmp_path / "07-publish"
 
     results = Path(get_current_settings().results.local_storage_path)
@@ -71,7 +75,9 @@ def test_flow_retries_a_hub_5xx_but_not_a_refusal(
     from mathwizard.errors import PublishError
 
     monkeypatch.setenv("HF_TOKEN", TOKEN)
-    settings = load_settings(home=str(tmp_path / "home"), publish={"namespace": "acme", "endpoint": fake_hub.url})
+    settings = load_settings(
+        home=str(tmp_path / "home"), publish={"namespace": "acme", "endpoint": fake_hub.url, "push": True}
+    )
     fake_hub.fail_next(r"/api/datasets/acme/math-wizard-dpo/commit/", 503)
 
     manifest = publish_flow(settings=settings, run_dir=str(run_dir), out=str(tmp_path / "a"))

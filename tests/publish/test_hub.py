@@ -1,4 +1,5 @@
-"""The real upload path against a recording Hub on 127.0.0.1: what is sent, idempotence, errors, the token."""
+"""The real upload path against a recording Hub on 127.0.0.1: nothing sent unless asked, what is sent, idempotence,
+errors, the token."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from mathwizard.config import PublishConfig
-from mathwizard.errors import PublishError, TransientError, is_transient
+from mathwizard.errors import ConfigError, PublishError, TransientError, is_transient
 from mathwizard.manifest import read_manifest
-from mathwizard.publish.hub import git_blob_id, resolve_token
+from mathwizard.publish.hub import resolve_token
 from mathwizard.stages import publish
 from tests.publish.fakehub import TOKEN, FakeHub
 
@@ -31,12 +32,51 @@ MODEL_FILES = {
     *(f"sft-adapter/{n}" for n in ("adapter_config.json", "adapter_model.safetensors", "mathwizard_adapter.json")),
     "sft-adapter/tokenizer_config.json",
 }  # 5 adapter files + 3 eval reports + 6 plots + 4 SFT adapter files = 18
-SFT_FILES = {"README.md", *(f"data/{s}-00000-of-00001.parquet" for s in ("train", "val", "test"))}
-DPO_FILES = {"README.md", *(f"data/{s}-00000-of-00001.parquet" for s in ("train", "val"))}
+SFT_FILES = {"README.md", *(f"data/{s}-00000-of-00001.parquet" for s in ("train", "validation", "test"))}
+DPO_FILES = {"README.md", *(f"data/{s}-00000-of-00001.parquet" for s in ("train", "validation"))}
 
 
 def _cfg(hub: FakeHub, **overrides) -> PublishConfig:
-    return PublishConfig(namespace="acme", endpoint=hub.url, **overrides)
+    return PublishConfig(namespace="acme", endpoint=hub.url, **{"push": True, **overrides})
+
+
+def _hf_login(token: str) -> None:
+    """What `hf auth login` leaves behind: the token in HF_TOKEN_PATH (a temporary path, see no_hub_login)."""
+    import huggingface_hub.constants
+
+    login = Path(huggingface_hub.constants.HF_TOKEN_PATH)
+    login.parent.mkdir(parents=True, exist_ok=True)
+    login.write_text(token)
+
+
+def test_a_cached_token_without_push_sends_nothing(
+    run_dir: Path, tmp_path: Path, fake_hub: FakeHub, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default: a Hub login and HF_TOKEN at hand, the Hub reachable, and not one request goes out."""
+    _hf_login(TOKEN)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    assert resolve_token() == TOKEN  # a token is there to be found
+
+    manifest = publish.run(_cfg(fake_hub, push=False), run_dir, tmp_path / "out")
+
+    assert fake_hub.requests == [] and fake_hub.repos == {}
+    report = publish.Report.of(manifest)
+    assert (report.destination, report.endpoint) == ("local", None)
+    assert report.summary().endswith("(not uploaded: publish.push is false)")
+    assert [(r.private, r.url, r.commit) for r in report.repos] == [(True, None, None)] * 3  # private by default
+    assert (tmp_path / "out" / "models" / MODEL / "README.md").is_file()
+
+
+def test_push_without_a_token_is_one_line_before_anything_is_written(
+    run_dir: Path, tmp_path: Path, fake_hub: FakeHub
+) -> None:
+    with pytest.raises(ConfigError) as refused:
+        publish.run(_cfg(fake_hub), run_dir, tmp_path / "out", token_block="hf-token")
+    assert str(refused.value) == (
+        "publish.push is true but there is no Hub token: set HF_TOKEN or run `hf auth login`, or save one in the"
+        " Prefect Secret block 'hf-token'; or publish without --push to write the repos locally"
+    )
+    assert fake_hub.requests == [] and not (tmp_path / "out").exists()
 
 
 def _committed_paths(commit) -> dict[str, str]:
@@ -84,10 +124,8 @@ def test_upload_creates_repos_and_commits_every_file_with_the_token_header(
     assert remote["README.md"] == (model_dir / "README.md").read_bytes()
     assert "| DPO | 10 | 50.0% | 100.0% |" in remote["README.md"].decode()
     assert set(remote) == MODEL_FILES | {".gitattributes"}
-    assert (
-        fake_hub.repo("dataset", SFT).files["data/train-00000-of-00001.parquet"]
-        == (run_dir / "02-teach" / "train.parquet").read_bytes()
-    )
+    sft_train = "data/train-00000-of-00001.parquet"
+    assert fake_hub.repo("dataset", SFT).files[sft_train] == (out / "datasets" / SFT / sft_train).read_bytes()
 
     report = publish.Report.of(manifest)
     repos = report.repos
@@ -122,11 +160,12 @@ def test_rerun_with_nothing_new_sends_no_commit(
     again = publish.run(cfg, run_dir, tmp_path / "a")
     assert len(fake_hub.requests) == sent and again.created_at == first.created_at
 
-    # A fresh stage folder (e.g. another machine): the remote trees are compared and found identical.
+    # A fresh stage folder (e.g. another machine): huggingface_hub asks the Hub about each file (preupload), finds
+    # every one unchanged and sends no commit.
     fresh = publish.run(cfg, run_dir, tmp_path / "b")
     new = fake_hub.requests[sent:]
-    assert [(r.method, r.path.split("/")[-2]) for r in new if "/tree/" in r.path] == [("GET", "tree")] * 3
-    assert not [r for r in new if "/commit/" in r.path or "/preupload/" in r.path]
+    assert len([r for r in new if "/preupload/" in r.path]) == 3
+    assert not [r for r in new if "/commit/" in r.path]
     fresh_repos = publish.Report.of(fresh).repos
     assert [r.commit for r in fresh_repos] == [None, None, None]
     assert [r.uploaded for r in fresh_repos] == [[], [], []]
@@ -215,20 +254,14 @@ def test_an_unreachable_hub_is_transient(run_dir: Path, tmp_path: Path, monkeypa
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     with FakeHub() as hub:
         closed = hub.url  # the port is free again once the server is gone
-    cfg = PublishConfig(namespace="acme", endpoint=closed)
+    cfg = PublishConfig(namespace="acme", endpoint=closed, push=True)
 
     with pytest.raises(TransientError, match="cannot reach the Hub"):
         publish.run(cfg, run_dir, tmp_path / "out")
 
 
-def test_the_hf_login_token_is_used(
-    run_dir: Path, tmp_path: Path, fake_hub: FakeHub, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import huggingface_hub.constants
-
-    login = Path(huggingface_hub.constants.HF_TOKEN_PATH)
-    login.parent.mkdir(parents=True)
-    login.write_text(TOKEN)
+def test_the_hf_login_token_is_used_with_push(run_dir: Path, tmp_path: Path, fake_hub: FakeHub) -> None:
+    _hf_login(TOKEN)
 
     manifest = publish.run(_cfg(fake_hub), run_dir, tmp_path / "out")
 
@@ -236,12 +269,8 @@ def test_the_hf_login_token_is_used(
 
 
 def test_token_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
-    import huggingface_hub.constants
-
     assert resolve_token() is None  # no env, no .env, no login (conftest)
-    login = Path(huggingface_hub.constants.HF_TOKEN_PATH)
-    login.parent.mkdir(parents=True)
-    login.write_text("hf_login")
+    _hf_login("hf_login")
     assert resolve_token() == "hf_login"
     monkeypatch.setenv("HF_TOKEN", "hf_env")
     assert resolve_token() == "hf_env"
@@ -250,30 +279,31 @@ def test_token_precedence(monkeypatch: pytest.MonkeyPatch) -> None:
     assert resolve_token("hf_block") == "hf_block"  # a Prefect Secret block, passed by the task
 
 
-def test_a_target_folder_wins_over_a_token(
+def test_a_target_folder_is_where_the_repos_are_laid_out_and_pushed_from(
     run_dir: Path, tmp_path: Path, fake_hub: FakeHub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     target = tmp_path / "hub-folder"
 
-    manifest = publish.run(_cfg(fake_hub, target=str(target)), run_dir, tmp_path / "out")
-
-    assert fake_hub.requests == [] and publish.Report.of(manifest).destination == "local"
+    local = publish.run(_cfg(fake_hub, target=str(target), push=False), run_dir, tmp_path / "out")
+    assert fake_hub.requests == [] and publish.Report.of(local).destination == "local"
     assert (target / "models" / MODEL / "README.md").is_file()
-    assert (target / "datasets" / DPO / "data" / "val-00000-of-00001.parquet").is_file()
+    assert (target / "datasets" / DPO / "data" / "validation-00000-of-00001.parquet").is_file()
+
+    pushed = publish.run(_cfg(fake_hub, target=str(target)), run_dir, tmp_path / "out")
+    assert publish.Report.of(pushed).destination == "hub" and len(fake_hub.commits()) == 3
 
 
-def test_offline_mode_keeps_everything_local(run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_push_with_offline_mode_is_one_line_and_sends_nothing(
+    run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("HF_TOKEN", TOKEN)  # HF_HUB_OFFLINE=1 comes from tests/conftest.py
+    cfg = PublishConfig(namespace="acme", endpoint="http://127.0.0.1:9", push=True)
 
-    manifest = publish.run(PublishConfig(namespace="acme", endpoint="http://127.0.0.1:9"), run_dir, tmp_path / "out")
-
-    report = publish.Report.of(manifest)
+    with pytest.raises(ConfigError, match=r"^publish.push is true but HF_HUB_OFFLINE is set: unset it to upload"):
+        publish.run(cfg, run_dir, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    # Without push the same run publishes locally.
+    report = publish.Report.of(publish.run(PublishConfig(namespace="acme"), run_dir, tmp_path / "out"))
     assert (report.destination, report.endpoint) == ("local", None)
     assert [(r.url, r.commit, r.uploaded) for r in report.repos] == [(None, None, [])] * 3
-
-
-def test_git_blob_id_matches_git(tmp_path: Path) -> None:
-    path = tmp_path / "hello.txt"
-    path.write_bytes(b"hello\n")
-    assert git_blob_id(path) == "ce013625030ba8dba906f756967f9e9ca394464a"  # `git hash-object hello.txt`

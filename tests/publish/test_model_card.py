@@ -37,6 +37,21 @@ def test_model_card_metadata(published: Path) -> None:
     assert {"sft", "dpo", "gemma3n"} <= set(card.data.tags)
 
 
+def test_model_card_carries_the_dpo_models_results_as_model_index(published: Path) -> None:
+    """The Hub's evaluation widget reads `model-index`: the published (DPO) model's test results, on the test split
+    published with the SFT dataset."""
+    card = ModelCard.load(published / "models" / MODEL / "README.md")
+    assert card.data.model_name == MODEL.split("/")[1]
+    results = {r.metric_type: r for r in card.data.eval_results}
+    assert set(results) == {"accuracy", "format_rate"}
+    accuracy = results["accuracy"]
+    assert (accuracy.metric_value, results["format_rate"].metric_value) == (0.5, 1.0)  # synthetic DPO report
+    assert (accuracy.task_type, accuracy.dataset_type, accuracy.dataset_split) == ("image-text-to-text", SFT, "test")
+    [index] = card.data.to_dict()["model-index"]
+    [result] = index["results"]  # one task on one dataset, two metrics
+    assert index["name"] == MODEL.split("/")[1] and len(result["metrics"]) == 2
+
+
 def test_model_card_eval_table_has_every_stage_and_difficulty(published: Path) -> None:
     text = (published / "models" / MODEL / "README.md").read_text()
     assert "| model | problems | accuracy | format followed | easy | medium | hard |" in text
@@ -129,6 +144,7 @@ def test_model_card_for_the_offline_tiny_model_and_no_eval(tmp_path: Path) -> No
     out = _publish(run_dir, tmp_path / "out")
     card = ModelCard.load(out / "models" / MODEL / "README.md")
     assert card.data.base_model is None  # not a Hub id: no metadata link
+    assert card.data.eval_results is None  # nothing evaluated: no model-index
     assert "a tiny randomly initialised gemma-3n built offline" in card.text
     assert "Not evaluated in this run" in card.text
     assert 'BASE = "path/to/base-model"  # trained on: tiny' in card.text
@@ -141,6 +157,7 @@ def test_stale_eval_report_is_flagged(run_dir: Path, tmp_path: Path) -> None:
     manifest.write_text(json.dumps({**data, "fingerprint": "retrained"}))
     text = (_publish(run_dir, tmp_path / "out") / "models" / MODEL / "README.md").read_text()
     assert "the DPO report(s) evaluated an earlier version of that model" in text
+    assert "model-index" not in text  # an earlier model's results are not claimed for this one
 
 
 def test_cards_name_the_rule_teacher_and_the_rule_fallback(run_dir: Path, tmp_path: Path) -> None:

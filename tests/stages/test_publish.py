@@ -35,16 +35,16 @@ def test_without_a_token_the_repos_are_written_into_the_stage_folder(run_dir: Pa
     assert [f for f in files if f.startswith("datasets/")] == [
         f"datasets/{DPO}/README.md",
         f"datasets/{DPO}/data/train-00000-of-00001.parquet",
-        f"datasets/{DPO}/data/val-00000-of-00001.parquet",
+        f"datasets/{DPO}/data/validation-00000-of-00001.parquet",
         f"datasets/{SFT}/README.md",
         f"datasets/{SFT}/data/test-00000-of-00001.parquet",
         f"datasets/{SFT}/data/train-00000-of-00001.parquet",
-        f"datasets/{SFT}/data/val-00000-of-00001.parquet",
+        f"datasets/{SFT}/data/validation-00000-of-00001.parquet",
     ]
     assert len(files) == 18 + 7 + 1  # model + datasets + manifest.json
     report = publish.Report.of(manifest)
     assert (report.destination, report.endpoint, report.root) == ("local", None, str(out.resolve()))
-    assert report.summary() == f"3 repos written under {out.resolve()} (not uploaded)"
+    assert report.summary() == f"3 repos written under {out.resolve()} (not uploaded: publish.push is false)"
     assert sum(len(r.files) for r in report.repos) == 25 and manifest == read_manifest(out)
     assert sorted(manifest.files) == [f for f in files if f != "manifest.json"]  # checksums of all of them
     assert [(r.repo_id, r.repo_type, r.folder) for r in report.repos] == [
@@ -52,10 +52,12 @@ def test_without_a_token_the_repos_are_written_into_the_stage_folder(run_dir: Pa
         (SFT, "dataset", f"datasets/{SFT}"),
         (DPO, "dataset", f"datasets/{DPO}"),
     ]
-    # The parquet files are the stage's own, byte for byte.
-    assert (out / "datasets" / SFT / "data" / "val-00000-of-00001.parquet").read_bytes() == (
-        run_dir / "02-teach" / "val.parquet"
-    ).read_bytes()
+    # The stage's val split, published under the Hub's name with every row and column of the stage.
+    import pyarrow.parquet as pq
+
+    published = pq.read_table(out / "datasets" / SFT / "data" / "validation-00000-of-00001.parquet")
+    stage = pq.read_table(run_dir / "02-teach" / "val.parquet")
+    assert published.select(stage.column_names).to_pylist() == stage.to_pylist()
 
 
 def test_repo_names_derive_from_the_namespace_or_are_given(run_dir: Path, tmp_path: Path) -> None:

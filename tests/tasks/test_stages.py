@@ -109,7 +109,8 @@ def test_task_bodies_call_the_stage_with_paths(calls: list, monkeypatch: pytest.
     stages.dpo.fn(s.dpo, s.model, "s", "p", "o", progress=progress)
     stages.dpo.fn(s.dpo, s.model, None, "p", "o")  # no SFT folder: DPO on the base model
     stages.evaluate.fn(s.eval, s.model, "m", "d", "o", "base", progress=progress)
-    stages.publish.fn(s.publish.model_copy(update={"token_block": "hf"}), "r", "o")
+    stages.publish.fn(s.publish.model_copy(update={"token_block": "hf"}), "r", "o")  # no push: the block is not read
+    stages.publish.fn(s.publish.model_copy(update={"token_block": "hf", "push": True}), "r", "o")
 
     d, o = Path("d"), Path("o")
     assert calls == [
@@ -120,7 +121,16 @@ def test_task_bodies_call_the_stage_with_paths(calls: list, monkeypatch: pytest.
         ("dpo", (s.dpo, s.model, Path("s"), Path("p"), o), {"progress": progress}),
         ("dpo", (s.dpo, s.model, None, Path("p"), o), {"progress": None}),
         ("eval", (s.eval, s.model, "m", d, o, "base"), {"progress": progress}),
-        ("publish", (s.publish.model_copy(update={"token_block": "hf"}), Path("r"), o), {"token": "token from hf"}),
+        (
+            "publish",
+            (s.publish.model_copy(update={"token_block": "hf"}), Path("r"), o),
+            {"token": None, "token_block": "hf"},
+        ),
+        (
+            "publish",
+            (s.publish.model_copy(update={"token_block": "hf", "push": True}), Path("r"), o),
+            {"token": "token from hf", "token_block": "hf"},
+        ),
     ]
 
 
