@@ -56,7 +56,15 @@ def library_logs_to_the_ui() -> None:
     if logger.level == logging.NOTSET or logger.level > logging.INFO:
         logger.setLevel(logging.INFO)
     if not any(isinstance(handler, APILogHandler) for handler in logger.handlers):
-        logger.addHandler(APILogHandler())
+        handler = APILogHandler()
+        handler.addFilter(_in_a_run)  # the library also runs outside flows (tests, scripts): no warning there
+        logger.addHandler(handler)
+
+
+def _in_a_run(record: logging.LogRecord) -> bool:
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    return FlowRunContext.get() is not None or TaskRunContext.get() is not None
 
 
 library_logs_to_the_ui()
