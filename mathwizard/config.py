@@ -93,16 +93,32 @@ class TeacherConfig(_Stage):
     model: str = Field("gpt-4o-mini", description="Teacher model name at the endpoint (original: deepseek-chat).")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="Sampling temperature (original: 0).")
     max_tokens: int = Field(2048, ge=16, description="Most completion tokens per reply.")
-    concurrency: int = Field(16, ge=1, le=1024, description="Requests in flight at once.")
+    concurrency: int = Field(
+        16,
+        ge=1,
+        le=1024,
+        description="Most requests in flight at once; timeouts and 429s lower the limit (down to 1), successes raise"
+        " it back.",
+    )
     rpm: int | None = Field(500, ge=1, description="Requests per minute allowed by the API (None: no limit).")
     tpm: int | None = Field(None, ge=1, description="Tokens per minute allowed by the API (None: no limit).")
-    timeout_s: float = Field(120.0, gt=0, description="Seconds before one request is abandoned and retried.")
+    timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="Seconds one request may take on the wire (not counting its wait for a free slot) before it is"
+        " abandoned, its connection closed, and retried.",
+    )
     request_retries: int = Field(6, ge=0, description="Retries of one request on 429, 5xx, timeouts, bad bodies.")
     backoff_s: float = Field(0.5, gt=0, description="First retry delay in seconds (as the openai SDK); then doubled.")
     backoff_max_s: float = Field(60.0, gt=0, description="Longest retry delay in seconds (Retry-After may ask more).")
     max_attempts: int = Field(3, ge=1, description="Asks per item when replies fail validation.")
     max_failed_fraction: float = Field(
         0.0, ge=0.0, le=1.0, description="Fraction of items that may fail before the stage fails."
+    )
+    retry_failed: bool = Field(
+        False,
+        description="Ask again the items whose failure is cached (invalid replies, refusals, too long); without it a"
+        " re-run at temperature 0 serves them from the cache. Timeouts and 5xx are always asked again.",
     )
     split: Literal["train", "val", "test", "all"] = Field("all", description="Which split(s) to rewrite.")
     limit: int | None = Field(None, ge=1, description="Rewrite only the first N items of each split.")

@@ -47,6 +47,7 @@ app = typer.Typer(
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 F = TypeVar("F", bound=Callable[..., Any])
 
+
 def setting(model: type[BaseModel], name: str, *flags: str, default: bool = True, **kwargs: Any) -> Any:
     """A typer option whose help is the settings field's description (and default): --help and the config agree."""
     field = model.model_fields[name]
@@ -301,6 +302,9 @@ def teach(
     rpm: Annotated[int | None, setting(TeacherConfig, "rpm")] = None,
     tpm: Annotated[int | None, setting(TeacherConfig, "tpm")] = None,
     limit: Annotated[int | None, setting(TeacherConfig, "limit")] = None,
+    retry_failed: Annotated[
+        bool | None, setting(TeacherConfig, "retry_failed", "--retry-failed/--no-retry-failed", default=False)
+    ] = None,
 ) -> None:
     """Rewrite every solution into numbered steps and a final answer; invalid replies are re-asked, then excluded."""
     settings = load(
@@ -317,6 +321,7 @@ def teach(
             "rpm": rpm,
             "tpm": tpm,
             "limit": limit,
+            "retry_failed": retry_failed,
         },
     )
     manifest = run_stage("teach", settings, out, data=data)
