@@ -21,6 +21,9 @@ from pydantic_settings import (
 
 from mathwizard.errors import ConfigError
 
+# prepare's length limits in characters, far above MM_Math's questions and solutions (see PrepareConfig)
+QUESTION_CHARS, SOLUTION_CHARS = 10_000, 20_000
+
 SplitName = Literal["train", "val", "test"]
 SPLITS: tuple[SplitName, ...] = ("train", "val", "test")
 
@@ -54,6 +57,20 @@ class PrepareConfig(_Stage):
     max_image_size: int = Field(512, ge=16, le=8192, description="Longest image side in pixels after resizing.")
     max_image_pixels: int = Field(
         64_000_000, ge=1, description="Images with more pixels than this are rejected (decompression bombs)."
+    )
+    max_question_chars: int = Field(
+        QUESTION_CHARS,
+        ge=1,
+        description="Questions longer than this many characters are quarantined as too_long. MM_Math's run to a few"
+        " hundred (the bundled sample's longest: 189); 10,000 (about 3,000 tokens) is already more than SFT's"
+        " 2,048-token examples hold, so a longer one is not a problem statement but a broken row.",
+    )
+    max_solution_chars: int = Field(
+        SOLUTION_CHARS,
+        ge=1,
+        description="Solutions longer than this many characters are quarantined as too_long. MM_Math's run to a few"
+        " hundred (the bundled sample's longest: 255); the teacher writes each solution out again within"
+        " teacher.max_tokens (2,048 tokens, about 7,000 characters), so one of 20,000 cannot be rewritten.",
     )
     splits: tuple[float, float, float] = Field(
         (0.90, 0.05, 0.05), description="Fractions for train, val and test; must sum to 1."
