@@ -576,12 +576,13 @@ def ask(
     """Ask the tutor about a figure: streams the worked solution, then prints the final answer."""
     from mathwizard.ask import Tutor, load_image
 
-    figure = load_image(image)  # a bad image fails before the model loads
+    settings = load_settings(config, home=home, run_name=run_name)
+    figure = load_image(image, settings.prepare.max_image_pixels)  # a bad image fails before the model loads
     if not question.strip():
         from mathwizard.errors import DataError
 
         raise DataError("the question is empty; pass the question as the command's argument")
-    location = model or load_settings(config, home=home, run_name=run_name).stage_dir("dpo")
+    location = model or settings.stage_dir("dpo")
     if not as_json:
         console.print(f"[dim]loading {location} …[/]", highlight=False)
     from transformers.utils import logging as transformers_logging
