@@ -425,7 +425,7 @@ class Settings(BaseSettings):
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings, dotenv_settings]
         yaml_file = settings_cls.model_config.get("yaml_file")
         if yaml_file:
-            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
+            sources.append(_RecipeSource(settings_cls, yaml_file=yaml_file))
         return tuple(sources)
 
     @property
@@ -440,6 +440,44 @@ class Settings(BaseSettings):
     def cache_dir(self) -> str:
         """Shared across runs, so a grown dataset only pays for its new rows."""
         return f"{self.home.rstrip('/')}/cache"
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden on purpose
+                continue
+            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(
+                    f"{key_node.start_mark.name}: key {key!r} appears twice in one mapping (lines {seen[key]} and"
+                    f" {line}); a YAML loader would silently keep the last, so remove one of them"
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _UniqueKeyLoader.construct_mapping)
+
+
+class _RecipeSource(YamlConfigSettingsSource):
+    """The YAML recipe: a mapping of settings, each key once."""
+
+    def _read_file(self, file_path: Any) -> dict[str, Any]:
+        with Path(file_path).open(encoding="utf-8") as f:
+            data = yaml.load(f, Loader=_UniqueKeyLoader) or {}  # a SafeLoader: no arbitrary objects
+        if not isinstance(data, dict):
+            names = {list: "a list", str: "a single string", int: "a number", float: "a number", bool: "a boolean"}
+            kind = names.get(type(data), f"a {type(data).__name__}")
+            raise ConfigError(
+                f"{file_path} holds {kind}, not a mapping of settings; a recipe maps sections to their fields,"
+                " e.g. `teacher: {kind: rule}` (see deployments/recipes/smoke.yaml)"
+            )
+        return data
 
 
 def _format_validation_error(exc: ValidationError, origin: str) -> str:
