@@ -27,7 +27,7 @@ from tests.cli_runner import invoke
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[2]
-FIXTURES = Path(__file__).parent / "data"
+FIXTURES = Path(__file__).parents[1] / "data"
 FP = "0123456789abcdef" * 4
 
 
