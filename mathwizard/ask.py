@@ -57,6 +57,7 @@ def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Any:
         raise DataError(f"image {path} does not exist; pass --image with the path of the figure")
     if not path.is_file():
         raise DataError(f"image {path} is not a file; pass --image with the path of the figure")
+
     def too_big(size: str = "") -> DataError:
         return DataError(
             f"image {path} has more than {max_pixels:,} pixels{size} (prepare.max_image_pixels); pass a figure of"

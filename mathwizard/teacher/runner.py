@@ -82,8 +82,6 @@ class Stats:
         self.retries += other.retries
         self.prompt_tokens += other.prompt_tokens
         self.completion_tokens += other.completion_tokens
-        self.concurrency_min = min(self.concurrency_min or other.concurrency_min, other.concurrency_min)
-        self.concurrency_final = other.concurrency_final
 
 
 class AdaptiveLimit:
@@ -275,6 +273,7 @@ class ApiRunner:
         if self._closed:
             raise RuntimeError("the teacher runner is closed")
         self._finished, self._stats = {}, Stats()
+        self._limit.lowest = self._limit.current  # the lowest of this run (the limit itself carries over)
         if not items:
             return [], self._stats
         return self._call(self._run(list(items), progress))  # type: ignore[return-value]

@@ -84,6 +84,11 @@ def test_a_request_too_long_for_the_server_fails_the_item_not_the_stage(server: 
         ({"code": "string_above_max_length"}, "Invalid 'messages[1].content': string too long."),  # OpenAI
         ({"code": 400, "type": "exceed_context_size_error"}, "the request exceeds the available context size"),
         (None, "This model's maximum context length is 2048 tokens. However, you requested 2100 tokens"),  # vLLM
+        (
+            None,
+            "'max_tokens' is too large: 2048. This model's maximum context length is 2048 tokens and your request"
+            " has 900 input tokens (2048 > 2048 - 900)",
+        ),  # vLLM: the prompt plus max_tokens, so per item too
         (None, "prompt is too long: 213000 tokens > 200000 maximum"),
     ],
 )
