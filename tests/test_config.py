@@ -116,6 +116,19 @@ def test_a_key_given_twice_is_an_error_naming_it(tmp_path: Path, text: str, key:
     )
 
 
+@pytest.mark.parametrize("text", ["- teacher\n- sft\n", "sft:\n  max_steps: 2\nsft:\n  max_steps: 3\n"])
+def test_the_cli_shows_a_bad_recipe_as_one_red_line(tmp_path: Path, text: str) -> None:
+    from typer.testing import CliRunner
+
+    from mathwizard.cli import app
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    result = CliRunner().invoke(app, ["config", "-c", str(recipe)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.startswith("error: ") and result.output.count("error:") == 1
+
+
 def test_yaml_anchors_and_merges_still_work(tmp_path: Path) -> None:
     recipe = tmp_path / "r.yaml"
     recipe.write_text("x-base: &base {max_steps: 3, learning_rate: 0.001}\nsft:\n  <<: *base\n  max_steps: 4\n")
