@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mathwizard.answers import final_answer
+from mathwizard.config import PrepareConfig
 from mathwizard.errors import DataError
 from mathwizard.generation import ModelGenerator, Request, SamplingParams, load_generator
 from mathwizard.prompts import load_prompt
@@ -22,6 +23,8 @@ from mathwizard.prompts import load_prompt
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_NEW_TOKENS = 1024
+# The same guard as prepare's (prepare.max_image_pixels): a figure is never a 400-megapixel decompression bomb.
+DEFAULT_MAX_PIXELS: int = PrepareConfig.model_fields["max_image_pixels"].default
 
 
 @dataclass(frozen=True)
@@ -37,12 +40,16 @@ class Answer:
         return asdict(self)
 
 
-def load_image(path: str | Path) -> Any:
+def load_image(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Any:
     """The figure as an RGB PIL image, fully decoded now so a corrupt file fails here, not mid-generation.
 
+    The size is checked from the header before anything is decoded, so a decompression bomb costs nothing.
+
     Raises:
-        DataError: the file is missing, is a folder, or is not a readable image.
+        DataError: the file is missing, is a folder, is not a readable image, or has more than `max_pixels` pixels.
     """
+    import warnings
+
     from PIL import Image, UnidentifiedImageError
 
     path = Path(path)
@@ -50,13 +57,31 @@ def load_image(path: str | Path) -> Any:
         raise DataError(f"image {path} does not exist; pass --image with the path of the figure")
     if not path.is_file():
         raise DataError(f"image {path} is not a file; pass --image with the path of the figure")
+
+    def too_big(size: str = "") -> DataError:
+        return DataError(
+            f"image {path} has more than {max_pixels:,} pixels{size} (prepare.max_image_pixels); pass a figure of"
+            " ordinary size"
+        )
+
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = max_pixels  # PIL refuses to open more than twice this; we refuse more than once, below
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+                if width * height > max_pixels:
+                    raise too_big(f": {width:,} x {height:,}")
+                image.load()
+                return image.convert("RGB")
+    except Image.DecompressionBombError:  # PIL's own guard, at twice the limit: the size is in its message only
+        raise too_big() from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         reason = " ".join(str(exc).split())[:200]
         raise DataError(f"image {path} is not a readable image ({reason}); pass a PNG or JPEG file") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
 
 
 class Tutor:
@@ -113,14 +138,15 @@ def ask(
     backend: str = "auto",
     max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
     on_text: Callable[[str], None] | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> Answer:
     """Load `model`, read the figure and answer `question` (the image is checked before the model is loaded).
 
     Raises:
-        DataError: the image is missing or unreadable, or the question is empty.
+        DataError: the image is missing, unreadable or over `max_pixels`, or the question is empty.
         ModelError: the model is missing or cannot be loaded.
     """
-    image = load_image(image_path)
+    image = load_image(image_path, max_pixels)
     if not question.strip():
         raise DataError("the question is empty; pass the question as the command's argument")
     tutor = Tutor.load(model, backend=backend)

@@ -21,6 +21,9 @@ from pydantic_settings import (
 
 from mathwizard.errors import ConfigError
 
+# prepare's length limits in characters, far above MM_Math's questions and solutions (see PrepareConfig)
+QUESTION_CHARS, SOLUTION_CHARS = 10_000, 20_000
+
 SplitName = Literal["train", "val", "test"]
 SPLITS: tuple[SplitName, ...] = ("train", "val", "test")
 
@@ -54,6 +57,20 @@ class PrepareConfig(_Stage):
     max_image_size: int = Field(512, ge=16, le=8192, description="Longest image side in pixels after resizing.")
     max_image_pixels: int = Field(
         64_000_000, ge=1, description="Images with more pixels than this are rejected (decompression bombs)."
+    )
+    max_question_chars: int = Field(
+        QUESTION_CHARS,
+        ge=1,
+        description="Questions longer than this many characters are quarantined as too_long. MM_Math's run to a few"
+        " hundred (the bundled sample's longest: 189); 10,000 (about 3,000 tokens) is already more than SFT's"
+        " 2,048-token examples hold, so a longer one is not a problem statement but a broken row.",
+    )
+    max_solution_chars: int = Field(
+        SOLUTION_CHARS,
+        ge=1,
+        description="Solutions longer than this many characters are quarantined as too_long. MM_Math's run to a few"
+        " hundred (the bundled sample's longest: 255); the teacher writes each solution out again within"
+        " teacher.max_tokens (2,048 tokens, about 7,000 characters), so one of 20,000 cannot be rewritten.",
     )
     splits: tuple[float, float, float] = Field(
         (0.90, 0.05, 0.05), description="Fractions for train, val and test; must sum to 1."
@@ -93,16 +110,32 @@ class TeacherConfig(_Stage):
     model: str = Field("gpt-4o-mini", description="Teacher model name at the endpoint (original: deepseek-chat).")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="Sampling temperature (original: 0).")
     max_tokens: int = Field(2048, ge=16, description="Most completion tokens per reply.")
-    concurrency: int = Field(16, ge=1, le=1024, description="Requests in flight at once.")
+    concurrency: int = Field(
+        16,
+        ge=1,
+        le=1024,
+        description="Most requests in flight at once; timeouts and 429s lower the limit (down to 1), successes raise"
+        " it back.",
+    )
     rpm: int | None = Field(500, ge=1, description="Requests per minute allowed by the API (None: no limit).")
     tpm: int | None = Field(None, ge=1, description="Tokens per minute allowed by the API (None: no limit).")
-    timeout_s: float = Field(120.0, gt=0, description="Seconds before one request is abandoned and retried.")
+    timeout_s: float = Field(
+        120.0,
+        gt=0,
+        description="Seconds one request may take on the wire (not counting its wait for a free slot) before it is"
+        " abandoned, its connection closed, and retried.",
+    )
     request_retries: int = Field(6, ge=0, description="Retries of one request on 429, 5xx, timeouts, bad bodies.")
     backoff_s: float = Field(0.5, gt=0, description="First retry delay in seconds (as the openai SDK); then doubled.")
     backoff_max_s: float = Field(60.0, gt=0, description="Longest retry delay in seconds (Retry-After may ask more).")
     max_attempts: int = Field(3, ge=1, description="Asks per item when replies fail validation.")
     max_failed_fraction: float = Field(
         0.0, ge=0.0, le=1.0, description="Fraction of items that may fail before the stage fails."
+    )
+    retry_failed: bool = Field(
+        False,
+        description="Ask again the items whose failure is cached (invalid replies, refusals, too long); without it a"
+        " re-run at temperature 0 serves them from the cache. Timeouts and 5xx are always asked again.",
     )
     split: Literal["train", "val", "test", "all"] = Field("all", description="Which split(s) to rewrite.")
     limit: int | None = Field(None, ge=1, description="Rewrite only the first N items of each split.")
@@ -407,7 +440,7 @@ class Settings(BaseSettings):
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings, dotenv_settings]
         yaml_file = settings_cls.model_config.get("yaml_file")
         if yaml_file:
-            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=yaml_file))
+            sources.append(_RecipeSource(settings_cls, yaml_file=yaml_file))
         return tuple(sources)
 
     @property
@@ -422,6 +455,44 @@ class Settings(BaseSettings):
     def cache_dir(self) -> str:
         """Shared across runs, so a grown dataset only pays for its new rows."""
         return f"{self.home.rstrip('/')}/cache"
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, except that a key given twice in one mapping is an error (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden on purpose
+                continue
+            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise ConfigError(
+                    f"{key_node.start_mark.name}: key {key!r} appears twice in one mapping (lines {seen[key]} and"
+                    f" {line}); a YAML loader would silently keep the last, so remove one of them"
+                )
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _UniqueKeyLoader.construct_mapping)
+
+
+class _RecipeSource(YamlConfigSettingsSource):
+    """The YAML recipe: a mapping of settings, each key once."""
+
+    def _read_file(self, file_path: Any) -> dict[str, Any]:
+        with Path(file_path).open(encoding="utf-8") as f:
+            data = yaml.load(f, Loader=_UniqueKeyLoader) or {}  # a SafeLoader: no arbitrary objects
+        if not isinstance(data, dict):
+            names = {list: "a list", str: "a single string", int: "a number", float: "a number", bool: "a boolean"}
+            kind = names.get(type(data), f"a {type(data).__name__}")
+            raise ConfigError(
+                f"{file_path} holds {kind}, not a mapping of settings; a recipe maps sections to their fields,"
+                " e.g. `teacher: {kind: rule}` (see deployments/recipes/smoke.yaml)"
+            )
+        return data
 
 
 def _format_validation_error(exc: ValidationError, origin: str) -> str:

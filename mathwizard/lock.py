@@ -45,9 +45,7 @@ class RunLockedError(MathWizardError):
 def _describe(info: Mapping[str, Any], run_dir: str) -> str:
     since = info.get("since", "?")
     who = f"`{info.get('command', '?')}` (pid {info.get('pid', '?')} on {info.get('host', '?')}, since {since})"
-    return (
-        f"run folder {run_dir} is in use by {who}; wait for it to finish (--wait), or pass another --run-name"
-    )
+    return f"run folder {run_dir} is in use by {who}; wait for it to finish (--wait), or pass another --run-name"
 
 
 def _holder_info(holder: str) -> dict[str, Any]:

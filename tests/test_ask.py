@@ -138,3 +138,38 @@ def test_load_image_gives_rgb(tmp_path: Path) -> None:
     Image.new("L", (5, 5), 128).save(buffer, format="JPEG")
     (tmp_path / "g.jpg").write_bytes(buffer.getvalue())
     assert load_image(tmp_path / "g.jpg").mode == "RGB"
+
+
+def _png_header(path: Path, width: int, height: int) -> Path:
+    """A PNG that claims `width` x `height` pixels in its header and holds almost nothing (a decompression bomb)."""
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return len(data).to_bytes(4, "big") + kind + data + zlib.crc32(kind + data).to_bytes(4, "big")
+
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 0, 0, 0, 0])  # 8-bit grey
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 1000)))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("size", "shown"),
+    [((20000, 20000), ""), ((9000, 9000), ": 9,000 x 9,000")],  # PIL refuses the first at open, we the second
+    ids=["bomb", "over-the-limit"],
+)
+def test_an_image_with_too_many_pixels_is_one_line(tmp_path: Path, size: tuple[int, int], shown: str) -> None:
+    path = _png_header(tmp_path / "big.png", *size)
+    message = _one_error_line(runner.invoke(app, ["ask", "--model", "tiny", "--image", str(path), QUESTION]))
+    assert message == (
+        f"error: image {path} has more than 64,000,000 pixels{shown} (prepare.max_image_pixels); pass a figure of"
+        " ordinary size"
+    )
+
+
+def test_the_pixel_limit_is_the_prepare_setting(figure: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MATHWIZARD_PREPARE__MAX_IMAGE_PIXELS", "4000")  # the 80 x 60 figure has 4,800
+    message = _one_error_line(runner.invoke(app, ["ask", "--model", "tiny", "--image", str(figure), QUESTION]))
+    assert "has more than 4,000 pixels: 80 x 60 (prepare.max_image_pixels)" in message
+    with pytest.raises(DataError, match="more than 4,799 pixels"):
+        load_image(figure, max_pixels=4799)
+    assert load_image(figure, max_pixels=4800).size == (80, 60)

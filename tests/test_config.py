@@ -83,6 +83,59 @@ def test_missing_and_broken_config_files(tmp_path: Path) -> None:
         load_settings(broken)
 
 
+@pytest.mark.parametrize(
+    ("text", "holds"),
+    [("- teacher\n- sft\n", "holds a list"), ("smoke\n", "holds a single string"), ("42\n", "holds a number")],
+)
+def test_a_recipe_that_is_not_a_mapping_is_one_clear_line(tmp_path: Path, text: str, holds: str) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(recipe)
+    assert str(info.value) == (
+        f"{recipe} {holds}, not a mapping of settings; a recipe maps sections to their fields, e.g."
+        " `teacher: {kind: rule}` (see deployments/recipes/smoke.yaml)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "lines"),
+    [
+        ("teacher:\n  kind: rule\nsft:\n  max_steps: 2\nteacher:\n  concurrency: 4\n", "teacher", (1, 5)),
+        ("teacher:\n  kind: rule\n  concurrency: 3\n  kind: openai\n", "kind", (2, 4)),  # nested
+    ],
+)
+def test_a_key_given_twice_is_an_error_naming_it(tmp_path: Path, text: str, key: str, lines: tuple[int, int]) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_settings(recipe)
+    assert str(info.value) == (
+        f"{recipe}: key {key!r} appears twice in one mapping (lines {lines[0]} and {lines[1]}); a YAML loader would"
+        " silently keep the last, so remove one of them"
+    )
+
+
+@pytest.mark.parametrize("text", ["- teacher\n- sft\n", "sft:\n  max_steps: 2\nsft:\n  max_steps: 3\n"])
+def test_the_cli_shows_a_bad_recipe_as_one_red_line(tmp_path: Path, text: str) -> None:
+    from typer.testing import CliRunner
+
+    from mathwizard.cli import app
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(text)
+    result = CliRunner().invoke(app, ["config", "-c", str(recipe)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.startswith("error: ") and result.output.count("error:") == 1
+
+
+def test_yaml_anchors_and_merges_still_work(tmp_path: Path) -> None:
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("x-base: &base {max_steps: 3, learning_rate: 0.001}\nsft:\n  <<: *base\n  max_steps: 4\n")
+    s = load_settings(recipe)
+    assert (s.sft.max_steps, s.sft.learning_rate) == (4, 0.001)  # a merge key overridden on purpose is no duplicate
+
+
 def test_secrets_are_not_settings_fields(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MATHWIZARD_TEACHER_API_KEY", "sk-should-not-leak")
     monkeypatch.setenv("HF_TOKEN", "hf_should_not_leak")

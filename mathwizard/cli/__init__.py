@@ -47,6 +47,7 @@ app = typer.Typer(
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 F = TypeVar("F", bound=Callable[..., Any])
 
+
 def setting(model: type[BaseModel], name: str, *flags: str, default: bool = True, **kwargs: Any) -> Any:
     """A typer option whose help is the settings field's description (and default): --help and the config agree."""
     field = model.model_fields[name]
@@ -303,6 +304,9 @@ def teach(
     rpm: Annotated[int | None, setting(TeacherConfig, "rpm")] = None,
     tpm: Annotated[int | None, setting(TeacherConfig, "tpm")] = None,
     limit: Annotated[int | None, setting(TeacherConfig, "limit")] = None,
+    retry_failed: Annotated[
+        bool | None, setting(TeacherConfig, "retry_failed", "--retry-failed/--no-retry-failed", default=False)
+    ] = None,
 ) -> None:
     """Rewrite every solution into numbered steps and a final answer; invalid replies are re-asked, then excluded."""
     settings = load(
@@ -319,6 +323,7 @@ def teach(
             "rpm": rpm,
             "tpm": tpm,
             "limit": limit,
+            "retry_failed": retry_failed,
         },
     )
     manifest = run_stage("teach", settings, out, data=data)
@@ -575,12 +580,13 @@ def ask(
     """Ask the tutor about a figure: streams the worked solution, then prints the final answer."""
     from mathwizard.ask import Tutor, load_image
 
-    figure = load_image(image)  # a bad image fails before the model loads
+    settings = load_settings(config, home=home, run_name=run_name)
+    figure = load_image(image, settings.prepare.max_image_pixels)  # a bad image fails before the model loads
     if not question.strip():
         from mathwizard.errors import DataError
 
         raise DataError("the question is empty; pass the question as the command's argument")
-    location = model or load_settings(config, home=home, run_name=run_name).stage_dir("dpo")
+    location = model or settings.stage_dir("dpo")
     if not as_json:
         console.print(f"[dim]loading {location} …[/]", highlight=False)
     from transformers.utils import logging as transformers_logging

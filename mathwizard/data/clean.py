@@ -49,6 +49,7 @@ class Reason(StrEnum):
     NOT_AN_OBJECT = "not_an_object"
     MISSING_FIELD = "missing_field"
     BLANK_FIELD = "blank_field"
+    TOO_LONG = "too_long"  # the question or solution is longer than prepare's limit (a broken row, not a problem)
     DUPLICATE = "duplicate"
     DUPLICATE_ID = "duplicate_id"
     UNSAFE_PATH = "unsafe_path"
@@ -163,6 +164,13 @@ def normalize_row(raw: dict[str, Any]) -> dict[str, str]:
         # Keep LaTeX exactly (inner whitespace can matter); only trim the ends.
         out[name] = text.strip()
     return out
+
+
+def check_lengths(row: dict[str, str], max_question_chars: int | None, max_solution_chars: int | None) -> None:
+    """Raise RowError(too_long) for a question or solution over its limit (None: no limit), in characters."""
+    for name, limit in (("question", max_question_chars), ("solution", max_solution_chars)):
+        if limit is not None and len(row[name]) > limit:
+            raise RowError(Reason.TOO_LONG, f"{name} is {len(row[name]):,} characters, over the limit of {limit:,}")
 
 
 def resolve_image(root: Path, file_name: str) -> Path:
@@ -553,11 +561,14 @@ def clean_dataset(
     limit: int | None = None,
     workers: int | None = None,
     batch_rows: int = 128,
+    max_question_chars: int | None = None,
+    max_solution_chars: int | None = None,
 ) -> CleanReport:
     """Validate every row of `records` against the figures in `images`; write the kept rows and the rejections.
 
     Kept rows go to `out_parquet` (the prepared columns, figures as PNG bytes) in input order, written in
-    batches so memory stays flat on the full dataset; rejected rows go to `quarantine` (jsonl, by line).
+    batches so memory stays flat on the full dataset; rejected rows go to `quarantine` (jsonl, by line). A question
+    or solution over its character limit (None: no limit) is rejected as `too_long`.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -577,6 +588,7 @@ def clean_dataset(
         name = name if isinstance(name, str) else None
         try:
             row = normalize_row(item)
+            check_lengths(row, max_question_chars, max_solution_chars)
             row["id"] = row_id(row["question"], row["file_name"], salt)
             content = tuple(row[f] for f in REQUIRED_FIELDS)
             if row["id"] in seen:

@@ -310,12 +310,12 @@ def _schema_section(features: object) -> str:
 def _usage_section(repo_id: str, kind: DatasetKind) -> str:
     if kind == "sft":
         trl = (
-            "# TRL: SFTTrainer(model=..., train_dataset=ds[\"train\"], args=SFTConfig(...)) trains on `messages`\n"
+            '# TRL: SFTTrainer(model=..., train_dataset=ds["train"], args=SFTConfig(...)) trains on `messages`\n'
             "# with `images`; its vision collator is trl.trainer.sft_trainer.DataCollatorForVisionLanguageModeling\n"
         )
     else:
         trl = (
-            "# TRL: DPOTrainer(model=..., train_dataset=ds[\"train\"], args=DPOConfig(...)) trains on `prompt`,\n"
+            '# TRL: DPOTrainer(model=..., train_dataset=ds["train"], args=DPOConfig(...)) trains on `prompt`,\n'
             "# `chosen` and `rejected` with `images`; its collator is\n"
             "# trl.trainer.dpo_trainer.DataCollatorForVisionPreference\n"
         )

@@ -85,6 +85,8 @@ def _clean_config(cfg: PrepareConfig) -> dict[str, Any]:
     return {
         "max_image_size": cfg.max_image_size,
         "max_image_pixels": cfg.max_image_pixels,
+        "max_question_chars": cfg.max_question_chars,
+        "max_solution_chars": cfg.max_solution_chars,
         "limit": cfg.limit,
         "split_salt": cfg.split_salt,
     }
@@ -243,7 +245,8 @@ def clean(cfg: PrepareConfig, raw: Path, out: Path) -> Manifest:
         report = cleaning.clean_dataset(
             records, images, out / CLEAN_FILE, out / QUARANTINE_FILE,
             salt=cfg.split_salt, max_size=cfg.max_image_size, max_pixels=cfg.max_image_pixels,
-            limit=cfg.limit, workers=workers,
+            limit=cfg.limit, workers=workers, max_question_chars=cfg.max_question_chars,
+            max_solution_chars=cfg.max_solution_chars,
         )  # fmt: skip
         if report.kept == 0:
             raise DataError(

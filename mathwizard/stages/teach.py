@@ -3,7 +3,10 @@
 Usage: `mathwizard teach --teacher openai --teacher-model gpt-4o-mini` (library: `teach.run(cfg, data, out, cache)`).
 The teacher is an OpenAI-compatible API (concurrent, rate-limited, retried, cached per item) or the offline rule
 teacher. Every API reply is validated; an item that never gets a valid one is excluded and reported, never written,
-so `written + failed == items`. The per-item cache makes a re-run after any failure pay only for what is missing.
+so `written + failed == items`. The per-item cache makes a re-run after any failure pay only for what is missing;
+items that failed for a reason a re-run would meet again (invalid replies, refusals, too long) are served from the
+cache as failures at temperature 0, unless `retry_failed`. A stage that stops early (a wrong key, an outage, Ctrl-C)
+still writes `report.json` and `failures.jsonl` for what it did, and no manifest, so a re-run resumes.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from mathwizard.answers import final_answer
 from mathwizard.config import SPLITS, TeacherConfig
@@ -35,7 +38,7 @@ from mathwizard.prompts import fill_prompt, load_prompt, prompt_digest
 from mathwizard.teacher import rule
 from mathwizard.teacher.cache import ReplyCache, endpoint_host, reply_key
 from mathwizard.teacher.client import api_key_configured
-from mathwizard.teacher.runner import ApiRunner, Item, Stats
+from mathwizard.teacher.runner import ApiRunner, Item, Outcome, Stats
 from mathwizard.teacher.validate import reply_problems
 
 log = logging.getLogger(__name__)
@@ -55,12 +58,14 @@ class Failure(BaseModel):
     reason: str
     attempts: int = 0
     last_error: str = ""
+    cached: bool = Field(False, description="Served from the teacher cache: failed the same way in an earlier run.")
 
 
 class SplitCounts(BaseModel):
     items: int
     written: int
     failed: int
+    not_attempted: int = 0
 
 
 class Report(StageReport):
@@ -71,22 +76,38 @@ class Report(StageReport):
     host: str | None
     prompt_version: str
     items: int
-    written: int
+    written: int = Field(description="Items with a valid rewrite (in the parquet files once the stage finishes).")
     failed: int
+    not_attempted: int = Field(
+        0, description="Items without an outcome because the stage stopped early (never sent, or in flight then)."
+    )
+    stopped: str | None = Field(None, description="Why the stage stopped before every item was asked; None: it ran.")
     cache_hits: int
+    cached_failures: int = Field(0, description="Failures served from the cache (not asked again; see retry_failed).")
     api_calls: int
     retries: int
     prompt_tokens: int
     completion_tokens: int
+    concurrency: int | None = Field(None, description="teacher.concurrency: the in-flight limit it starts at.")
+    concurrency_min: int | None = Field(None, description="The lowest in-flight limit timeouts and 429s forced.")
+    concurrency_final: int | None = Field(None, description="The in-flight limit when the stage ended.")
     seconds: float
     failures_by_reason: dict[str, int]
     splits: dict[str, SplitCounts]
 
     def summary(self) -> str:
-        return (
+        line = (
             f"{self.written:,} of {self.items:,} items written by {self.model}, {self.failed:,} failed; "
             f"{self.api_calls:,} API calls, {self.cache_hits:,} cache hits"
         )
+        if self.cached_failures:
+            line += f", {self.cached_failures:,} failures from the cache"
+        if self.concurrency and self.concurrency_min and self.concurrency_min < self.concurrency:
+            line += (
+                f"; concurrency lowered to {self.concurrency_min} by timeouts or 429s, ended at"
+                f" {self.concurrency_final} of {self.concurrency}"
+            )
+        return line
 
 
 @dataclass(frozen=True)
@@ -100,12 +121,15 @@ class _Row:
 
 @dataclass
 class _Taught:
-    """The outcome for a set of rows: the text of each written row (by split and index) and the failures."""
+    """The outcome for a set of rows: the text of each written row (by split and index) and the failures; when the
+    run stopped early, why (`stopped`), and the rows without an outcome are in neither."""
 
     texts: dict[tuple[str, int], str]
     failures: list[Failure]
     cache_hits: int = 0
+    cached_failures: int = 0
     stats: Stats | None = None
+    stopped: BaseException | None = None
 
 
 # --------------------------------------------------------------------------------------- settings
@@ -218,9 +242,35 @@ def _cached_valid(cache: ReplyCache, answers: dict[str, str]) -> dict[str, str]:
     return {key: hit.text for key, hit in found.items() if not reply_problems(hit.text, answers[key])}
 
 
+def _cached_failures(cfg: TeacherConfig, cache: ReplyCache, answers: dict[str, str]) -> dict[str, Outcome]:
+    """Cached failures (by key) a re-run would meet again, so they are served instead of asked.
+
+    A failure counts only if asking again cannot change it: the request was too long (at any temperature), or the
+    replies were invalid at temperature 0 (deterministic) after at least `max_attempts` asks. A failure whose last
+    reply passes today's validator is not served: that item is asked again.
+    """
+    served: dict[str, Outcome] = {}
+    for key, failure in cache.failures(answers).items():
+        if failure.text is not None and not reply_problems(failure.text, answers[key]):
+            continue
+        if failure.reason == "too_long" or (cfg.temperature == 0 and failure.attempts >= cfg.max_attempts):
+            served[key] = Outcome(key, reason=failure.reason, attempts=failure.attempts, last_error=failure.detail)
+    return served
+
+
+def _stop_line(exc: BaseException) -> str:
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted (Ctrl-C)"
+    return f"{type(exc).__name__}: {exc}"
+
+
 # ------------------------------------------------------------------------------------------ teaching
 def _teach(cfg: TeacherConfig, kind: Kind, rows: list[_Row], cache_dir: Path, tally: Tally) -> _Taught:
-    """A valid rewrite for every row that can get one (from the cache, the API or the rule), failures for the rest."""
+    """A valid rewrite for every row that can get one (from the cache, the API or the rule), failures for the rest.
+
+    However the API run stops (a TeacherError, a TransientError, Ctrl-C), what it finished is returned, with the
+    exception in `stopped` for the caller to raise once the report is written.
+    """
     taught = _Taught(texts={}, failures=[])
     answered: list[tuple[_Row, str]] = []
     for row in rows:
@@ -243,22 +293,29 @@ def _teach(cfg: TeacherConfig, kind: Kind, rows: list[_Row], cache_dir: Path, ta
     prompts = _prompts(cfg)
     keyed = [(row, _item(cfg, prompts, row, answer)) for row, answer in answered]
     unique = {item.key: item for _, item in keyed}  # identical question + solution: asked once
+    answers = {key: item.source_answer for key, item in unique.items()}
     with ReplyCache.in_dir(cache_dir) as cache:
-        replies = _cached_valid(cache, {key: item.source_answer for key, item in unique.items()})
+        replies = _cached_valid(cache, answers)
+        unanswered = {key: answer for key, answer in answers.items() if key not in replies}
+        failed = {} if cfg.retry_failed else _cached_failures(cfg, cache, unanswered)
         taught.cache_hits = sum(1 for _, item in keyed if item.key in replies)
-        tally(taught.cache_hits)
-        todo = [item for key, item in unique.items() if key not in replies]
-        failed = {}
+        taught.cached_failures = sum(1 for _, item in keyed if item.key in failed)
+        tally(taught.cache_hits + taught.cached_failures)
+        cached = set(failed)
+        todo = [item for key, item in unique.items() if key not in replies and key not in failed]
         if todo:
             with ApiRunner(cfg, cache) as runner:
-                outcomes, taught.stats = runner.run(todo, tally)
+                try:
+                    outcomes, taught.stats = runner.run(todo, tally)
+                except BaseException as exc:  # Ctrl-C included: the report still says what was done
+                    outcomes, taught.stats = runner.partial()
+                    taught.stopped = exc
             replies.update({o.key: o.text for o in outcomes if o.ok})  # type: ignore[misc]
-            failed = {o.key: o for o in outcomes if not o.ok}
+            failed.update({o.key: o for o in outcomes if not o.ok})
     for row, item in keyed:
         if item.key in replies:
             taught.texts[(row.split, row.index)] = replies[item.key]
-        else:
-            outcome = failed[item.key]
+        elif (outcome := failed.get(item.key)) is not None:
             taught.failures.append(
                 Failure(
                     id=row.id,
@@ -266,9 +323,11 @@ def _teach(cfg: TeacherConfig, kind: Kind, rows: list[_Row], cache_dir: Path, ta
                     reason=outcome.reason or "unknown",
                     attempts=outcome.attempts,
                     last_error=outcome.last_error,
+                    cached=item.key in cached,
                 )
             )
-    tally(len(rows) - tally.done)  # rows that shared a key with one just asked
+    if taught.stopped is None:
+        tally(len(rows) - tally.done)  # rows that shared a key with one just asked
     return taught
 
 
@@ -319,17 +378,20 @@ def run(cfg: TeacherConfig, data: Path, out: Path, cache_dir: Path, *, progress:
         The manifest, also written to `out / "manifest.json"` as the last step; its report is a `Report`.
 
     Raises:
-        DataError: `data` is not a finished prepare folder.
+        DataError: `data` is not a finished prepare folder, or the teacher cache file is damaged.
         ConfigError: kind=openai without an API key.
-        TeacherError: the API refused the work, or more than `max_failed_fraction` of the items failed (raised
-            after the report and failures are written; the manifest is not, so a re-run pays only for those).
+        TeacherError: the API refused the work, or more than `max_failed_fraction` of the items failed.
         TransientError: the API stayed down; re-run to resume from the cache.
+        After a TeacherError, a TransientError or a KeyboardInterrupt, `report.json` and `failures.jsonl` say what
+        was done (the items not attempted counted) and the manifest is not written, so a re-run resumes.
     """
     started = time.perf_counter()
     data, out, cache_dir = Path(data), Path(out), Path(cache_dir)
     fp = expected_fingerprint(cfg, data)
     if (done := reusable(out, fp)) is not None:
-        return done
+        if not (cfg.retry_failed and Report.of(done).failed):
+            return done
+        log.info("%s has %d failed items and retry_failed is set: asking them again", out, Report.of(done).failed)
     kind = resolve_kind(cfg)
     upstream = require_manifest(data, "prepare")
     model_name, prompt_version = _model_name(cfg, kind), _prompt_version(cfg, kind)
@@ -342,52 +404,81 @@ def run(cfg: TeacherConfig, data: Path, out: Path, cache_dir: Path, *, progress:
         upstream={"prepare": upstream.fingerprint},
         started=started,
     ) as record:
+        for name in (REPORT_FILE, FAILURES_FILE):  # an earlier attempt's: never mistaken for this one's
+            (out / name).unlink(missing_ok=True)
         # Every split in one pass: no boundaries where the request pipeline would drain.
         rows = [row for split in _splits(cfg) for row in _read_rows(data, split, cfg.limit)]
         taught = _teach(cfg, kind, rows, cache_dir, Tally(len(rows), progress))
+        report = _report(cfg, kind, rows, taught, model_name, prompt_version, started)
+        atomic_write_text(out / FAILURES_FILE, "".join(f.model_dump_json() + "\n" for f in taught.failures))
+        atomic_write_text(out / REPORT_FILE, report.model_dump_json(indent=2) + "\n")
+        by_reason = report.failures_by_reason
+        if taught.stopped is not None:
+            log.info(
+                "teach stopped (%s): %d of %d items written, %d failed, %d not attempted; re-run to resume",
+                report.stopped, report.written, report.items, report.failed, report.not_attempted,
+            )  # fmt: skip
+            raise taught.stopped
 
-        splits: dict[str, SplitCounts] = {}
         for split in _splits(cfg):
             texts = {i: text for (s, i), text in taught.texts.items() if s == split}
             _write_split(data, out, split, texts, model_name, prompt_version)
             record.add_file(f"{split}.parquet", rows=len(texts))
-            items = sum(1 for row in rows if row.split == split)
-            splits[split] = SplitCounts(items=items, written=len(texts), failed=items - len(texts))
-
-        stats = taught.stats or Stats()
-        by_reason = Counter(f.reason for f in taught.failures)
-        report = Report(
-            teacher=kind,
-            model=model_name,
-            host=endpoint_host(cfg.base_url) if kind == "openai" else None,
-            prompt_version=prompt_version,
-            items=len(rows),
-            written=len(taught.texts),
-            failed=len(taught.failures),
-            cache_hits=taught.cache_hits,
-            api_calls=stats.api_calls,
-            retries=stats.retries,
-            prompt_tokens=stats.prompt_tokens,
-            completion_tokens=stats.completion_tokens,
-            seconds=round(time.perf_counter() - started, 3),
-            failures_by_reason=dict(by_reason.most_common()),
-            splits=splits,
-        )
-        atomic_write_text(out / FAILURES_FILE, "".join(f.model_dump_json() + "\n" for f in taught.failures))
-        atomic_write_text(out / REPORT_FILE, report.model_dump_json(indent=2) + "\n")
         record.add_file(FAILURES_FILE, rows=len(taught.failures))
         record.add_file(REPORT_FILE)
         record.report(report)
         log.info(
-            "teach: %d of %d items written, %d failed %s; %d API calls, %d cache hits, %d retries",
-            report.written, report.items, report.failed, dict(by_reason),
-            report.api_calls, report.cache_hits, report.retries,
+            "teach: %d of %d items written, %d failed %s; %d API calls, %d cache hits, %d cached failures, %d retries",
+            report.written, report.items, report.failed, by_reason,
+            report.api_calls, report.cache_hits, report.cached_failures, report.retries,
         )  # fmt: skip
         if rows and report.failed > cfg.max_failed_fraction * report.items:
-            top = ", ".join(f"{reason} ({n})" for reason, n in by_reason.most_common(3))
+            top = ", ".join(f"{reason} ({n})" for reason, n in list(by_reason.items())[:3])
             raise TeacherError(
                 f"{report.failed:,} / {report.items:,} items failed (teacher.max_failed_fraction="
-                f"{cfg.max_failed_fraction}); top errors: {top}; see {out / FAILURES_FILE}"
-                " and re-run to retry only those"
+                f"{cfg.max_failed_fraction}); top errors: {top}; see {out / FAILURES_FILE}; a re-run asks again"
+                " the timeouts and 5xx, and the others with --retry-failed (teacher.retry_failed)"
             )
     return record.manifest
+
+
+def _report(
+    cfg: TeacherConfig,
+    kind: Kind,
+    rows: list[_Row],
+    taught: _Taught,
+    model_name: str,
+    prompt_version: str,
+    started: float,
+) -> Report:
+    stats = taught.stats or Stats()
+    splits: dict[str, SplitCounts] = {}
+    for split in _splits(cfg):
+        items = sum(1 for row in rows if row.split == split)
+        written = sum(1 for s, _ in taught.texts if s == split)
+        failed = sum(1 for f in taught.failures if f.split == split)
+        splits[split] = SplitCounts(items=items, written=written, failed=failed, not_attempted=items - written - failed)
+    api = kind == "openai"
+    return Report(
+        teacher=kind,
+        model=model_name,
+        host=endpoint_host(cfg.base_url) if api else None,
+        prompt_version=prompt_version,
+        items=len(rows),
+        written=len(taught.texts),
+        failed=len(taught.failures),
+        not_attempted=len(rows) - len(taught.texts) - len(taught.failures),
+        stopped=None if taught.stopped is None else _stop_line(taught.stopped),
+        cache_hits=taught.cache_hits,
+        cached_failures=taught.cached_failures,
+        api_calls=stats.api_calls,
+        retries=stats.retries,
+        prompt_tokens=stats.prompt_tokens,
+        completion_tokens=stats.completion_tokens,
+        concurrency=cfg.concurrency if api else None,
+        concurrency_min=(stats.concurrency_min or cfg.concurrency) if api else None,
+        concurrency_final=(stats.concurrency_final or cfg.concurrency) if api else None,
+        seconds=round(time.perf_counter() - started, 3),
+        failures_by_reason=dict(Counter(f.reason for f in taught.failures).most_common()),
+        splits=splits,
+    )

@@ -1,29 +1,38 @@
-"""A durable, content-addressed cache of valid teacher replies, one row per item (SQLite in WAL mode).
+"""A durable, content-addressed cache of teacher replies and failures, one row per item (SQLite in WAL mode).
 
 The key hashes everything that determines a reply: the model, the endpoint's host, the prompt texts, the item's
 question and source solution, and the sampling parameters, so a grown dataset only pays for its new rows and a
 changed prompt re-asks exactly what it must. Never the API key. Each reply is committed on its own as soon as it
 is validated: a `kill -9` at any instant loses at most the requests in flight (WAL + synchronous=NORMAL survives
 a process crash; only a power loss may drop the last commits, which are then simply asked again).
+
+Failures are kept too, under the same key, with their reason: an item whose replies failed validation, that was
+refused or that the server found too long is not asked again by a re-run unless told (`teacher.retry_failed`).
+Failures that a later attempt can fix (timeouts, 5xx, an outage) are never stored. A reply for a key replaces its
+failure. A damaged cache file is one `DataError` that names the file and says to delete it.
 """
 
 from __future__ import annotations
 
+import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from mathwizard.errors import DataError, MathWizardError, TransientError
 from mathwizard.manifest import stable_hash
 
 CACHE_FILE = "teacher.sqlite"
 KEY_VERSION = 1  # bump if the key's recipe changes
 DEFAULT_HOST = "api.openai.com"
 _BATCH = 500  # keys per SELECT ... IN (...), under SQLite's variable limit
+_DAMAGED = re.compile(r"malformed|not a database|encrypted|corrupt", re.IGNORECASE)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS replies (
@@ -36,7 +45,15 @@ CREATE TABLE IF NOT EXISTS replies (
     completion_tokens INTEGER NOT NULL DEFAULT 0,
     attempts INTEGER NOT NULL DEFAULT 1,
     created_at REAL NOT NULL
-) WITHOUT ROWID
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS failures (
+    key TEXT PRIMARY KEY,
+    reason TEXT NOT NULL,
+    detail TEXT NOT NULL DEFAULT '',
+    attempts INTEGER NOT NULL DEFAULT 1,
+    text TEXT,
+    created_at REAL NOT NULL
+) WITHOUT ROWID;
 """
 
 
@@ -75,8 +92,24 @@ class CachedReply:
     attempts: int = 1
 
 
+@dataclass(frozen=True)
+class CachedFailure:
+    """Why an item got no usable reply: `reason` as in failures.jsonl, after `attempts` asks; `text` is the last
+    reply when there was one (re-validated on read, so a laxer validator turns it into a reply)."""
+
+    reason: str
+    detail: str = ""
+    attempts: int = 1
+    text: str | None = None
+
+
 class ReplyCache:
-    """Valid replies by key; safe to share between threads (one SQLite connection per thread) and processes."""
+    """Replies and failures by key; safe to share between threads (one SQLite connection per thread) and processes.
+
+    Raises (every method):
+        DataError: the file is damaged (not a database, malformed) or cannot be used; the message names it.
+        TransientError: another process held the database locked for a minute.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -84,7 +117,30 @@ class ReplyCache:
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
-        self._connection().execute(_SCHEMA)
+        with self._guard():
+            self._connection().executescript(_SCHEMA)
+
+    @contextmanager
+    def _guard(self) -> Iterator[None]:
+        """SQLite's errors about the file as one line that names it and says what to do."""
+        problem: MathWizardError | None = None
+        try:
+            yield
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.IntegrityError | sqlite3.ProgrammingError):
+                raise  # our bug, not the file's
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            if "locked" in reason:
+                problem = TransientError(f"the teacher cache {self.path} stayed locked by another process ({reason})")
+            elif isinstance(exc, sqlite3.OperationalError) and not _DAMAGED.search(reason):
+                problem = DataError(f"cannot use the teacher cache {self.path} ({reason})")
+            else:
+                problem = DataError(
+                    f"the teacher cache {self.path} is damaged ({reason}); delete it (with its -wal and -shm files,"
+                    " if any) and re-run: only the replies it held are asked again"
+                )
+        if problem is not None:
+            raise problem from None  # one line: the SQLite error is in the message
 
     @classmethod
     def in_dir(cls, cache_dir: Path) -> ReplyCache:
@@ -103,49 +159,79 @@ class ReplyCache:
                 self._connections.append(conn)
         return conn
 
+    def _select(self, sql: str, keys: Iterable[str]) -> list[tuple[Any, ...]]:
+        keys = list(dict.fromkeys(keys))
+        rows: list[tuple[Any, ...]] = []
+        with self._guard():
+            conn = self._connection()
+            for start in range(0, len(keys), _BATCH):
+                batch = keys[start : start + _BATCH]
+                rows += conn.execute(sql.format(marks=",".join("?" * len(batch))), batch).fetchall()
+        return rows
+
     def get_many(self, keys: Iterable[str]) -> dict[str, CachedReply]:
         """The cached replies among `keys` (missing keys are simply absent)."""
-        keys = list(dict.fromkeys(keys))
-        conn = self._connection()
-        found: dict[str, CachedReply] = {}
-        for start in range(0, len(keys), _BATCH):
-            batch = keys[start : start + _BATCH]
-            marks = ",".join("?" * len(batch))
-            rows = conn.execute(
-                "SELECT key, text, model, host, finish_reason, prompt_tokens, completion_tokens, attempts"
-                f" FROM replies WHERE key IN ({marks})",
-                batch,
-            )
-            for key, *fields in rows:
-                found[key] = CachedReply(*fields)
-        return found
+        sql = (
+            "SELECT key, text, model, host, finish_reason, prompt_tokens, completion_tokens, attempts"
+            " FROM replies WHERE key IN ({marks})"
+        )
+        return {key: CachedReply(*fields) for key, *fields in self._select(sql, keys)}
 
     def get(self, key: str) -> CachedReply | None:
         return self.get_many([key]).get(key)
 
+    def failures(self, keys: Iterable[str]) -> dict[str, CachedFailure]:
+        """The cached failures among `keys`."""
+        sql = "SELECT key, reason, detail, attempts, text FROM failures WHERE key IN ({marks})"
+        return {key: CachedFailure(*fields) for key, *fields in self._select(sql, keys)}
+
     def put(self, key: str, reply: CachedReply) -> None:
-        self._connection().execute(
-            "INSERT OR REPLACE INTO replies"
-            " (key, text, model, host, finish_reason, prompt_tokens, completion_tokens, attempts, created_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (
-                key,
-                reply.text,
-                reply.model,
-                reply.host,
-                reply.finish_reason,
-                reply.prompt_tokens,
-                reply.completion_tokens,
-                reply.attempts,
-                time.time(),
-            ),
-        )
+        """Store a valid reply (it replaces a failure stored for the same key)."""
+        with self._guard():
+            conn = self._connection()
+            conn.execute(
+                "INSERT OR REPLACE INTO replies"
+                " (key, text, model, host, finish_reason, prompt_tokens, completion_tokens, attempts, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    key,
+                    reply.text,
+                    reply.model,
+                    reply.host,
+                    reply.finish_reason,
+                    reply.prompt_tokens,
+                    reply.completion_tokens,
+                    reply.attempts,
+                    time.time(),
+                ),
+            )
+            conn.execute("DELETE FROM failures WHERE key = ?", (key,))
+
+    def put_failure(self, key: str, failure: CachedFailure) -> None:
+        """Store why an item failed for a reason a re-run would meet again (never a timeout or a 5xx)."""
+        with self._guard():
+            self._connection().execute(
+                "INSERT OR REPLACE INTO failures (key, reason, detail, attempts, text, created_at)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (key, failure.reason, failure.detail, failure.attempts, failure.text, time.time()),
+            )
 
     def delete(self, keys: Iterable[str]) -> None:
-        self._connection().executemany("DELETE FROM replies WHERE key = ?", [(k,) for k in keys])
+        """Forget replies and failures of `keys`."""
+        rows = [(k,) for k in keys]
+        with self._guard():
+            conn = self._connection()
+            conn.executemany("DELETE FROM replies WHERE key = ?", rows)
+            conn.executemany("DELETE FROM failures WHERE key = ?", rows)
 
     def __len__(self) -> int:
-        return self._connection().execute("SELECT COUNT(*) FROM replies").fetchone()[0]
+        """Cached replies (failures are counted by `failure_count`)."""
+        with self._guard():
+            return self._connection().execute("SELECT COUNT(*) FROM replies").fetchone()[0]
+
+    def failure_count(self) -> int:
+        with self._guard():
+            return self._connection().execute("SELECT COUNT(*) FROM failures").fetchone()[0]
 
     def close(self) -> None:
         with self._lock:

@@ -1,9 +1,15 @@
 """One chat completion against an OpenAI-compatible API, with no retries of its own (the runner owns the policy).
 
-Errors come out in two kinds: `APIFault` (429, 5xx, timeouts, dropped connections, bodies that are not a
-completion), which the runner retries, and `TeacherError` (400, 401, 403, 404, ...), which stops the stage. The API
+Errors come out in three kinds: `APIFault` (429, 5xx, timeouts, dropped connections, bodies that are not a
+completion), which the runner retries; `ItemRejected` (413, or a 400 saying the prompt exceeds the model's context),
+which fails that one item as `too_long` and lets the stage go on; and `TeacherError` (every other 4xx: a wrong key,
+model or endpoint, a setting the API refuses), which stops the stage, because every request would meet it. The API
 key is read from the environment / `.env` when the client is built, never passed in, and scrubbed from every
 message we raise: some servers echo the key they were given in their 401 replies.
+
+The timeout counts time on the wire only (connecting, sending, waiting for and reading the reply), never time spent
+waiting for a connection of our own pool; an abandoned request's connection is closed (httpx closes it on a timeout
+or a cancellation), so a server that watches its connections stops computing the reply nobody will read.
 """
 
 from __future__ import annotations
@@ -24,6 +30,15 @@ _KEYLIKE = re.compile(r"\b(sk|pk|rk|key)-[A-Za-z0-9_\-*.]{3,}", re.IGNORECASE)
 _KEY_PHRASE = re.compile(r"(api[ _-]?key[^:]{0,20}:\s*)\S+", re.IGNORECASE)
 _BEARER = re.compile(r"(bearer\s+)\S+", re.IGNORECASE)
 _RETRY_AFTER_CAP_S = 600.0
+# A request longer than the model's context, in the wording of OpenAI (`context_length_exceeded`,
+# `string_above_max_length`), llama-cpp-python and vLLM ("This model's maximum context length is ..."), llama.cpp's
+# own server ("exceeds the available context size", `exceed_context_size_error`) and others ("prompt is too long").
+_TOO_LONG_CODES = {"context_length_exceeded", "string_above_max_length", "exceed_context_size_error"}
+_TOO_LONG_TEXT = re.compile(
+    r"context[ _-]?length|maximum context|context (window|size)|exceeds? (the )?(available )?context"
+    r"|prompt is too long|too many tokens|input is too long",
+    re.IGNORECASE,
+)
 
 
 class APIFault(TransientError):
@@ -34,6 +49,15 @@ class APIFault(TransientError):
         self.reason = reason
         self.message = message
         self.retry_after = retry_after
+
+
+class ItemRejected(Exception):
+    """The API refused this one request for what it holds (it is too long): the item fails, the stage goes on."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(f"{reason}: {message}" if message else reason)
+        self.reason = reason
+        self.message = message
 
 
 @dataclass(frozen=True)
@@ -104,18 +128,21 @@ class OpenAIClient:
         self._secret = secret
         import openai  # here, not at module level: the stage module and the CLI import fast
 
-        self._client = openai.AsyncOpenAI(api_key=secret, base_url=base_url, timeout=timeout_s, max_retries=0)
+        # pool=None: waiting for a free connection of our own is not time on the wire and never times a request out
+        timeout = openai.Timeout(timeout_s, pool=None)
+        self._client = openai.AsyncOpenAI(api_key=secret, base_url=base_url, timeout=timeout, max_retries=0)
 
     def __repr__(self) -> str:  # never show the key
         return f"OpenAIClient(host={self.host!r}, model={self.model!r})"
 
     async def complete(self, messages: list[Message], *, temperature: float, max_tokens: int) -> Reply:
-        """One request; raises APIFault (retry it) or TeacherError (stop the stage)."""
+        """One request; raises APIFault (retry it), ItemRejected (fail the item) or TeacherError (stop the stage)."""
         import openai
 
         # Errors are built outside the except blocks: raising inside would chain the openai exception, whose
         # request carries the Authorization header and whose message may carry the key.
         fault: APIFault | None = None
+        rejected: ItemRejected | None = None
         fatal: TeacherError | None = None
         raw: Any = None
         try:
@@ -133,6 +160,8 @@ class OpenAIClient:
                 fault = APIFault("http_429", message, retry_after_seconds(exc.response.headers))
             elif status >= 500 or status in (408, 409):
                 fault = APIFault(f"http_{status}", message, retry_after_seconds(exc.response.headers))
+            elif status == 413 or (status == 400 and _says_too_long(exc.body, message)):
+                rejected = ItemRejected("too_long", f"{status}: {message}")
             else:
                 fatal = TeacherError(self._fatal_message(status, message))
         except openai.APIResponseValidationError as exc:
@@ -141,6 +170,8 @@ class OpenAIClient:
             fault = APIFault("invalid_body", self._scrub(f"{type(exc).__name__}: {exc}"))
         if fatal is not None:
             raise fatal
+        if rejected is not None:
+            raise rejected
         if fault is not None:
             raise fault
         return self._parse(raw)
@@ -194,6 +225,14 @@ class OpenAIClient:
 
     async def close(self) -> None:
         await self._client.close()
+
+
+def _says_too_long(body: Any, message: str) -> bool:
+    """A 400 body saying the request exceeds the model's context (not a wrong model, key or setting)."""
+    error = body.get("error", body) if isinstance(body, dict) else None
+    if isinstance(error, dict) and (error.get("code") in _TOO_LONG_CODES or error.get("type") in _TOO_LONG_CODES):
+        return True
+    return bool(_TOO_LONG_TEXT.search(message))
 
 
 def _status_message(exc: Any) -> str:

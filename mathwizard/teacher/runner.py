@@ -1,11 +1,17 @@
 """Runs many teacher requests at once under the API's limits, retrying what can recover, validating every reply.
 
-Policy, per request: at most `concurrency` in flight, a requests-per-minute and a tokens-per-minute token
-bucket, and tenacity retries (exponential backoff with jitter, or the server's `Retry-After`) on `APIFault`s.
-Per item: a reply that fails validation is asked again with the reason (up to `max_attempts`), then the item
-is reported as failed; only valid replies enter the cache. Per run: the first request goes out alone, so a wrong
-key or model costs one request, not thousands; a `TeacherError` stops everything at once; and when items keep
-exhausting their retries (the API is down) the run stops with a `TransientError`, to be resumed from the cache.
+Policy, per request: an in-flight limit that adapts (halved by a timeout or a 429, down to 1; raised by one per
+round of successes, back up to `concurrency`), a requests-per-minute and a tokens-per-minute token bucket, and
+tenacity retries (exponential backoff with jitter, or the server's `Retry-After`) on `APIFault`s.
+Per item: a reply that fails validation is asked again with the reason (up to `max_attempts`): with the reply and the
+reason appended to the conversation, except for a reply cut off at `max_tokens`, whose text is left out (appending
+it could only overflow the context); then the item is reported as failed. A request the server finds too long
+(`ItemRejected`) fails its item as `too_long` and the run goes on. Valid replies enter the cache, and so do failures
+a re-run would meet again (validation, `too_long`), with their reason; timeouts and 5xx never do.
+Per run: the first request goes out alone, so a wrong key or model costs one request, not thousands; a
+`TeacherError` stops everything at once; and when items keep exhausting their retries (the API is down) the run
+stops with a `TransientError`, to be resumed from the cache. However a run stops (those errors, Ctrl-C),
+`partial()` then holds what it finished.
 
 The runner owns an event loop in a background thread: callers stay synchronous, and every request of a stage
 shares one set of limits, which keeps `concurrency` and `rpm` true for the whole stage.
@@ -25,8 +31,8 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, sto
 
 from mathwizard.config import TeacherConfig
 from mathwizard.errors import TeacherError, TransientError
-from mathwizard.teacher.cache import CachedReply, ReplyCache
-from mathwizard.teacher.client import APIFault, Message, OpenAIClient, Reply
+from mathwizard.teacher.cache import CachedFailure, CachedReply, ReplyCache
+from mathwizard.teacher.client import APIFault, ItemRejected, Message, OpenAIClient, Reply
 from mathwizard.teacher.validate import describe, reply_problems
 
 log = logging.getLogger(__name__)
@@ -34,6 +40,8 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int], None]  # called with the number of items just finished (e.g. a progress.Tally)
 Sleep = Callable[[float], Awaitable[None]]
 _CHARS_PER_TOKEN = 3.5  # LaTeX-heavy English; only used to estimate a request's size for the TPM bucket
+_OVERLOAD = ("timeout", "http_429")  # faults that say "fewer at once, please"
+_SETTLE_S = 2.0  # after Ctrl-C: how long the cancelled requests get to close their connections and be counted
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,7 @@ class Outcome:
     reason: str | None = None  # why the item failed; None when it succeeded
     attempts: int = 0
     last_error: str = ""
+    transient: bool = False  # failed for a reason a later attempt may not meet (timeouts, 5xx): not cached
 
     @property
     def ok(self) -> bool:
@@ -65,12 +74,79 @@ class Stats:
     retries: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    concurrency_min: int = 0  # the lowest in-flight limit the run came down to
+    concurrency_final: int = 0  # the limit when the run ended
 
     def add(self, other: Stats) -> None:
         self.api_calls += other.api_calls
         self.retries += other.retries
         self.prompt_tokens += other.prompt_tokens
         self.completion_tokens += other.completion_tokens
+
+
+class AdaptiveLimit:
+    """How many requests may be in flight (AIMD, like TCP's congestion window), for one event loop.
+
+    A timeout or a 429 halves the limit (down to 1), once per round: requests sent before the last cut do not cut it
+    again, so a burst of timeouts from one overloaded moment halves it once, not down to 1. Each successful reply
+    adds 1/limit, so a full round of successes raises the limit by one, back up to `ceiling`.
+    """
+
+    def __init__(self, ceiling: int) -> None:
+        self.ceiling = ceiling
+        self.limit = float(ceiling)
+        self.lowest = ceiling
+        self.in_flight = 0
+        self._round = 0
+        self._waiters: list[asyncio.Future[None]] = []
+
+    @property
+    def current(self) -> int:
+        return max(1, int(self.limit))
+
+    async def acquire(self) -> int:
+        """Wait for a free slot; returns the round the request is sent in (hand it to `overloaded`)."""
+        while self.in_flight >= self.current:
+            waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake()  # we were handed a slot we will not take: pass it on
+                raise
+            finally:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
+        self.in_flight += 1
+        return self._round
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        self._wake()
+
+    def succeeded(self) -> None:
+        before = self.current
+        self.limit = min(float(self.ceiling), self.limit + 1.0 / self.current)
+        if self.current > before:
+            self._wake()
+
+    def overloaded(self, sent_in_round: int) -> None:
+        if sent_in_round != self._round:
+            return  # sent before the last cut: that cut already answered this overload
+        self._round += 1
+        self.limit = max(1.0, self.limit / 2)
+        self.lowest = min(self.lowest, self.current)
+        log.info("teacher API overloaded: at most %d requests in flight now", self.current)
+
+    def _wake(self) -> None:
+        free = self.current - self.in_flight
+        for waiter in self._waiters:
+            if free <= 0:
+                break
+            if not waiter.done():
+                waiter.set_result(None)
+                free -= 1
 
 
 class RateLimiter:
@@ -151,7 +227,7 @@ class ApiRunner:
 
     async def _setup(self) -> None:
         cfg = self.cfg
-        self._in_flight = asyncio.Semaphore(cfg.concurrency)
+        self._limit = AdaptiveLimit(cfg.concurrency)
         # Items waiting out a backoff release their request slot; this bound keeps an outage from starting
         # every item of the stage at once.
         self._active = asyncio.Semaphore(max(4 * cfg.concurrency, cfg.concurrency + 8))
@@ -163,13 +239,26 @@ class ApiRunner:
         self._failing_streak = 0
         self._breaker = max(4, cfg.concurrency)
         self._completion_estimate = float(min(cfg.max_tokens, 600))
+        self._finished: dict[str, Outcome] = {}
+        self._stats = Stats()
 
     def _call(self, coro: Awaitable[object]) -> object:
-        future = asyncio.run_coroutine_threadsafe(coro, self._loop)  # type: ignore[arg-type]
+        ended = threading.Event()
+
+        async def guarded() -> object:
+            try:
+                return await coro
+            finally:
+                ended.set()
+
+        future = asyncio.run_coroutine_threadsafe(guarded(), self._loop)
         try:
             return future.result()
         except BaseException:
             future.cancel()
+            # Interrupted here (Ctrl-C): give the cancelled requests a moment to close their connections (so the
+            # server can stop computing) and the run to record what it finished.
+            ended.wait(_SETTLE_S)
             raise
 
     # ------------------------------------------------------------------------------------------ public
@@ -177,14 +266,22 @@ class ApiRunner:
         """Ask for every item (blocking); outcomes in the order of `items`.
 
         Raises:
-            TeacherError: the API refused the work (401, 403, 404, 400); nothing more is sent.
+            TeacherError: the API refused the work (401, 403, 404, a 400 other than too long); nothing more is sent.
             TransientError: the API kept failing; what succeeded is cached, so a re-run resumes.
+            After any of these (or a KeyboardInterrupt), `partial()` holds what the run finished.
         """
         if self._closed:
             raise RuntimeError("the teacher runner is closed")
+        self._finished, self._stats = {}, Stats()
+        self._limit.lowest = self._limit.current  # the lowest of this run (the limit itself carries over)
         if not items:
-            return [], Stats()
+            return [], self._stats
         return self._call(self._run(list(items), progress))  # type: ignore[return-value]
+
+    def partial(self) -> tuple[list[Outcome], Stats]:
+        """The outcomes of the items the last `run` finished, and its counts, however it ended."""
+        self._stats.concurrency_min, self._stats.concurrency_final = self._limit.lowest, self._limit.current
+        return list(self._finished.values()), self._stats
 
     def close(self) -> None:
         if self._closed:
@@ -213,7 +310,7 @@ class ApiRunner:
             self._abort = None
             self._gate = _Gate()
             self._failing_streak = 0
-        stats = Stats()
+        stats = self._stats
         tasks = [asyncio.ensure_future(self._item(item, stats)) for item in items]
         try:
             for finished in asyncio.as_completed(tasks):
@@ -225,23 +322,28 @@ class ApiRunner:
                 task.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             raise
-        return [task.result() for task in tasks], stats
+        return [task.result() for task in tasks], self.partial()[1]
 
     async def _item(self, item: Item, stats: Stats) -> Outcome:
         cfg = self.cfg
         async with self._active:
-            messages = list(item.messages)
             outcome = Outcome(item.key)
+            messages = list(item.messages)
+            problems: list[str] = []
+            last_text: str | None = None
             for attempt in range(1, cfg.max_attempts + 1):
                 outcome.attempts = attempt
+                exhausted: APIFault | None = None
                 try:
-                    reply = await self._request(messages, stats)
+                    reply = await self._ask(item, messages, problems, stats)
                 except APIFault as fault:
-                    outcome.reason, outcome.last_error = fault.reason, str(fault)
                     exhausted = fault
-                else:
-                    exhausted = None
+                except ItemRejected as rejected:
+                    outcome.reason, outcome.last_error = rejected.reason, str(rejected)
+                    return self._failed(outcome, None)
                 if exhausted is not None:  # outside the except block: a stop must not chain the fault
+                    outcome.reason, outcome.last_error, outcome.transient = exhausted.reason, str(exhausted), True
+                    self._finished[item.key] = outcome
                     self._exhausted(exhausted)
                     return outcome
                 problems = reply_problems(
@@ -250,17 +352,37 @@ class ApiRunner:
                 if not problems:
                     self.cache.put(item.key, _cached(reply, self._client.host, attempt))
                     outcome.text = reply.text
+                    self._finished[item.key] = outcome
                     return outcome
                 outcome.reason = problems[0]
                 outcome.last_error = f"{', '.join(problems)}: {_excerpt(reply.text)}"
+                last_text = reply.text
                 log.debug("item %s attempt %d invalid: %s", item.key[:12], attempt, ", ".join(problems))
-                reask = item.reask.replace("{problems}", describe(problems))
-                messages = [
-                    *item.messages,
-                    {"role": "assistant", "content": reply.text},
-                    {"role": "user", "content": reask},
-                ]
-            return outcome
+                if "truncated" in problems:
+                    messages = _without_reply(item, ["truncated"])  # the cut-off text would only overflow the context
+                else:
+                    messages = [
+                        *item.messages,
+                        {"role": "assistant", "content": reply.text},
+                        {"role": "user", "content": item.reask.replace("{problems}", describe(problems))},
+                    ]
+            return self._failed(outcome, last_text)
+
+    async def _ask(self, item: Item, messages: list[Message], problems: list[str], stats: Stats) -> Reply:
+        """One attempt; a re-ask whose appended reply makes it too long is sent again without that reply."""
+        try:
+            return await self._request(messages, stats)
+        except ItemRejected:
+            if len(messages) <= len(item.messages):
+                raise
+        return await self._request(_without_reply(item, problems), stats)
+
+    def _failed(self, outcome: Outcome, last_text: str | None) -> Outcome:
+        """An item that a re-run would fail again the same way: its failure is cached with the reason."""
+        failure = CachedFailure(outcome.reason or "unknown", outcome.last_error, outcome.attempts, last_text)
+        self.cache.put_failure(outcome.key, failure)
+        self._finished[outcome.key] = outcome
+        return outcome
 
     def _exhausted(self, fault: APIFault) -> None:
         """An item used up its retries: stop the run when the API looks down rather than unlucky."""
@@ -319,6 +441,9 @@ class ApiRunner:
                 gate.probing = True
                 try:
                     reply = await self._send_now(messages, stats)
+                except ItemRejected:
+                    gate.opened.set()  # the server read the request (key and model are fine): let the others go
+                    raise
                 finally:
                     gate.probing = False
                 gate.opened.set()
@@ -329,7 +454,10 @@ class ApiRunner:
 
     async def _send_now(self, messages: list[Message], stats: Stats) -> Reply:
         estimate = sum(len(m["content"]) for m in messages) / _CHARS_PER_TOKEN + self._completion_estimate
-        async with self._in_flight:
+        # Only the wait for a slot and the rate buckets happen here, before the request: the client's timeout
+        # starts with the request itself, so time in our own queue never times a request out.
+        sent_in_round = await self._limit.acquire()
+        try:
             await self._requests.take(1)
             await self._tokens.take(estimate)
             self._check_abort()
@@ -338,10 +466,20 @@ class ApiRunner:
                 reply = await self._client.complete(
                     messages, temperature=self.cfg.temperature, max_tokens=self.cfg.max_tokens
                 )
+            except APIFault as fault:
+                if fault.reason in _OVERLOAD:
+                    self._limit.overloaded(sent_in_round)
+                raise
+            except ItemRejected:
+                self._failing_streak = 0  # the server is up: it read the request
+                raise
             except TeacherError as exc:
                 self._abort = exc
                 self._gate.opened.set()
                 raise
+        finally:
+            self._limit.release()
+        self._limit.succeeded()
         self._failing_streak = 0
         stats.prompt_tokens += reply.prompt_tokens
         stats.completion_tokens += reply.completion_tokens
@@ -349,6 +487,16 @@ class ApiRunner:
             self._tokens.settle(estimate, reply.prompt_tokens + reply.completion_tokens)
             self._completion_estimate = 0.9 * self._completion_estimate + 0.1 * reply.completion_tokens
         return reply
+
+
+def _without_reply(item: Item, problems: list[str]) -> list[Message]:
+    """The first messages again, the last user message followed by the reason; the rejected reply left out.
+
+    Roles still alternate (system, user), as chat templates such as Gemma's require.
+    """
+    *first, last = item.messages
+    note = "Your previous reply to this request is not shown. " + item.reask.replace("{problems}", describe(problems))
+    return [*first, {**last, "content": f"{last['content']}\n\n{note}"}]
 
 
 def _cached(reply: Reply, host: str, attempts: int) -> CachedReply:

@@ -11,7 +11,7 @@ from mathwizard.answers import answers_match, final_answer, format_problems
 
 # Human wording of each problem, fed back to the teacher when it is asked again.
 _DESCRIPTIONS = {
-    "truncated": "it was cut off before the end (too long)",
+    "truncated": "it was cut off at the length limit before it ended; write the steps more briefly",
     "content_filter": "it was withheld by the provider's content filter",
     "refusal": "it refuses instead of rewriting the solution",
     "empty": "it is empty",

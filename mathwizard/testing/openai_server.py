@@ -3,9 +3,15 @@
 Its "model" answers correctly: it finds the `<reference_solution>` in the prompt and applies the rule teacher.
 Faults are drawn at random (`faults={"503": 0.05}`), queued (`fail_next(3, "503")`), held for a while
 (`fail_for(2.0, "503")`) or started after some good replies (`fail_after(20, "503")`: an outage mid-run).
-Transport faults (429, 5xx, 4xx, drop, non_json, bad_json, bad_completion) reply at once, as real gateways do;
-answer faults (wrong_answer, missing_answer, refusal, length) and normal replies
-take `latency` seconds; `slow` waits `slow_s` seconds (longer than the client's timeout) before answering.
+Transport faults (429, 5xx, 4xx, too_long: a 400 `context_length_exceeded` in llama-cpp-python's wording, 413,
+drop, non_json, bad_json, bad_completion) reply at once, as real gateways do; answer faults (wrong_answer,
+missing_answer, refusal, length: half the reply with `finish_reason: length`) and normal replies take `latency`
+seconds; `slow` waits `slow_s` seconds (longer than the client's timeout) before answering.
+
+Like a real inference server it can have a context (`max_prompt_chars`: a longer prompt gets the too_long 400) and a
+capacity (`capacity=1`: one reply computed at a time, the others wait in the server's queue, as llama.cpp's server
+does). A request whose client goes away (a timeout closes the connection) while it waits or is computed is dropped
+and counted in `cancelled`, as a server that watches its connections would.
 
 Usage:
     with OpenAITestServer(latency=0.05, faults={"503": 0.1}) as server:
@@ -24,6 +30,7 @@ import contextlib
 import json
 import random
 import re
+import select
 import socket
 import subprocess
 import sys
@@ -48,6 +55,8 @@ TRANSPORT_FAULTS = (
     "401",
     "403",
     "404",
+    "413",
+    "too_long",
     "drop",
     "non_json",
     "bad_json",
@@ -70,9 +79,14 @@ class FaultPlan:
         slow_s: float = 5.0,
         api_key: str | None = None,
         seed: int = 0,
+        capacity: int | None = None,
+        max_prompt_chars: int | None = None,
     ) -> None:
         self.lock = threading.Lock()
         self.latency = latency
+        self.capacity = capacity
+        self.slots = threading.Semaphore(capacity) if capacity else None
+        self.max_prompt_chars = max_prompt_chars
         self.faults: dict[str, float] = {}
         self.retry_after = retry_after
         self.slow_s = slow_s
@@ -85,6 +99,8 @@ class FaultPlan:
         self.outcomes: Counter[str] = Counter()
         self.in_flight = 0
         self.max_in_flight = 0
+        self.cancelled = 0
+        self.history: deque[list[dict[str, Any]]] = deque(maxlen=1000)  # the messages of recent requests, in order
         self.configure(faults=faults or {})
 
     def configure(self, **options: Any) -> None:
@@ -97,8 +113,11 @@ class FaultPlan:
                     if sum(value.values()) > 1.0:
                         raise ValueError("fault probabilities must sum to at most 1")
                     self.faults = dict(value)
-                elif name in ("latency", "retry_after", "slow_s", "api_key"):
+                elif name in ("latency", "retry_after", "slow_s", "api_key", "max_prompt_chars"):
                     setattr(self, name, value)
+                elif name == "capacity":  # while no request is being served
+                    self.capacity = value
+                    self.slots = threading.Semaphore(value) if value else None
                 elif name == "seed":
                     self._rng = random.Random(value)
                 else:
@@ -131,6 +150,8 @@ class FaultPlan:
             self.requests = 0
             self.outcomes.clear()
             self.max_in_flight = self.in_flight
+            self.cancelled = 0
+            self.history.clear()
 
     def enter(self) -> None:
         with self.lock:
@@ -175,7 +196,12 @@ class FaultPlan:
 
     def stats(self) -> dict[str, Any]:
         with self.lock:
-            return {"requests": self.requests, "outcomes": dict(self.outcomes), "max_in_flight": self.max_in_flight}
+            return {
+                "requests": self.requests,
+                "outcomes": dict(self.outcomes),
+                "max_in_flight": self.max_in_flight,
+                "cancelled": self.cancelled,
+            }
 
 
 def _check_fault(fault: str) -> None:
@@ -238,8 +264,47 @@ class _Handler(BaseHTTPRequestHandler):
     def _json(self, status: int, data: Any, headers: dict | None = None) -> None:
         self._send(status, json.dumps(data).encode(), headers=headers)
 
-    def _error(self, status: int, message: str, kind: str, headers: dict | None = None) -> None:
-        self._json(status, {"error": {"message": message, "type": kind, "param": None, "code": None}}, headers)
+    def _error(
+        self, status: int, message: str, kind: str, headers: dict | None = None, code: str | None = None
+    ) -> None:
+        self._json(status, {"error": {"message": message, "type": kind, "param": None, "code": code}}, headers)
+
+    def _too_long(self, prompt_tokens: int, max_tokens: int) -> None:
+        limit = (self.server.plan.max_prompt_chars or 8192) // 4
+        self._error(
+            400,
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in the completion). "
+            "Please reduce the length of the messages or completion.",
+            "invalid_request_error",
+            code="context_length_exceeded",
+        )
+
+    def _client_gone(self) -> bool:
+        """The client closed its connection (no pipelining: while a reply is pending it sends nothing else)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
+    def _compute(self, seconds: float) -> bool:
+        """Wait for a slot (the server's queue), then `seconds` of "inference"; False when the client left first."""
+        slots = self.server.plan.slots
+        if slots is not None:
+            while not slots.acquire(timeout=0.01):
+                if self._client_gone():
+                    return False
+        try:
+            deadline = time.monotonic() + seconds
+            while (left := deadline - time.monotonic()) > 0:
+                time.sleep(min(left, 0.01))
+                if self._client_gone():
+                    return False
+            return True
+        finally:
+            if slots is not None:
+                slots.release()
 
     # ---------------------------------------------------------------------------------------- routes
     def do_GET(self) -> None:
@@ -291,6 +356,14 @@ class _Handler(BaseHTTPRequestHandler):
     def _completion(self, body: bytes) -> None:
         plan = self.server.plan
         fault = plan.next_fault()
+        try:
+            request = json.loads(body)
+            messages = request["messages"]
+        except (ValueError, KeyError, TypeError):
+            request = messages = None
+        if isinstance(messages, list):
+            with plan.lock:
+                plan.history.append(messages)
         given = (self.headers.get("Authorization") or "").removeprefix("Bearer ").strip()
         if plan.api_key is not None and given != plan.api_key:
             fault = "401"
@@ -298,17 +371,23 @@ class _Handler(BaseHTTPRequestHandler):
             plan.record(fault)
             self._transport_fault(fault, given)
             return
-        try:
-            request = json.loads(body)
-            messages = request["messages"]
-        except (ValueError, KeyError, TypeError):
+        if not isinstance(request, dict) or not isinstance(messages, list):
             plan.record("400")
             self._error(400, "the body must be JSON with a 'messages' list", "invalid_request_error")
             return
-        time.sleep(plan.slow_s if fault == "slow" else plan.latency)
-        text, finish = _spoil(answer(messages), fault) if fault else (answer(messages), "stop")
-        plan.record(fault or "ok")
         prompt_chars = sum(len(str(m.get("content", ""))) for m in messages)
+        if plan.max_prompt_chars is not None and prompt_chars > plan.max_prompt_chars:
+            plan.record("too_long")
+            self._too_long(prompt_chars // 4, int(request.get("max_tokens") or 0))
+            return
+        finished = self._compute(plan.slow_s if fault == "slow" else plan.latency)
+        plan.record(fault or "ok")
+        if not finished:
+            with plan.lock:
+                plan.cancelled += 1
+            self.close_connection = True
+            return
+        text, finish = _spoil(answer(messages), fault) if fault else (answer(messages), "stop")
         self._json(
             200,
             {
@@ -335,8 +414,10 @@ class _Handler(BaseHTTPRequestHandler):
         elif fault == "401":
             # Like some real servers, echo the key we were given: the client must scrub it.
             self._error(401, f"Incorrect API key provided: {given_key}.", "invalid_request_error")
-        elif fault in ("400", "403", "404"):
+        elif fault in ("400", "403", "404", "413"):
             self._error(int(fault), f"{HTTPStatus(int(fault)).phrase} (injected)", "invalid_request_error")
+        elif fault == "too_long":
+            self._too_long(2100, 0)
         elif fault == "drop":
             self.close_connection = True
             with contextlib.suppress(OSError):
@@ -387,6 +468,11 @@ class OpenAITestServer:
     def max_in_flight(self) -> int:
         """The most chat-completion requests the server was handling at once."""
         return self.plan.stats()["max_in_flight"]
+
+    @property
+    def cancelled(self) -> int:
+        """Requests dropped because their client closed the connection before the reply was ready."""
+        return self.plan.stats()["cancelled"]
 
     def configure(self, **options: Any) -> None:
         self.plan.configure(**options)
@@ -459,6 +545,10 @@ class RemoteTestServer:
     def max_in_flight(self) -> int:
         return self.stats()["max_in_flight"]
 
+    @property
+    def cancelled(self) -> int:
+        return self.stats()["cancelled"]
+
     def configure(self, **options: Any) -> None:
         self._post("configure", **options)
 
@@ -519,11 +609,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--slow-s", type=float, default=5.0, help="seconds a 'slow' reply takes")
     parser.add_argument("--api-key", default=None, help="answer 401 unless this key is sent")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--capacity", type=int, default=None, help="replies computed at once (others queue)")
+    parser.add_argument("--max-prompt-chars", type=int, default=None, help="longer prompts get a too_long 400")
     args = parser.parse_args(argv)
     faults = {name: float(p) for name, p in (item.split("=", 1) for item in args.fault)}
     server = OpenAITestServer(
         host=args.host, port=args.port, latency=args.latency, faults=faults, retry_after=args.retry_after,
-        slow_s=args.slow_s, api_key=args.api_key, seed=args.seed,
+        slow_s=args.slow_s, api_key=args.api_key, seed=args.seed, capacity=args.capacity,
+        max_prompt_chars=args.max_prompt_chars,
     )  # fmt: skip
     print(f"listening on {server.base_url}", flush=True)
     try:

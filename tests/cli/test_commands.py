@@ -245,13 +245,13 @@ def test_teach_flags_reach_the_flow(flows: FakeFlows, tmp_path: Path) -> None:
     )  # fmt: skip
     args = ["teach", "--home", str(tmp_path), "--data", "in", "--out", "o", "--split", "val", "--teacher", "rule"]
     args += ["--base-url", "http://h:1/v1", "--teacher-model", "m", "--concurrency", "3", "--rpm", "7", "--tpm", "9000"]
-    result = runner.invoke(app, [*args, "--limit", "5"])
+    result = runner.invoke(app, [*args, "--limit", "5", "--retry-failed"])
     assert result.exit_code == 0, result.output
     settings, inputs = flows.call
     assert inputs == {"data": "in", "out": "o"}
     cfg = settings.teacher
     assert (cfg.split, cfg.kind, cfg.base_url, cfg.model) == ("val", "rule", "http://h:1/v1", "m")
-    assert (cfg.concurrency, cfg.rpm, cfg.tpm, cfg.limit) == (3, 7, 9000, 5)
+    assert (cfg.concurrency, cfg.rpm, cfg.tpm, cfg.limit, cfg.retry_failed) == (3, 7, 9000, 5, True)
     printed = _printed(result)
     assert "teach: 2 of 5 items written by m, 3 failed; 4 API calls, 1 cache hits" in printed
     assert "excluded 3 (answer_mismatch 2, timeout 1): o/failures.jsonl" in printed
@@ -444,6 +444,19 @@ def test_a_stages_own_check_is_one_red_line(
     result = invoke([*args, "--home", str(tmp_path)])
     assert message in _one_error_line(result)
     assert not (tmp_path / "runs" / "default" / "03-sft").exists()
+
+
+def test_a_damaged_teacher_cache_is_one_red_line(prefect_harness: None, prepared: Path, server, tmp_path: Path) -> None:
+    cache = tmp_path / "cache" / "teacher.sqlite"
+    cache.parent.mkdir()
+    cache.write_bytes(b"a disk error turned this into noise " * 100)
+    args = ["teach", "--home", str(tmp_path), "--data", str(prepared), "--teacher", "openai"]
+    result = invoke([*args, "--base-url", server.base_url, "--teacher-model", "test-teacher"])
+    assert _one_error_line(result) == (
+        f"error: the teacher cache {cache} is damaged (file is not a database); delete it (with its -wal and -shm"
+        " files, if any) and re-run: only the replies it held are asked again"
+    )
+    assert server.requests == 0
 
 
 def test_backend_unsloth_without_cuda_is_one_line(prefect_harness: None, tmp_path: Path) -> None:

@@ -16,6 +16,7 @@ from PIL import Image
 from mathwizard.data.clean import (
     Reason,
     RowError,
+    check_lengths,
     clean_dataset,
     clean_image,
     clean_images,
@@ -236,6 +237,16 @@ def test_normalize_row_fields() -> None:
 
 
 # ------------------------------------------------------------------------------------------- paths
+def test_lengths_over_the_limits_are_too_long() -> None:
+    row = {"question": "q" * 10, "solution": "s" * 20}
+    check_lengths(row, 10, 20)  # at the limit: kept
+    check_lengths(row, None, None)  # no limits
+    for limits, detail in (((9, 20), "question is 10 characters"), ((10, 19), "solution is 20 characters")):
+        with pytest.raises(RowError) as info:
+            check_lengths(row, *limits)
+        assert info.value.reason == Reason.TOO_LONG and info.value.detail.startswith(detail)
+
+
 def test_resolve_image_refuses_to_leave_the_folder(tmp_path: Path) -> None:
     root = tmp_path / "images"
     draw_figure(root / "ok.png")

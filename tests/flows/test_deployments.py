@@ -117,9 +117,7 @@ def test_prefect_deploy_works_from_the_deployments_folder_and_fails_in_one_messa
 
 def test_data_deployment_runs_on_a_cpu_worker(prefect_stack, tmp_path: Path) -> None:
     home = tmp_path / "home"
-    run_id = prefect_stack.run(
-        "math-wizard-data/smoke-data", {"params": {"recipe": "smoke", "home": str(home)}}
-    )
+    run_id = prefect_stack.run("math-wizard-data/smoke-data", {"params": {"recipe": "smoke", "home": str(home)}})
     run = prefect_stack.wait(run_id, timeout=300)
     assert run["state_type"] == "COMPLETED", prefect_stack.logs(run_id) + prefect_stack.log_tail()
     assert run["work_pool_name"] == "cpu"

@@ -109,13 +109,16 @@ def test_local_data_with_bad_rows_counts_every_reason(tmp_path: Path) -> None:
         json.dumps({**json.loads(rows[1]), "question": "Another problem on a lost figure", "file_name": "gone.png"}),
         json.dumps({**json.loads(rows[2]), "question": "Escape", "file_name": "../mm_math_mini.jsonl"}),
         json.dumps({**json.loads(rows[3]), "knowledge": ""}),  # line 13
+        # lines 14 and 15: over the default limits (10,000 and 20,000 characters), as a 5 MB question would be
+        json.dumps({**json.loads(rows[4]), "question": "Find $x$. " + "$x+1=2$ " * 1300}),
+        json.dumps({**json.loads(rows[5]), "question": "Long", "solution": r"$x=\boxed{1}$ " * 1500}),
     ]
     jsonl = tmp_path / "MM_Math.jsonl"
     jsonl.write_text("\n".join(rows + bad) + "\n")
     cfg = PrepareConfig(source="local", jsonl=str(jsonl), images=str(FIXTURES / "images"), workers=1)
     manifest = prepare.run(cfg, tmp_path / "out")
     report = prepare.Report.of(manifest)
-    assert (report.rows_in, report.kept, report.quarantined) == (13, 8, 5)  # 8 good + 5 bad
+    assert (report.rows_in, report.kept, report.quarantined) == (15, 8, 7)  # 8 good + 7 bad
     assert report.splits == {"train": 7, "val": 0, "test": 1}  # 8 kept rows; their ids leave val empty
     empty = read_table(tmp_path / "out", "val")  # an empty split is still a file, with its features
     assert empty.num_rows == 0
@@ -125,14 +128,20 @@ def test_local_data_with_bad_rows_counts_every_reason(tmp_path: Path) -> None:
         "duplicate": 1,
         "malformed_json": 1,
         "missing_image": 1,
+        "too_long": 2,
         "unsafe_path": 1,
     }
     assert list(report.quarantine_reasons) == sorted(report.quarantine_reasons)  # stable order in the manifest
     lines = [json.loads(x) for x in (tmp_path / "out" / "quarantine.jsonl").read_text().splitlines()]
     assert [(q["line"], q["reason"]) for q in lines] == [
         (9, "duplicate"), (10, "malformed_json"), (11, "missing_image"), (12, "unsafe_path"), (13, "blank_field"),
+        (14, "too_long"), (15, "too_long"),
     ]  # fmt: skip
-    assert manifest.files["quarantine.jsonl"].rows == 5
+    assert [q["detail"] for q in lines[-2:]] == [
+        "question is 10,409 characters, over the limit of 10,000",  # its ends stripped
+        "solution is 20,999 characters, over the limit of 20,000",
+    ]
+    assert manifest.files["quarantine.jsonl"].rows == 7
 
 
 def test_growth_never_moves_an_existing_row(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -179,10 +180,18 @@ def test_too_many_failures_raise_after_the_report_and_a_rerun_pays_only_for_them
     assert report(out)["failed"] == 3 and report(out)["failures_by_reason"] == {"answer_mismatch": 3}
     assert [f["attempts"] for f in failures(out)] == [1, 1, 1]
     assert not (out / "manifest.json").exists()  # not done: the next run must not skip it
+    sent = server.requests
 
-    manifest = teach.run(api_config(server, concurrency=1, max_attempts=1), prepared, out, cache)
+    # temperature 0: the same question gets the same answer, so a plain re-run serves the failures from the cache
+    with pytest.raises(TeacherError, match=r"with --retry-failed \(teacher.retry_failed\)$"):
+        teach.run(api_config(server, concurrency=1, max_attempts=1), prepared, out, cache)
+    assert server.requests == sent
+    assert (report(out)["api_calls"], report(out)["cache_hits"], report(out)["cached_failures"]) == (0, 57, 3)
+    assert [f["cached"] for f in failures(out)] == [True] * 3
+
+    manifest = teach.run(api_config(server, concurrency=1, max_attempts=1, retry_failed=True), prepared, out, cache)
     done = teach.Report.of(manifest)
-    assert (done.api_calls, done.cache_hits) == (3, 57)  # 60 - 3
+    assert (done.api_calls, done.cache_hits, done.cached_failures) == (3, 57, 0)  # 60 - 3
     assert done.written == 60 and failures(out) == []
 
 
@@ -425,10 +434,135 @@ def test_an_outage_stops_the_stage_and_a_rerun_resumes_from_the_cache(
     assert read_manifest(out) is None
     with ReplyCache.in_dir(cache) as replies:
         cached = len(replies)
+        assert replies.failure_count() == 0  # a 503 is never cached as a failure
     assert cached == 20 == server.outcomes["ok"]  # every good reply was kept
+    stopped = report(out)  # what the stopped attempt did, for the UI and for whoever looks
+    assert stopped["stopped"].startswith("TransientError: the teacher API at 127.0.0.1:")
+    assert stopped["written"] >= 20 and stopped["failed"] >= 1 and stopped["not_attempted"] >= 1
+    assert stopped["written"] + stopped["failed"] + stopped["not_attempted"] == stopped["items"] == 60
+    assert {f["reason"] for f in failures(out)} == {"http_503"} and len(failures(out)) == stopped["failed"]
 
     server.clear()
     server.reset_counts()
     done = teach.Report.of(teach.run(api_config(server, concurrency=2), prepared, out, cache))  # a plain re-run
     assert (done.written, done.cache_hits) == (60, cached)
     assert server.requests == done.api_calls == unique_items(prepared) - cached  # only what was missing
+
+
+def test_a_key_revoked_mid_run_still_writes_the_report_and_a_rerun_resumes(
+    prepared: Path, server: OpenAITestServer, api_key: str, tmp_path: Path
+) -> None:
+    out, cache = tmp_path / "02-teach", tmp_path / "cache"
+    server.fail_after(10, "401")  # ten replies, then the key is refused
+    with pytest.raises(TeacherError, match="rejected the API key"):
+        teach.run(api_config(server, concurrency=1), prepared, out, cache)
+    stopped = report(out)
+    assert stopped["stopped"].startswith("TeacherError: the teacher API at") and api_key not in stopped["stopped"]
+    assert (stopped["api_calls"], stopped["failed"], failures(out)) == (11, 0, [])  # ten replies and the 401
+    assert stopped["written"] >= 10 and stopped["written"] + stopped["not_attempted"] == 60
+    assert sum(split["not_attempted"] for split in stopped["splits"].values()) == stopped["not_attempted"]
+    assert read_manifest(out) is None  # not done: the re-run must not skip it
+
+    server.clear()
+    server.reset_counts()
+    done = teach.Report.of(teach.run(api_config(server, concurrency=1), prepared, out, cache))
+    assert done.written == 60 and done.stopped is None and done.not_attempted == 0
+    assert server.requests == unique_items(prepared) - 10  # only what the stopped attempt had not asked
+
+
+def test_ctrl_c_writes_the_report_sends_nothing_more_and_closes_what_was_in_flight(
+    prepared: Path, server: OpenAITestServer, tmp_path: Path
+) -> None:
+    out, cache = tmp_path / "02-teach", tmp_path / "cache"
+    server.configure(latency=0.2)  # 60 items, 2 at a time: about 6 s of work
+    armed = threading.Event()
+
+    def ctrl_c(signum: int, frame: object) -> None:
+        if armed.is_set():  # only while the stage runs: never into pytest itself
+            raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, ctrl_c)
+
+    def press() -> None:
+        while server.requests < 4:
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    presser = threading.Thread(target=press, daemon=True)
+    try:
+        armed.set()
+        presser.start()
+        with pytest.raises(KeyboardInterrupt):
+            teach.run(api_config(server, concurrency=2), prepared, out, cache)
+    finally:
+        armed.clear()
+        signal.signal(signal.SIGINT, previous)
+    sent = server.requests
+    time.sleep(0.5)  # more than two replies' time: anything still running would have sent by now
+    assert server.requests == sent < unique_items(prepared)
+    assert server.cancelled >= 1  # the requests in flight were cancelled on their connections
+    stopped = report(out)
+    assert stopped["stopped"] == "interrupted (Ctrl-C)" and stopped["not_attempted"] >= 1
+    assert stopped["written"] + stopped["failed"] + stopped["not_attempted"] == 60
+    assert read_manifest(out) is None and failures(out) == []
+
+
+def test_a_stale_report_never_survives_into_a_new_attempt(
+    prepared: Path, server: OpenAITestServer, tmp_path: Path
+) -> None:
+    out, cache = tmp_path / "02-teach", tmp_path / "cache"
+    server.fail_next(1, "refusal")
+    with pytest.raises(TeacherError, match="1 / 60 items failed"):
+        teach.run(api_config(server, concurrency=1, max_attempts=1), prepared, out, cache)
+    assert (out / "report.json").is_file() and (out / "failures.jsonl").is_file()
+    (cache / "teacher.sqlite").write_bytes(b"not a database any more" * 100)  # the next attempt cannot even start
+    for name in ("teacher.sqlite-wal", "teacher.sqlite-shm"):
+        (cache / name).unlink(missing_ok=True)
+    with pytest.raises(DataError, match=r"teacher cache .*teacher\.sqlite is damaged \(file is not a database\)"):
+        teach.run(api_config(server, concurrency=1, max_attempts=1), prepared, out, cache)
+    assert not (out / "report.json").exists() and not (out / "failures.jsonl").exists()
+
+
+def test_a_too_long_item_fails_alone_and_is_not_asked_again(
+    prepared: Path, server: OpenAITestServer, tmp_path: Path
+) -> None:
+    cache = tmp_path / "cache"
+    server.fail_next(1, "too_long")  # one at a time: the first item is too long for the server's context
+    cfg = api_config(server, concurrency=1, max_failed_fraction=0.05)
+    first = teach.Report.of(teach.run(cfg, prepared, tmp_path / "a", cache))
+    assert (first.written, first.failed, first.failures_by_reason) == (59, 1, {"too_long": 1})
+    assert first.api_calls == unique_items(prepared) and first.retries == 0  # never retried
+    assert failures(tmp_path / "a")[0]["last_error"].startswith("too_long: 400: This model's maximum context length")
+
+    sent = server.requests
+    again = teach.Report.of(teach.run(cfg, prepared, tmp_path / "b", cache))  # a new folder, the same cache
+    assert (again.api_calls, again.cache_hits, again.cached_failures, again.failed) == (0, 59, 1, 1)
+    assert server.requests == sent and failures(tmp_path / "b")[0]["cached"] is True
+    assert again.summary().endswith("0 API calls, 59 cache hits, 1 failures from the cache")
+
+    retried = teach.Report.of(teach.run(cfg.model_copy(update={"retry_failed": True}), prepared, tmp_path / "c", cache))
+    assert (retried.api_calls, retried.written, retried.failed) == (1, 60, 0)  # asked again: fits now
+
+
+def test_a_failure_that_can_pass_is_asked_again_by_a_plain_rerun(
+    prepared: Path, server: OpenAITestServer, tmp_path: Path
+) -> None:
+    out, cache = tmp_path / "02-teach", tmp_path / "cache"
+    server.fail_after(1, "500", n=1)  # the second request: a 500, and no retries allowed
+    cfg = api_config(server, concurrency=1, request_retries=0)
+    with pytest.raises(TeacherError, match=r"1 / 60 items failed .*http_500"):
+        teach.run(cfg, prepared, out, cache)
+    assert [f["reason"] for f in failures(out)] == ["http_500"]
+    sent = server.requests
+    done = teach.Report.of(teach.run(cfg, prepared, out, cache))
+    assert (done.api_calls, done.written, done.cached_failures) == (1, 60, 0) and server.requests == sent + 1
+
+
+def test_a_429_halves_the_in_flight_limit_and_successes_restore_it(
+    prepared: Path, server: OpenAITestServer, tmp_path: Path
+) -> None:
+    server.fail_next(1, "429")  # the first request (sent alone) is rate limited
+    done = teach.Report.of(teach.run(api_config(server, concurrency=4), prepared, tmp_path / "o", tmp_path / "c"))
+    assert (done.concurrency, done.concurrency_min, done.concurrency_final) == (4, 2, 4)
+    assert done.written == 60 and done.retries == 1
+    assert "concurrency lowered to 2 by timeouts or 429s, ended at 4 of 4" in done.summary()

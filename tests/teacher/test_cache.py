@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from mathwizard.teacher.cache import CachedReply, ReplyCache, endpoint_host, reply_key
+from mathwizard.errors import DataError
+from mathwizard.teacher.cache import CachedFailure, CachedReply, ReplyCache, endpoint_host, reply_key
 
 BASE = {
     "model": "gpt-4o-mini",
@@ -95,3 +96,61 @@ def test_the_cache_outlives_a_killed_writer(tmp_path: Path) -> None:
     assert subprocess.run([sys.executable, "-c", code, str(tmp_path)]).returncode == -signal.SIGKILL
     with ReplyCache.in_dir(tmp_path) as cache:
         assert len(cache) == 100
+
+
+# ------------------------------------------------------------------------------------------------ failures
+def test_failures_are_kept_until_a_reply_replaces_them(tmp_path: Path) -> None:
+    with ReplyCache.in_dir(tmp_path) as cache:
+        cache.put_failure("k", CachedFailure("answer_mismatch", "answer_mismatch: '...'", attempts=3, text="reply"))
+        cache.put_failure("long", CachedFailure("too_long", "400: maximum context length"))
+        assert cache.failures(["k", "long", "other"]) == {
+            "k": CachedFailure("answer_mismatch", "answer_mismatch: '...'", 3, "reply"),
+            "long": CachedFailure("too_long", "400: maximum context length", 1, None),
+        }
+        cache.put("k", CachedReply("### Solution ...", "m", "h"))
+        assert set(cache.failures(["k", "long"])) == {"long"} and cache.failure_count() == 1 and len(cache) == 1
+        cache.delete(["long"])
+        assert cache.failure_count() == 0
+
+
+def test_a_cache_from_before_failures_were_kept_gains_the_table(tmp_path: Path) -> None:
+    path = tmp_path / "teacher.sqlite"
+    with sqlite3.connect(path) as old:  # the schema of the first release: replies only
+        old.execute(
+            "CREATE TABLE replies (key TEXT PRIMARY KEY, text TEXT NOT NULL, model TEXT NOT NULL, host TEXT NOT NULL,"
+            " finish_reason TEXT, prompt_tokens INTEGER NOT NULL DEFAULT 0, completion_tokens INTEGER NOT NULL"
+            " DEFAULT 0, attempts INTEGER NOT NULL DEFAULT 1, created_at REAL NOT NULL) WITHOUT ROWID"
+        )
+        old.execute("INSERT INTO replies VALUES ('k', 't', 'm', 'h', 'stop', 1, 1, 1, 0)")
+    old.close()
+    with ReplyCache(path) as cache:
+        assert cache.get("k").text == "t" and cache.failures(["k"]) == {}
+
+
+# ---------------------------------------------------------------------------------------- a damaged file
+def _one_line(info: pytest.ExceptionInfo[DataError], path: Path) -> str:
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message and "delete it" in message
+    assert info.value.__suppress_context__  # the SQLite traceback does not ride along
+    return message
+
+
+def test_a_file_that_is_not_a_database_is_one_line_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "teacher.sqlite"
+    path.write_bytes(b"this was never SQLite " * 200)
+    with pytest.raises(DataError) as info:
+        ReplyCache(path)
+    assert "file is not a database" in _one_line(info, path)
+
+
+def test_a_malformed_database_is_one_line_naming_it(tmp_path: Path) -> None:
+    path = tmp_path / "teacher.sqlite"
+    with ReplyCache(path) as cache:
+        for i in range(300):
+            cache.put(f"k{i}", CachedReply("x" * 2000, "m", "h"))
+    damaged = bytearray(path.read_bytes())
+    damaged[3 * 4096 : 40 * 4096] = b"\x5a" * (37 * 4096)  # the pages holding the table, overwritten
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(DataError) as info, ReplyCache(path) as cache:
+        cache.get_many([f"k{i}" for i in range(300)])
+    assert "database disk image is malformed" in _one_line(info, path)

@@ -9,7 +9,15 @@ import time
 import pytest
 
 from mathwizard.errors import ConfigError, TeacherError
-from mathwizard.teacher.client import APIFault, OpenAIClient, Reply, retry_after_seconds, scrub
+from mathwizard.teacher.client import (
+    APIFault,
+    ItemRejected,
+    OpenAIClient,
+    Reply,
+    _says_too_long,
+    retry_after_seconds,
+    scrub,
+)
 from mathwizard.testing import OpenAITestServer
 
 MESSAGES = [
@@ -58,6 +66,57 @@ def test_transport_faults_are_retryable(server: OpenAITestServer, fault: str, re
     assert info.value.__context__ is None and info.value.__cause__ is None  # no openai exception rides along
     if fault == "429":
         assert info.value.retry_after == pytest.approx(0.01)
+
+
+@pytest.mark.parametrize("fault", ["too_long", "413"])
+def test_a_request_too_long_for_the_server_fails_the_item_not_the_stage(server: OpenAITestServer, fault: str) -> None:
+    server.fail_next(1, fault)
+    with pytest.raises(ItemRejected) as info:
+        _complete(server)
+    assert info.value.reason == "too_long" and info.value.__context__ is None
+    assert ("maximum context length" if fault == "too_long" else "413") in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [  # the wording of real servers
+        ({"code": "context_length_exceeded", "type": "invalid_request_error"}, "..."),  # OpenAI, llama-cpp-python
+        ({"code": "string_above_max_length"}, "Invalid 'messages[1].content': string too long."),  # OpenAI
+        ({"code": 400, "type": "exceed_context_size_error"}, "the request exceeds the available context size"),
+        (None, "This model's maximum context length is 2048 tokens. However, you requested 2100 tokens"),  # vLLM
+        (
+            None,
+            "'max_tokens' is too large: 2048. This model's maximum context length is 2048 tokens and your request"
+            " has 900 input tokens (2048 > 2048 - 900)",
+        ),  # vLLM: the prompt plus max_tokens, so per item too
+        (None, "prompt is too long: 213000 tokens > 200000 maximum"),
+    ],
+)
+def test_context_length_wordings_are_recognised(body: dict | None, message: str) -> None:
+    assert _says_too_long(body, message)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [  # 400s that every request would meet: the stage stops
+        "max_tokens is too large: 200000. This model supports at most 16384 completion tokens.",
+        "Invalid model name passed in model=gpt-5-nano-x",
+        "Unsupported value: 'temperature' does not support 0.0 with this model.",
+        "Bad Request (injected)",
+    ],
+)
+def test_other_400s_are_not_too_long(message: str) -> None:
+    assert not _says_too_long({"code": "invalid_value", "type": "invalid_request_error"}, message)
+
+
+def test_a_timed_out_request_is_cancelled_on_its_connection(server: OpenAITestServer) -> None:
+    server.fail_next(1, "slow")  # the server would answer after 1 s; the client gives up at 0.3 s
+    with pytest.raises(APIFault, match="timeout"):
+        _complete(server, timeout_s=0.3)
+    deadline = time.monotonic() + 5
+    while server.cancelled == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert server.cancelled == 1  # the connection was closed, so the server dropped the reply nobody would read
 
 
 @pytest.mark.parametrize(

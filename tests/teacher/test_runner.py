@@ -12,8 +12,10 @@ import pytest
 from mathwizard.answers import final_answer
 from mathwizard.errors import TeacherError, TransientError
 from mathwizard.teacher.cache import ReplyCache
-from mathwizard.teacher.runner import ApiRunner, Item, RateLimiter
+from mathwizard.teacher.runner import AdaptiveLimit, ApiRunner, Item, RateLimiter, _without_reply
+from mathwizard.teacher.validate import describe
 from mathwizard.testing import OpenAITestServer
+from mathwizard.testing.openai_server import answer
 from scripts.make_sample import problems
 from tests.teacher.helpers import api_config
 
@@ -212,3 +214,136 @@ def test_no_limit_means_no_wait() -> None:
             await limiter.take(1e6)
 
     asyncio.run(go())
+
+
+# ------------------------------------------------------------------------------------ too long, cut off
+@pytest.mark.parametrize("fault", ["too_long", "413"])
+def test_a_request_too_long_fails_its_item_only(server: OpenAITestServer, cache: ReplyCache, fault: str) -> None:
+    server.fail_next(1, fault)  # the first item (sent alone) is too long for the server
+    with ApiRunner(api_config(server, concurrency=1), cache) as runner:
+        outcomes, stats = runner.run(items(5))
+    assert [o.ok for o in outcomes] == [False, True, True, True, True]
+    assert (outcomes[0].reason, outcomes[0].attempts, outcomes[0].transient) == ("too_long", 1, False)
+    assert stats.api_calls == 5 and stats.retries == 0  # never retried: it would be too long again
+    assert cache.failures(["item-0"])["item-0"].reason == "too_long"  # cached with its reason
+
+
+def test_a_cut_off_reply_is_asked_again_without_its_text(server: OpenAITestServer, cache: ReplyCache) -> None:
+    server.fail_next(1, "length")  # half the reply, finish_reason "length"
+    with ApiRunner(api_config(server, max_attempts=2), cache) as runner:
+        (outcome,), stats = runner.run(items(1))
+    assert outcome.ok and outcome.attempts == 2 and stats.api_calls == 2
+    first, again = server.plan.history
+    assert [m["role"] for m in again] == ["system", "user"]  # roles still alternate, no assistant turn
+    assert again[1]["content"].startswith(first[1]["content"])  # the question again, with the reason after it
+    assert "cut off at the length limit" in again[1]["content"]
+    assert sum(len(m["content"]) for m in again) < sum(len(m["content"]) for m in first) + 600
+
+
+def test_a_re_ask_that_overflows_the_context_is_sent_without_the_reply(
+    server: OpenAITestServer, cache: ReplyCache
+) -> None:
+    (item,) = items(1)
+    reply = answer(list(item.messages))  # the test server's reply; the re-ask carries it (spoilt: one more char)
+    reason = describe(["answer_mismatch"])
+    with_reply = [*item.messages, {"content": reply + "+1"}, {"content": item.reask.replace("{problems}", reason)}]
+    without = _without_reply(item, ["answer_mismatch"])
+    sizes = [sum(len(m["content"]) for m in messages) for messages in (without, with_reply)]
+    assert sizes[0] < sizes[1]
+    server.configure(max_prompt_chars=sum(sizes) // 2)  # room for the re-ask without the reply, not with it
+    server.fail_next(1, "wrong_answer")
+    with ApiRunner(api_config(server, max_attempts=2), cache) as runner:
+        (outcome,), stats = runner.run([item])
+    assert outcome.ok and outcome.attempts == 2
+    assert server.outcomes == {"wrong_answer": 1, "too_long": 1, "ok": 1} and stats.api_calls == 3
+    assert [m["role"] for m in server.plan.history[1]] == ["system", "user", "assistant", "user"]  # too long
+    assert [m["role"] for m in server.plan.history[2]] == ["system", "user"]  # the same re-ask, reply left out
+
+
+def test_content_failures_are_cached_with_their_reason_transient_ones_are_not(
+    server: OpenAITestServer, cache: ReplyCache
+) -> None:
+    with ApiRunner(api_config(server, request_retries=1, max_attempts=1), cache) as runner:
+        runner.run(items(1))  # the API has answered once
+        server.fail_next(1, "refusal")
+        server.fail_next(2, "503")  # queued after it: the next item's request and its one retry
+        refused, down = runner.run(items(2, offset=1))[0]
+    assert (refused.reason, refused.transient, down.reason, down.transient) == ("refusal", False, "http_503", True)
+    cached = cache.failures(["item-1", "item-2"])
+    assert set(cached) == {"item-1"} and cached["item-1"].reason == "refusal"
+    assert cached["item-1"].text == "I can't help with that request." and cached["item-1"].attempts == 1
+
+
+# ------------------------------------------------------------------------------------ adaptive concurrency
+def test_the_in_flight_limit_halves_once_per_round_and_climbs_back() -> None:
+    async def go() -> list[int]:
+        limit = AdaptiveLimit(8)
+        seen = [limit.current]
+        sent = await limit.acquire()  # round 0
+        limit.release()
+        limit.overloaded(sent)
+        limit.overloaded(sent)  # a second timeout from the same round: no second cut
+        seen.append(limit.current)
+        limit.overloaded(await limit.acquire())  # sent after the cut: cuts again
+        limit.release()
+        seen.append(limit.current)
+        for _ in range(3):
+            limit.overloaded(limit._round)
+        seen += [limit.current, limit.lowest]  # never below 1
+        for _ in range(1 + 2 + 3):  # one round of successes per step: 1 -> 2 -> 3 -> 4
+            limit.succeeded()
+        seen.append(limit.current)
+        for _ in range(100):
+            limit.succeeded()
+        seen.append(limit.current)  # back to the ceiling, not past it
+        return seen
+
+    assert asyncio.run(go()) == [8, 4, 2, 1, 1, 4, 8]
+
+
+def test_a_lowered_limit_holds_requests_back() -> None:
+    async def go() -> tuple[int, int]:
+        limit = AdaptiveLimit(4)
+        limit.overloaded(0)  # 4 -> 2
+        holders = [await limit.acquire() for _ in range(2)]
+        waiting = asyncio.ensure_future(limit.acquire())
+        await asyncio.sleep(0.01)
+        blocked = int(not waiting.done())
+        limit.release()
+        await asyncio.wait_for(waiting, 1)
+        return blocked, len(holders)
+
+    assert asyncio.run(go()) == (1, 2)
+
+
+def test_a_server_that_queues_lowers_the_limit_and_drops_the_abandoned_requests(
+    server: OpenAITestServer, cache: ReplyCache
+) -> None:
+    # llama.cpp-like: one reply at a time, 0.1 s each; four at once means the fourth waits 0.3 s at the server and
+    # times out at 0.35 s: at least one timeout, so the limit comes down; every item still gets its reply
+    server.configure(capacity=1, latency=0.1)
+    with ApiRunner(api_config(server, concurrency=4, timeout_s=0.35, request_retries=8), cache) as runner:
+        outcomes, stats = runner.run(items(12))
+    assert all(o.ok for o in outcomes)
+    assert stats.concurrency_min <= 2 and 1 <= stats.concurrency_final <= 4
+    assert server.cancelled >= 1  # a timed-out request's connection was closed: the server did not compute it
+
+
+def test_time_waiting_for_a_slot_is_not_timed(server: OpenAITestServer, cache: ReplyCache) -> None:
+    server.configure(latency=0.15)
+    # one at a time: the fifth item waits 0.6 s for its slot, twice the timeout, and is still not timed out
+    with ApiRunner(api_config(server, concurrency=1, timeout_s=0.3), cache) as runner:
+        outcomes, stats = runner.run(items(5))
+    assert all(o.ok for o in outcomes) and stats.retries == 0 and stats.api_calls == 5
+
+
+# ----------------------------------------------------------------------------------------- early stops
+def test_what_a_stopped_run_finished_is_kept(server: OpenAITestServer, cache: ReplyCache) -> None:
+    with ApiRunner(api_config(server, concurrency=1), cache) as runner:
+        runner.run(items(1))
+        server.fail_after(3, "401")  # the key is revoked after three more replies
+        with pytest.raises(TeacherError):
+            runner.run(items(10, offset=1))
+        finished, stats = runner.partial()
+    assert [o.key for o in finished] == ["item-1", "item-2", "item-3"] and all(o.ok for o in finished)
+    assert stats.api_calls == 4  # three replies and the 401

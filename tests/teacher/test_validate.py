@@ -40,5 +40,6 @@ def test_invalid_replies_name_their_problem(text: str, kwargs: dict, first: str)
 
 def test_problems_are_described_for_the_re_ask() -> None:
     assert describe(["answer_mismatch", "truncated"]) == (
-        "its final answer differs from the reference solution's; it was cut off before the end (too long)"
+        "its final answer differs from the reference solution's; it was cut off at the length limit before it ended;"
+        " write the steps more briefly"
     )

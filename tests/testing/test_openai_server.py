@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import openai
 import pytest
 
@@ -59,7 +61,7 @@ def test_counts_requests_and_outcomes() -> None:
 
 
 def test_subprocess_server_is_controlled_over_http() -> None:
-    with spawn_test_server(latency=0.0, retry_after=0.5) as server:
+    with spawn_test_server(latency=0.0, retry_after=0.5, capacity=2, max_prompt_chars=10_000) as server:
         assert _ask(server.base_url).choices[0].finish_reason == "stop"
         server.fail_next(1, "503")
         with pytest.raises(openai.InternalServerError):
@@ -68,5 +70,40 @@ def test_subprocess_server_is_controlled_over_http() -> None:
         with pytest.raises(openai.RateLimitError) as info:
             _ask(server.base_url)
         assert info.value.response.headers["retry-after"] == "0.5"
-        assert server.requests == 3 and server.outcomes == {"ok": 1, "503": 1, "429": 1}
+        assert server.requests == 3 and server.outcomes == {"ok": 1, "503": 1, "429": 1} and server.cancelled == 0
     assert server.process is not None and server.process.poll() is not None  # stopped
+
+
+def test_a_context_limit_and_the_too_long_faults_answer_like_real_servers() -> None:
+    with OpenAITestServer(max_prompt_chars=100) as server:
+        with pytest.raises(openai.BadRequestError) as info:
+            _ask(server.base_url)  # the prompt holds 120+ characters
+        assert info.value.code == "context_length_exceeded"
+        assert "This model's maximum context length is 25 tokens" in info.value.message  # llama-cpp-python's words
+        server.configure(max_prompt_chars=None)
+        server.fail_next(1, "too_long")
+        with pytest.raises(openai.BadRequestError) as info:
+            _ask(server.base_url)
+        assert info.value.code == "context_length_exceeded"
+        server.fail_next(1, "413")
+        with pytest.raises(openai.APIStatusError) as big:
+            _ask(server.base_url)
+        assert big.value.status_code == 413
+        assert server.outcomes == {"too_long": 2, "413": 1}
+        assert [m[0]["content"].startswith("<reference_solution>") for m in server.plan.history] == [True] * 3
+
+
+def test_a_capacity_queues_requests_and_drops_those_whose_client_left() -> None:
+    import threading
+
+    with OpenAITestServer(capacity=1, latency=0.3) as server:
+        replies: list[str] = []
+        worker = threading.Thread(target=lambda: replies.append(_ask(server.base_url).choices[0].finish_reason))
+        worker.start()
+        time.sleep(0.05)
+        client = openai.OpenAI(base_url=server.base_url, api_key="k", max_retries=0, timeout=0.2)
+        with pytest.raises(openai.APITimeoutError):  # queued behind the first: 0.25 s to wait, 0.2 s allowed
+            client.chat.completions.create(model="m", messages=[{"role": "user", "content": SOURCE}])
+        worker.join()
+        time.sleep(0.1)
+        assert replies == ["stop"] and server.cancelled == 1 and server.max_in_flight == 2
