@@ -140,6 +140,46 @@ class TeacherConfig(_Stage):
     split: Literal["train", "val", "test", "all"] = Field("all", description="Which split(s) to rewrite.")
     limit: int | None = Field(None, ge=1, description="Rewrite only the first N items of each split.")
     prompt_version: str = Field("v1", description="Prompt set under mathwizard/prompts/; its texts key the cache.")
+    # Batch API (mode=batch): see mathwizard/teacher/batch.py
+    mode: Literal["online", "batch"] = Field(
+        "online",
+        description="online: one chat completion per request, now; batch: the OpenAI-compatible Batch API (a JSONL"
+        " file of requests, collected within 24 h, billed about half), for the items the cache lacks.",
+    )
+    batch_max_requests: int = Field(
+        50_000, ge=1, description="Most requests in one batch file (OpenAI's limit: 50,000); more make more batches."
+    )
+    batch_max_bytes: int = Field(
+        200_000_000,
+        ge=1_000,
+        description="Most bytes in one batch file (OpenAI's limit: 200 MB); more make more batches.",
+    )
+    batch_poll_s: float = Field(
+        30.0, gt=0, description="Seconds before the first status check of a batch; then doubled."
+    )
+    batch_poll_max_s: float = Field(
+        600.0, gt=0, description="Longest wait in seconds between status checks of a batch."
+    )
+    batch_wait_s: float | None = Field(
+        600.0,
+        gt=0,
+        description="Seconds one stage attempt waits for running batches before it stops with BatchPending (re-run, or"
+        " the Prefect task's next retry, resumes them from the journal); None: wait until every batch ends.",
+    )
+    batch_reask: Literal["batch", "online"] = Field(
+        "batch",
+        description="How items whose batch reply was invalid, or whose request failed or expired, are asked again:"
+        " in a follow-up batch (cheaper) or online (sooner).",
+    )
+    price_input_per_mtok: float = Field(
+        0.0, ge=0.0, description="Online price in USD per million prompt tokens, for report.json's cost (0: unknown)."
+    )
+    price_output_per_mtok: float = Field(
+        0.0, ge=0.0, description="Online price in USD per million completion tokens, for the cost (0: unknown)."
+    )
+    batch_discount: float = Field(
+        0.5, ge=0.0, le=1.0, description="Fraction taken off the online price for batch tokens (OpenAI's: 0.5)."
+    )
 
 
 # -------------------------------------------------------------------------------------------- models

@@ -29,6 +29,10 @@ class TransientError(MathWizardError):
     """A failure that a later attempt can fix: network, Hub or API 5xx, storage hiccups."""
 
 
+class BatchPending(TransientError):
+    """Teacher batches still run at the end of an attempt's wait; a re-run collects them (nothing is re-sent)."""
+
+
 def is_transient(exc: BaseException) -> bool:
     """True for errors worth retrying; our permanent errors and programming errors are not."""
     if isinstance(exc, TransientError):

@@ -60,3 +60,9 @@ class Tally:
             self.done += n
             if self._progress is not None:
                 self._progress(self.done, self.total)
+
+    def note(self, **metrics: float) -> None:
+        """Report the latest metrics (e.g. a batch's request counts) without finishing anything."""
+        with self._lock:
+            if self._progress is not None:
+                self._progress(self.done, self.total, **metrics)

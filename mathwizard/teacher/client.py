@@ -137,44 +137,48 @@ class OpenAIClient:
 
     async def complete(self, messages: list[Message], *, temperature: float, max_tokens: int) -> Reply:
         """One request; raises APIFault (retry it), ItemRejected (fail the item) or TeacherError (stop the stage)."""
-        import openai
-
         # Errors are built outside the except blocks: raising inside would chain the openai exception, whose
         # request carries the Authorization header and whose message may carry the key.
-        fault: APIFault | None = None
-        rejected: ItemRejected | None = None
-        fatal: TeacherError | None = None
+        problem: Exception | None = None
         raw: Any = None
         try:
             raw = await self._client.chat.completions.create(
                 model=self.model, messages=messages, temperature=temperature, max_tokens=max_tokens
             )
-        except openai.APITimeoutError:
-            fault = APIFault("timeout", f"no reply within {self.timeout_s:g} s")
-        except openai.APIConnectionError as exc:
-            fault = APIFault("connection", self._scrub(_cause(exc)))
-        except openai.APIStatusError as exc:
+        except Exception as exc:
+            problem = self.translate(exc)
+        if problem is not None:
+            raise problem
+        return self._parse(raw)
+
+    def translate(self, exc: Exception) -> Exception:
+        """An openai exception as ours: APIFault (retry), ItemRejected (fail the item) or TeacherError (stop).
+
+        The result is raised by the caller outside its except block: raising inside would chain the openai exception,
+        whose request carries the Authorization header and whose message may carry the key. Anything that is not an
+        openai error comes back as it is.
+        """
+        import openai
+
+        if isinstance(exc, openai.APITimeoutError):
+            return APIFault("timeout", f"no reply within {self.timeout_s:g} s")
+        if isinstance(exc, openai.APIConnectionError):
+            return APIFault("connection", self._scrub(_cause(exc)))
+        if isinstance(exc, openai.APIStatusError):
             status = exc.status_code
             message = self._scrub(_status_message(exc))
             if status == 429:
-                fault = APIFault("http_429", message, retry_after_seconds(exc.response.headers))
-            elif status >= 500 or status in (408, 409):
-                fault = APIFault(f"http_{status}", message, retry_after_seconds(exc.response.headers))
-            elif status == 413 or (status == 400 and _says_too_long(exc.body, message)):
-                rejected = ItemRejected("too_long", f"{status}: {message}")
-            else:
-                fatal = TeacherError(self._fatal_message(status, message))
-        except openai.APIResponseValidationError as exc:
-            fault = APIFault("invalid_body", self._scrub(str(exc)))
-        except (ValueError, TypeError) as exc:  # a JSON content type with a body that is not JSON
-            fault = APIFault("invalid_body", self._scrub(f"{type(exc).__name__}: {exc}"))
-        if fatal is not None:
-            raise fatal
-        if rejected is not None:
-            raise rejected
-        if fault is not None:
-            raise fault
-        return self._parse(raw)
+                return APIFault("http_429", message, retry_after_seconds(exc.response.headers))
+            if status >= 500 or status in (408, 409):
+                return APIFault(f"http_{status}", message, retry_after_seconds(exc.response.headers))
+            if status == 413 or (status == 400 and _says_too_long(exc.body, message)):
+                return ItemRejected("too_long", f"{status}: {message}")
+            return TeacherError(self._fatal_message(status, message))
+        if isinstance(exc, openai.APIResponseValidationError):
+            return APIFault("invalid_body", self._scrub(str(exc)))
+        if isinstance(exc, ValueError | TypeError):  # a JSON content type with a body that is not JSON
+            return APIFault("invalid_body", self._scrub(f"{type(exc).__name__}: {exc}"))
+        return exc
 
     def _parse(self, raw: Any) -> Reply:
         from openai.types.chat import ChatCompletion

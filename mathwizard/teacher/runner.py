@@ -358,14 +358,7 @@ class ApiRunner:
                 outcome.last_error = f"{', '.join(problems)}: {_excerpt(reply.text)}"
                 last_text = reply.text
                 log.debug("item %s attempt %d invalid: %s", item.key[:12], attempt, ", ".join(problems))
-                if "truncated" in problems:
-                    messages = _without_reply(item, ["truncated"])  # the cut-off text would only overflow the context
-                else:
-                    messages = [
-                        *item.messages,
-                        {"role": "assistant", "content": reply.text},
-                        {"role": "user", "content": item.reask.replace("{problems}", describe(problems))},
-                    ]
+                messages = next_messages(item, reply.text, problems)
             return self._failed(outcome, last_text)
 
     async def _ask(self, item: Item, messages: list[Message], problems: list[str], stats: Stats) -> Reply:
@@ -487,6 +480,23 @@ class ApiRunner:
             self._tokens.settle(estimate, reply.prompt_tokens + reply.completion_tokens)
             self._completion_estimate = 0.9 * self._completion_estimate + 0.1 * reply.completion_tokens
         return reply
+
+
+def next_messages(item: Item, text: str, problems: list[str]) -> list[Message]:
+    """The conversation of the next ask after an invalid reply `text`: the reply and the reason appended, except for
+    a reply cut off at max_tokens, whose text is left out (appending it could only overflow the context)."""
+    if "truncated" in problems:
+        return _without_reply(item, ["truncated"])
+    return [
+        *item.messages,
+        {"role": "assistant", "content": text},
+        {"role": "user", "content": item.reask.replace("{problems}", describe(problems))},
+    ]
+
+
+def without_reply(item: Item, problems: list[str]) -> list[Message]:
+    """The first messages again with the reason appended to the last (for a re-ask the API found too long)."""
+    return _without_reply(item, problems)
 
 
 def _without_reply(item: Item, problems: list[str]) -> list[Message]:
