@@ -36,6 +36,7 @@ from mathwizard.manifest import (
 from mathwizard.progress import Progress, Tally
 from mathwizard.prompts import fill_prompt, load_prompt, prompt_digest
 from mathwizard.teacher import rule
+from mathwizard.teacher.batch import BatchRunner, BatchStats
 from mathwizard.teacher.cache import ReplyCache, endpoint_host, reply_key
 from mathwizard.teacher.client import api_key_configured
 from mathwizard.teacher.runner import ApiRunner, Item, Outcome, Stats
@@ -61,6 +62,23 @@ class Failure(BaseModel):
     cached: bool = Field(False, description="Served from the teacher cache: failed the same way in an earlier run.")
 
 
+class TokenCount(BaseModel):
+    prompt: int = 0
+    completion: int = 0
+
+
+class BatchLine(BaseModel):
+    """One teacher batch this run sent, waited for or collected."""
+
+    id: str | None
+    name: str = Field(description="The request file's name (a hash of its content), also in the batch's metadata.")
+    status: str
+    requests: int
+    completed: int
+    failed: int
+    note: str = Field("", description="What went wrong: expired, cancelled, failed, malformed output lines.")
+
+
 class SplitCounts(BaseModel):
     items: int
     written: int
@@ -84,10 +102,27 @@ class Report(StageReport):
     stopped: str | None = Field(None, description="Why the stage stopped before every item was asked; None: it ran.")
     cache_hits: int
     cached_failures: int = Field(0, description="Failures served from the cache (not asked again; see retry_failed).")
-    api_calls: int
+    api_calls: int = Field(description="Online chat-completion requests (batch mode: the items re-asked online).")
     retries: int
-    prompt_tokens: int
-    completion_tokens: int
+    prompt_tokens: int = Field(description="Prompt tokens of every reply received, online and batch.")
+    completion_tokens: int = Field(description="Completion tokens of every reply received, online and batch.")
+    mode: Literal["online", "batch"] | None = Field(None, description="teacher.mode (None: the rule teacher).")
+    batch_requests: int = Field(0, description="Requests this run put into batch files (re-sent ones counted again).")
+    batch_ids: list[str] = Field(
+        default_factory=list, description="The batches this run sent, waited for or collected."
+    )
+    batches: list[BatchLine] = Field(default_factory=list)
+    batch_events: list[str] = Field(
+        default_factory=list, description="Expired, cancelled or failed batches and malformed output, one line each."
+    )
+    tokens_by_mode: dict[str, TokenCount] = Field(
+        default_factory=dict, description="Prompt and completion tokens of the replies received, online and batch."
+    )
+    estimated_cost_usd: float | None = Field(
+        None,
+        description="Tokens by mode at teacher.price_input_per_mtok / price_output_per_mtok, batch tokens less"
+        " teacher.batch_discount; None when both prices are 0 (unknown).",
+    )
     concurrency: int | None = Field(None, description="teacher.concurrency: the in-flight limit it starts at.")
     concurrency_min: int | None = Field(None, description="The lowest in-flight limit timeouts and 429s forced.")
     concurrency_final: int | None = Field(None, description="The in-flight limit when the stage ended.")
@@ -100,6 +135,10 @@ class Report(StageReport):
             f"{self.written:,} of {self.items:,} items written by {self.model}, {self.failed:,} failed; "
             f"{self.api_calls:,} API calls, {self.cache_hits:,} cache hits"
         )
+        if self.mode == "batch":
+            line += f", {self.batch_requests:,} batch requests in {len(self.batch_ids)} batches"
+        if self.estimated_cost_usd is not None:
+            line += f"; about ${self.estimated_cost_usd:,.2f}"
         if self.cached_failures:
             line += f", {self.cached_failures:,} failures from the cache"
         if self.concurrency and self.concurrency_min and self.concurrency_min < self.concurrency:
@@ -129,6 +168,7 @@ class _Taught:
     cache_hits: int = 0
     cached_failures: int = 0
     stats: Stats | None = None
+    batch: BatchStats | None = None
     stopped: BaseException | None = None
 
 
@@ -303,15 +343,25 @@ def _teach(cfg: TeacherConfig, kind: Kind, rows: list[_Row], cache_dir: Path, ta
         tally(taught.cache_hits + taught.cached_failures)
         cached = set(failed)
         todo = [item for key, item in unique.items() if key not in replies and key not in failed]
-        if todo:
+        if todo and cfg.mode == "batch":
+            with BatchRunner(cfg, cache, cache_dir) as batches:
+                try:
+                    outcomes, taught.batch = batches.run(todo, tally)
+                except BaseException as exc:  # Ctrl-C and BatchPending included: the report says what was done
+                    outcomes, taught.batch = batches.partial()
+                    taught.stopped = exc
+            taught.stats = taught.batch.online
+        elif todo:
             with ApiRunner(cfg, cache) as runner:
                 try:
                     outcomes, taught.stats = runner.run(todo, tally)
                 except BaseException as exc:  # Ctrl-C included: the report still says what was done
                     outcomes, taught.stats = runner.partial()
                     taught.stopped = exc
-            replies.update({o.key: o.text for o in outcomes if o.ok})  # type: ignore[misc]
-            failed.update({o.key: o for o in outcomes if not o.ok})
+        else:
+            outcomes = []
+        replies.update({o.key: o.text for o in outcomes if o.ok})  # type: ignore[misc]
+        failed.update({o.key: o for o in outcomes if not o.ok})
     for row, item in keyed:
         if item.key in replies:
             taught.texts[(row.split, row.index)] = replies[item.key]
@@ -442,6 +492,17 @@ def run(cfg: TeacherConfig, data: Path, out: Path, cache_dir: Path, *, progress:
     return record.manifest
 
 
+def estimated_cost(cfg: TeacherConfig, tokens: dict[str, TokenCount]) -> float | None:
+    """USD for the tokens by mode at the configured prices (batch tokens less the discount); None: prices unknown."""
+    if not (cfg.price_input_per_mtok or cfg.price_output_per_mtok):
+        return None
+    total = 0.0
+    for mode, count in tokens.items():
+        factor = 1.0 - cfg.batch_discount if mode == "batch" else 1.0
+        total += factor * (count.prompt * cfg.price_input_per_mtok + count.completion * cfg.price_output_per_mtok) / 1e6
+    return round(total, 6)
+
+
 def _report(
     cfg: TeacherConfig,
     kind: Kind,
@@ -459,6 +520,11 @@ def _report(
         failed = sum(1 for f in taught.failures if f.split == split)
         splits[split] = SplitCounts(items=items, written=written, failed=failed, not_attempted=items - written - failed)
     api = kind == "openai"
+    batch = taught.batch or BatchStats()
+    tokens = {"online": TokenCount(prompt=stats.prompt_tokens, completion=stats.completion_tokens)}
+    if cfg.mode == "batch":
+        tokens["batch"] = TokenCount(prompt=batch.prompt_tokens, completion=batch.completion_tokens)
+    lines = [BatchLine(**vars(summary)) for summary in batch.batches.values()]
     return Report(
         teacher=kind,
         model=model_name,
@@ -473,8 +539,15 @@ def _report(
         cached_failures=taught.cached_failures,
         api_calls=stats.api_calls,
         retries=stats.retries,
-        prompt_tokens=stats.prompt_tokens,
-        completion_tokens=stats.completion_tokens,
+        prompt_tokens=stats.prompt_tokens + batch.prompt_tokens,
+        completion_tokens=stats.completion_tokens + batch.completion_tokens,
+        mode=cfg.mode if api else None,
+        batch_requests=batch.batch_requests,
+        batch_ids=[line.id for line in lines if line.id],
+        batches=lines,
+        batch_events=list(batch.events),
+        tokens_by_mode=tokens if api else {},
+        estimated_cost_usd=estimated_cost(cfg, tokens) if api else None,
         concurrency=cfg.concurrency if api else None,
         concurrency_min=(stats.concurrency_min or cfg.concurrency) if api else None,
         concurrency_final=(stats.concurrency_final or cfg.concurrency) if api else None,
