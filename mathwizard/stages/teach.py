@@ -500,7 +500,7 @@ def estimated_cost(cfg: TeacherConfig, tokens: dict[str, TokenCount]) -> float |
     for mode, count in tokens.items():
         factor = 1.0 - cfg.batch_discount if mode == "batch" else 1.0
         total += factor * (count.prompt * cfg.price_input_per_mtok + count.completion * cfg.price_output_per_mtok) / 1e6
-    return round(total, 6)
+    return round(total, 8)
 
 
 def _report(

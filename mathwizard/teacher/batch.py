@@ -117,6 +117,7 @@ class BatchRunner:
         self.journal = BatchJournal.in_dir(cache_dir)
         self.files = Path(cache_dir) / REQUESTS_DIR
         self._sleep = sleep
+        self._faults = 0  # requests without a usable reply, this process
         self._fresh: set[str] = set()  # batches this process prepared: no lookup needed before their upload
         self._finished: dict[str, Outcome] = {}
         self._stats = BatchStats()
@@ -354,6 +355,7 @@ class BatchRunner:
         states = self._states_of(list(requests.values()))
         seen: set[str] = set()
         malformed = 0
+        faults_before = self._faults
         fatal: str | None = None
         done: list[str] = []
         for raw in (output + b"\n" + errors).splitlines():
@@ -380,7 +382,7 @@ class BatchRunner:
                 f"batch {info.id} {info.status}: {info.completed:,} of {info.total or row.requests:,} requests done"
                 + (f" ({info.errors})" if info.errors else "")
                 + (f"; {malformed} malformed output lines" if malformed else "")
-                + f"; {len(unfinished):,} without a reply asked again"
+                + f"; {self._faults - faults_before:,} without a usable reply asked again"
             )
             self._stats.events.append(note)
             log.warning("teacher %s", note)
@@ -467,6 +469,7 @@ class BatchRunner:
         """A request without a usable reply: sent again, up to `request_retries` times in a row; then the item
         fails for this run (not cached: a re-run tries again)."""
         state.faults += 1
+        self._faults += 1
         if state.faults > self.cfg.request_retries:
             state.faults = 0
             if state.key not in self._items:
