@@ -2,8 +2,10 @@
 
 Whether a stage runs or is skipped is decided by the stage itself, from its folder's manifest
 (`mathwizard.manifest.reusable`); so no task keeps a Prefect cache (`NO_CACHE`): two caches could disagree.
-Retries: fetching and publishing retry network hiccups; teach at most once (per-item retries happen inside); the
-GPU stages never (an OOM repeats itself; a re-run resumes from the last checkpoint or chunk instead).
+Retries: fetching and publishing retry network hiccups; teach at most once (per-item retries happen inside); teach
+in batch mode every `BATCH_RETRY_DELAY_S` for a day (each attempt waits at most `teacher.batch_wait_s` for its
+batches, then stops with BatchPending: the wait between attempts is Prefect's, holding no connection and running no
+loop of ours); the GPU stages never (an OOM repeats itself; a re-run resumes from the last checkpoint or chunk).
 """
 
 from __future__ import annotations
@@ -86,6 +88,23 @@ def prepare(cfg: PrepareConfig, out: str) -> Manifest:
 @task(name="teach", cache_policy=NO_CACHE, retries=1, retry_delay_seconds=30, retry_condition_fn=retry_if_transient)
 def teach(cfg: TeacherConfig, data: str, out: str, cache_dir: str, progress: Progress | None = None) -> Manifest:
     """Rewrite the prepared splits in `data` into `out`, replies cached per item in `cache_dir`."""
+    return teach_stage.run(cfg, Path(data), Path(out), Path(cache_dir), progress=progress)
+
+
+BATCH_RETRY_DELAY_S = 600  # with teacher.batch_wait_s (600 s by default): a status check about every 10-20 minutes
+BATCH_RETRIES = 24 * 3600 // BATCH_RETRY_DELAY_S  # the Batch API's completion window: 24 hours of waits
+
+
+@task(
+    name="teach-batch",
+    cache_policy=NO_CACHE,
+    retries=BATCH_RETRIES,
+    retry_delay_seconds=BATCH_RETRY_DELAY_S,
+    retry_condition_fn=retry_if_transient,
+)
+def teach_batch(cfg: TeacherConfig, data: str, out: str, cache_dir: str, progress: Progress | None = None) -> Manifest:
+    """Teach through the Batch API: each attempt resumes the journal's batches, waits for them at most
+    `teacher.batch_wait_s`, and raises BatchPending (transient: retried after the delay) while they still run."""
     return teach_stage.run(cfg, Path(data), Path(out), Path(cache_dir), progress=progress)
 
 

@@ -245,13 +245,13 @@ def test_teach_flags_reach_the_flow(flows: FakeFlows, tmp_path: Path) -> None:
     )  # fmt: skip
     args = ["teach", "--home", str(tmp_path), "--data", "in", "--out", "o", "--split", "val", "--teacher", "rule"]
     args += ["--base-url", "http://h:1/v1", "--teacher-model", "m", "--concurrency", "3", "--rpm", "7", "--tpm", "9000"]
-    result = runner.invoke(app, [*args, "--limit", "5", "--retry-failed"])
+    result = runner.invoke(app, [*args, "--limit", "5", "--retry-failed", "--mode", "batch"])
     assert result.exit_code == 0, result.output
     settings, inputs = flows.call
     assert inputs == {"data": "in", "out": "o"}
     cfg = settings.teacher
     assert (cfg.split, cfg.kind, cfg.base_url, cfg.model) == ("val", "rule", "http://h:1/v1", "m")
-    assert (cfg.concurrency, cfg.rpm, cfg.tpm, cfg.limit, cfg.retry_failed) == (3, 7, 9000, 5, True)
+    assert (cfg.concurrency, cfg.rpm, cfg.tpm, cfg.limit, cfg.retry_failed, cfg.mode) == (3, 7, 9000, 5, True, "batch")
     printed = _printed(result)
     assert "teach: 2 of 5 items written by m, 3 failed; 4 API calls, 1 cache hits" in printed
     assert "excluded 3 (answer_mismatch 2, timeout 1): o/failures.jsonl" in printed
@@ -505,6 +505,31 @@ def test_teach_against_the_server_under_faults(prefect_harness: None, prepared: 
     expected = f"teach: 60 of 60 items written by test-teacher, 0 failed; {report['api_calls']} API calls, 0 cache hits"
     # off a terminal the live display is one line per finished loop, then the stage's summary
     assert _printed(result).startswith(f"✓ teach (all): items done: 60 of 60 {expected}")
+
+
+def test_teach_in_batch_mode_against_the_server(prefect_harness: None, prepared: Path, server, tmp_path: Path) -> None:
+    """`mathwizard teach --teacher openai --mode batch`: the rows online mode writes, through one batch."""
+    import pyarrow.parquet as pq
+
+    base = ["teach", "--data", str(prepared), "--teacher", "openai"]
+    base += ["--base-url", server.base_url, "--teacher-model", "test-teacher"]
+    env = {"MATHWIZARD_TEACHER__BATCH_POLL_S": "0.005", "MATHWIZARD_TEACHER__BATCH_POLL_MAX_S": "0.01"}
+    homes = {mode: ["--home", str(tmp_path / mode), "--out", str(tmp_path / mode)] for mode in ("batch", "online")}
+    batch = runner.invoke(app, [*base, *homes["batch"], "--mode", "batch"], env=env)
+    assert batch.exit_code == 0, batch.output
+    report = json.loads((tmp_path / "batch" / "report.json").read_text())
+    assert (report["mode"], report["written"], report["api_calls"], len(report["batch_ids"])) == ("batch", 60, 0, 1)
+    assert "60 batch requests in 1 batches" in _printed(batch)
+    assert server.calls["files.create"] == server.calls["batches.create"] == 1
+    online = runner.invoke(app, [*base, *homes["online"], "--mode", "online"], env=env)  # a cache of its own
+    assert online.exit_code == 0, online.output
+    assert server.billed["online_requests"] == server.billed["batch_requests"] == 60
+    for split in ("train", "val", "test"):
+        got = [
+            pq.read_table(tmp_path / mode / f"{split}.parquet").select(["id", "solution"])
+            for mode in ("batch", "online")
+        ]
+        assert got[0].to_pylist() == got[1].to_pylist()
 
 
 def test_publish_end_to_end_offline_and_its_gate(

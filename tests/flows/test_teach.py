@@ -84,3 +84,40 @@ def test_too_many_failures_still_show_the_failures_table(
     with pytest.raises(TeacherError, match=r"^3 / 60 items failed"):
         flows.teach.teach_flow(settings, data=str(prepared))
     assert table("teach-failures") == [{"reason": "answer_mismatch", "items": 3}]  # the report came before the error
+
+
+def test_batch_mode_waits_between_task_attempts_and_shows_the_batches(
+    prefect_harness: None, prepared: Path, server: OpenAITestServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each attempt polls for at most batch_wait_s, then BatchPending: the task's retry resumes the same batch."""
+    monkeypatch.setattr(flows.teach, "teach_batch", stages.teach_batch.with_options(retry_delay_seconds=0))
+    server.configure(batch_chunk=20)  # 20 requests answered per status check: several attempts
+    poll = {"batch_poll_s": 0.02, "batch_poll_max_s": 0.02, "batch_wait_s": 0.02}
+    state = flows.teach.teach_flow(settings_for(tmp_path, server, mode="batch", **poll), data=str(prepared),
+                                   return_state=True)  # fmt: skip
+    report = teach.Report.of(state.result())
+    assert (report.written, report.mode, len(report.batch_ids)) == (60, "batch", 1)
+    assert server.calls["files.create"] == server.calls["batches.create"] == 1
+    found, tasks = of_run(state)
+    assert tasks == ["Completed"] and server.calls["batches.retrieve"] >= 4
+    assert found["teach-progress"].description.startswith("teach (all, batch): items done: 60 of 60")
+    assert table("teach-batches") == [
+        {"id": report.batch_ids[0], "name": report.batches[0].name, "status": "completed", "requests": 60,
+         "completed": 60, "failed": 0, "note": ""}
+    ]  # fmt: skip
+
+
+def test_batch_progress_shows_the_request_counts_and_status(
+    prepared: Path, server: OpenAITestServer, tmp_path: Path
+) -> None:
+    """The stage's progress reports carry the batches' request counts and statuses (the artifact shows them)."""
+    seen: list[dict[str, float]] = []
+    server.configure(batch_chunk=30)
+    cfg = settings_for(tmp_path, server, mode="batch", batch_poll_s=0.005, batch_poll_max_s=0.01, batch_wait_s=None)
+    teach.run(cfg.teacher, prepared, tmp_path / "out", tmp_path / "cache", progress=lambda d, t, **m: seen.append(m))
+    assert {
+        "requests_total": 60.0,
+        "requests_completed": 30.0,
+        "requests_failed": 0.0,
+        "batches_in_progress": 1.0,
+    } in seen

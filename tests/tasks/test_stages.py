@@ -19,6 +19,8 @@ from tasks.stages import retry_if_transient
 POLICY = {
     "prepare": ("prepare", 3, [2, 4, 8], 0.5, retry_if_transient, None),  # exponential_backoff(2) over 3 retries
     "teach": ("teach", 1, 30, None, retry_if_transient, None),  # per-item retries happen inside the stage
+    # batch mode: an attempt waits at most teacher.batch_wait_s; BatchPending is retried every 10 min for 24 h
+    "teach_batch": ("teach-batch", 144, 600, None, retry_if_transient, None),
     "sft": ("sft", 0, 0, None, None, None),  # an OOM repeats itself; a re-run resumes from the last checkpoint
     "pairs": ("pairs", 0, 0, None, None, None),
     "dpo": ("dpo", 0, 0, None, None, None),
