@@ -338,6 +338,7 @@ class FaultPlan(_BatchMixin):
         seed: int = 0,
         capacity: int | None = None,
         max_prompt_chars: int | None = None,
+        batch_chunk: int | None = None,
     ) -> None:
         self.lock = threading.Lock()
         self.latency = latency
@@ -361,7 +362,7 @@ class FaultPlan(_BatchMixin):
         self.calls: Counter[str] = Counter()  # requests per route: chat.completions, files.create, batches.retrieve...
         self.billed: Counter[str] = Counter()  # {online,batch}_{requests,prompt_tokens,completion_tokens}
         self.holds: dict[str, float] = {}
-        self.batch_chunk: int | None = None
+        self.batch_chunk = batch_chunk  # batch requests answered per status check (None: all at once)
         self.malformed_lines = 0
         self.batch_faults: deque[str] = deque()
         self.files: dict[str, dict[str, Any]] = {}  # id -> {"meta": file object, "content": bytes}

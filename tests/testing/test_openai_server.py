@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import openai
@@ -107,3 +108,97 @@ def test_a_capacity_queues_requests_and_drops_those_whose_client_left() -> None:
         worker.join()
         time.sleep(0.1)
         assert replies == ["stop"] and server.cancelled == 1 and server.max_in_flight == 2
+
+
+# ------------------------------------------------------------------------------------------ Batch API
+def _batch_line(custom_id: str, source: str = SOURCE) -> str:
+    content = f"<reference_solution>\n{source}\n</reference_solution>"
+    body = {"model": "m", "messages": [{"role": "user", "content": content}], "max_tokens": 100}
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": "/v1/chat/completions", "body": body})
+
+
+def test_the_batch_api_speaks_openais_wire_format() -> None:
+    """The real openai client: upload, list, create with metadata, status steps per check, output file, billing."""
+    with OpenAITestServer() as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="k", max_retries=0, timeout=5)
+        content = "\n".join(_batch_line(f"r{i}") for i in range(3)).encode() + b"\n"
+        file = client.files.create(file=("requests.jsonl", content, "application/jsonl"), purpose="batch")
+        assert (file.filename, file.bytes, file.purpose) == ("requests.jsonl", len(content), "batch")
+        assert [f.id for f in client.files.list(purpose="batch")] == [file.id]
+        assert client.files.content(file.id).content == content
+        batch = client.batches.create(
+            input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h", metadata={"name": "x"}
+        )
+        assert (batch.status, batch.request_counts.total, batch.metadata) == ("validating", 3, {"name": "x"})
+        statuses = [client.batches.retrieve(batch.id).status for _ in range(4)]
+        assert statuses == ["in_progress", "finalizing", "completed", "completed"]
+        done = client.batches.retrieve(batch.id)
+        assert (done.request_counts.completed, done.request_counts.failed, done.error_file_id) == (3, 0, None)
+        lines = [json.loads(line) for line in client.files.content(done.output_file_id).text.splitlines()]
+        assert [line["custom_id"] for line in lines] == ["r0", "r1", "r2"]
+        reply = openai.types.chat.ChatCompletion.model_validate(lines[0]["response"]["body"])
+        assert reply.choices[0].message.content.endswith(r"\boxed{40^\circ}")
+        assert [b.id for b in client.batches.list()] == [batch.id]
+        assert server.billed["batch_requests"] == 3 and server.requests == 0  # no online request
+        assert server.calls == {
+            "files.create": 1, "files.list": 1, "files.content": 2, "batches.create": 1, "batches.retrieve": 5,
+            "batches.list": 1,
+        }  # fmt: skip
+        client.files.delete(file.id)
+        assert [f.id for f in client.files.list(purpose="batch")] == []
+
+
+def test_batch_faults_error_lines_and_cancel() -> None:
+    with OpenAITestServer(batch_chunk=None) as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="k", max_retries=0, timeout=5)
+        content = ("\n".join(_batch_line(f"r{i}") for i in range(4)) + "\n").encode()
+        file = client.files.create(file=("r.jsonl", content, "application/jsonl"), purpose="batch")
+
+        def run(*checks: int) -> openai.types.Batch:
+            batch = client.batches.create(
+                input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h"
+            )
+            for _ in range(max(checks, default=4)):
+                info = client.batches.retrieve(batch.id)
+            return info
+
+        server.fail_next(1, "503")
+        server.fail_next(1, "drop")
+        server.configure(malformed_lines=1)
+        mixed = run()
+        errors = [json.loads(line) for line in client.files.content(mixed.error_file_id).text.splitlines()]
+        assert errors[0]["custom_id"] == "r0" and errors[0]["response"]["status_code"] == 503
+        output = client.files.content(mixed.output_file_id).text.splitlines()
+        assert len(output) == 2  # r1 dropped (no line at all); r2's line cut in half
+        with pytest.raises(ValueError):
+            json.loads(output[0])
+
+        server.fail_batches(["failed", "expired"])
+        failed = run()
+        assert (failed.status, failed.errors.data[0].code, failed.output_file_id) == ("failed", "invalid_request", None)
+        expired = run()
+        assert (expired.status, expired.request_counts.completed) == ("expired", 2)
+        codes = [
+            json.loads(line)["error"]["code"] for line in client.files.content(expired.error_file_id).text.splitlines()
+        ]
+        assert codes == ["batch_expired", "batch_expired"]
+
+        server.configure(batch_chunk=1)
+        batch = client.batches.create(input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h")
+        client.batches.retrieve(batch.id)  # in_progress
+        client.batches.retrieve(batch.id)  # one request answered
+        assert client.batches.cancel(batch.id).status == "cancelling"
+        cancelled = client.batches.retrieve(batch.id)
+        assert (cancelled.status, cancelled.request_counts.completed, cancelled.request_counts.failed) == (
+            "cancelled",
+            1,
+            3,
+        )
+
+
+def test_batch_routes_check_the_key() -> None:
+    with OpenAITestServer(api_key="right") as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="wrong", max_retries=0, timeout=5)
+        with pytest.raises(openai.AuthenticationError):
+            client.files.create(file=("r.jsonl", b"{}\n", "application/jsonl"), purpose="batch")
+        assert server.calls == {"files.create": 1} and server.plan.files == {}
