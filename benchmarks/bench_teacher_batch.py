@@ -160,10 +160,10 @@ def main() -> None:
         r = results[name]
         batch = name.startswith("batch")
         r["cost_usd"] = round(cost(r, batch, args), 6)
-        kill = f", killed {r['killed']} then resumed" if "killed" in r else ""
+        label = f"{name.split('_')[0]}, killed {r['killed']} then resumed" if "killed" in r else name
         extra = f"; {r['uploads']} upload, {r['batches_created']} batch" if batch else ""
         print(
-            f"{name.replace('_', ' ')}{kill}: {r['written']:,} of {n:,} written; "
+            f"{label}: {r['written']:,} of {n:,} written; "
             f"{r['requests_billed']:,} requests billed ({r['per_item']:.3f} per item, {r['paid_twice']:+,} paid"
             f" twice){extra}; tokens billed {r['prompt_tokens_billed']:,} prompt"
             f" + {r['completion_tokens_billed']:,} completion; est. ${r['cost_usd']:.4f}",

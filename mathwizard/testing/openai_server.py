@@ -809,6 +809,11 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 256  # many clients connect at once at the start of a run
     plan: FaultPlan
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            return  # a client that went away (killed, timed out): nothing to report
+        super().handle_error(request, client_address)
+
 
 class OpenAITestServer:
     """The server in a background thread of this process; `base_url` ends in `/v1` like OpenAI's."""
