@@ -7,6 +7,9 @@ so `written + failed == items`. The per-item cache makes a re-run after any fail
 items that failed for a reason a re-run would meet again (invalid replies, refusals, too long) are served from the
 cache as failures at temperature 0, unless `retry_failed`. A stage that stops early (a wrong key, an outage, Ctrl-C)
 still writes `report.json` and `failures.jsonl` for what it did, and no manifest, so a re-run resumes.
+`teacher.mode=batch` asks the same items through the OpenAI-compatible Batch API instead (`teacher/batch.py`: same
+cache keys, same validation, a durable journal of its batches); an attempt that stops while batches still run
+(`BatchPending`) is resumed by the next one, which collects them without sending anything again.
 """
 
 from __future__ import annotations
@@ -432,6 +435,7 @@ def run(cfg: TeacherConfig, data: Path, out: Path, cache_dir: Path, *, progress:
         ConfigError: kind=openai without an API key.
         TeacherError: the API refused the work, or more than `max_failed_fraction` of the items failed.
         TransientError: the API stayed down; re-run to resume from the cache.
+        BatchPending (a TransientError): batch mode waited `batch_wait_s` and batches still run; re-run to collect.
         After a TeacherError, a TransientError or a KeyboardInterrupt, `report.json` and `failures.jsonl` say what
         was done (the items not attempted counted) and the manifest is not written, so a re-run resumes.
     """
