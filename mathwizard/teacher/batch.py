@@ -149,9 +149,9 @@ class BatchRunner:
             return [], self._stats
         started = time.monotonic()
         while True:
-            open_rows = self._ours(self.journal.open_batches())
-            for row in open_rows:
+            for row in self._ours(self.journal.open_batches()):
                 self._start(row)
+            open_rows = self._ours(self.journal.open_batches())  # less any abandoned by _start
             waiting = {key for row in open_rows for key in self.journal.requests(row.name).values()}
             ready = [key for key in self._items if key not in self._finished and key not in waiting]
             if ready:
@@ -232,6 +232,15 @@ class BatchRunner:
         """Upload the file and create the batch, whichever is missing; a resumed one is looked up first."""
         resumed = row.name not in self._fresh
         file_id = row.file_id
+        if file_id is None and not (self.files / row.name).is_file():
+            # Its request file is gone (a cleaned cache folder): use the upload if there was one, else forget the
+            # batch; its items, in no open batch now, go into the next one.
+            file_id = self._call(lambda: self.api.find_file(row.name, row.bytes, row.created_at))
+            if file_id is None:
+                log.warning("teacher batch %s: its request file is missing; its items are sent again", row.name)
+                self.journal.collect(row.name, (), (), status="abandoned", note="request file missing")
+                return
+            self.journal.update(row.name, file_id=file_id, status="uploaded")
         if file_id is None:
             content = (self.files / row.name).read_bytes()
             file_id = self._once(

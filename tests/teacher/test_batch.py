@@ -192,6 +192,29 @@ def test_a_wrong_key_is_one_line_and_one_request(
     )
 
 
+def test_a_batch_recorded_but_never_uploaded_is_uploaded_by_the_rerun(
+    prepared: Path, server: OpenAITestServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A wrong key stops the run after the journal recorded the batch: the re-run looks for the upload, finds none
+    and uploads it; with its request file deleted as well, the batch is forgotten and its items sent in a new one."""
+    for deleted in (False, True):
+        cache_dir, out = tmp_path / f"cache-{deleted}", tmp_path / f"out-{deleted}"
+        server.plan.files.clear()  # the same requests make the same file name: no finding the last loop's upload
+        server.plan.batches.clear()
+        monkeypatch.setenv("MATHWIZARD_TEACHER_API_KEY", "sk-wrong-Yy3Kd9Qp2Rt7Wm5")
+        with pytest.raises(TeacherError):
+            teach.run(batch_config(server), prepared, out, cache_dir)
+        monkeypatch.setenv("MATHWIZARD_TEACHER_API_KEY", server.plan.api_key)
+        if deleted:
+            for path in (cache_dir / "teacher-batches").glob("*.jsonl"):
+                path.unlink()
+        server.reset_counts()
+        done = teach.Report.of(teach.run(batch_config(server), prepared, out, cache_dir))
+        assert done.written == 60 and calls(server, "files.list") == 1
+        assert calls(server, "files.create") == calls(server, "batches.create") == 1
+        assert done.batch_requests == (unique_items(prepared) if deleted else 0)
+
+
 def test_a_bounded_wait_stops_with_batch_pending_then_resumes(
     prepared: Path, server: OpenAITestServer, tmp_path: Path
 ) -> None:
