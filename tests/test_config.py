@@ -65,6 +65,10 @@ def test_dotenv_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
         ({"prepare": {"splits": "0.9,0.2,0.05"}}, "prepare.splits"),
         ({"prepare": {"splits": "a,b,c"}}, "prepare.splits"),
         ({"teacher": {"kind": "gpt"}}, "teacher.kind"),
+        ({"teacher": {"mode": "offline"}}, "teacher.mode"),
+        ({"teacher": {"batch_max_requests": 0}}, "teacher.batch_max_requests"),
+        ({"teacher": {"batch_discount": 1.5}}, "teacher.batch_discount"),
+        ({"teacher": {"batch_reask": "never"}}, "teacher.batch_reask"),
         ({"run_name": "../escape"}, "run_name"),
     ],
 )
