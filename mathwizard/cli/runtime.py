@@ -45,6 +45,8 @@ def quiet_console(verbosity: int) -> None:
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "mathwizard")  # the library's INFO lines reach the UI
     logging.getLogger("mathwizard").setLevel(logging.DEBUG if verbosity >= 2 else logging.INFO)
     if verbosity == 0:
+        # Prefect's events worker notes "Still processing items" while the CLI sends the last events at exit.
+        logging.getLogger("EventsWorker").setLevel(logging.ERROR)
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
@@ -147,17 +149,20 @@ def prefect_api(meanwhile: Callable[[], T], timeout_s: float = 120.0) -> Iterato
                 try:
                     yield result
                 finally:
-                    _flush_logs()
+                    _flush_to_server()
 
 
-def _flush_logs() -> None:
-    """Send the flow runs' last log lines while the server still listens (else the handler retries for a minute)."""
+def _flush_to_server() -> None:
+    """Send the flow runs' last log lines and events while the server still listens (else, at exit, the handler
+    retries for a minute and the events worker prints "Still processing items" on the console)."""
+    from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogHandler
 
     try:
         APILogHandler().flush()
-    except Exception as exc:  # a log line lost at exit must not replace the run's own outcome
-        log.debug("could not flush the flow run logs: %s", exc)
+        EventsWorker.drain_all(timeout=5, at_exit=False)
+    except Exception as exc:  # a log line or event lost at exit must not replace the run's own outcome
+        log.debug("could not flush the flow runs' logs and events: %s", exc)
 
 
 def _wait_healthy(server: subprocess.Popen, url: str, errors: IO[bytes], timeout_s: float) -> None:
