@@ -237,6 +237,7 @@ def run(
         DataError: the pairs folder is unfinished or its train split is empty.
         ModelError: the SFT folder holds no adapter, or `--backend unsloth` without CUDA.
     """
+    from mathwizard.stages.sft import _activate_backend
     from mathwizard.training.callbacks import progress_callback
     from mathwizard.training.checkpoints import prepare_checkpoints
     from mathwizard.training.metrics import DPO_PLOTS, last_value
@@ -266,6 +267,7 @@ def run(
         out, stage=STAGE, version=VERSION, fingerprint=fp, config=config, upstream=upstream, started=started
     ) as record:
         prepare_checkpoints(out / CHECKPOINTS_DIR, fp)
+        _activate_backend(model)  # before the progress callback imports transformers
         extra_callbacks = [*callbacks, *([progress_callback(progress)] if progress is not None else [])]
         trainer, facts = build_trainer(cfg, model, sft, pairs, out, callbacks=extra_callbacks)
         trainable, total = trainable_parameters(trainer.model)

@@ -77,6 +77,17 @@ def expected_fingerprint(cfg: SFTConfig, model: ModelConfig, data: Path) -> str:
     )
 
 
+def _activate_backend(model: ModelConfig) -> None:
+    """Import Unsloth now if the stage trains with it: Unsloth patches transformers and TRL when imported, and the
+    stage's progress callback (a transformers TrainerCallback) is built before the trainer. `build_trainer` does the
+    same, which is then a no-op."""
+    from mathwizard.models import backend as backends
+
+    backend = backends.resolve_backend(model.backend)
+    backends.configure_compile(model.compile)
+    backends.activate(backend)
+
+
 def _trl_args(
     cfg: SFTConfig,
     output_dir: Path,
@@ -218,6 +229,7 @@ def run(
         out, stage=STAGE, version=VERSION, fingerprint=fp, config=config, upstream=upstream, started=started
     ) as record:
         prepare_checkpoints(out / CHECKPOINTS_DIR, fp)
+        _activate_backend(model)  # before the progress callback imports transformers
         extra_callbacks = [*callbacks, *([progress_callback(progress)] if progress is not None else [])]
         trainer, facts = build_trainer(cfg, model, data, out, callbacks=extra_callbacks)
         trainable, total = trainable_parameters(trainer.model)
