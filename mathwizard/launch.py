@@ -193,8 +193,11 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 def _last_line(errors: Any) -> str:
+    """The last line the ranks wrote to stderr; the last 40 go to the debug log (tracebacks, `-vv`)."""
     errors.seek(0)
     lines = [line for line in errors.read().decode(errors="replace").splitlines() if line.strip()]
+    if lines:
+        log.debug("the ranks' last stderr lines:\n%s", "\n".join(lines[-40:]))
     return lines[-1].strip() if lines else ""
 
 

@@ -62,6 +62,12 @@ def train(trainer: Any, checkpoints: Path) -> tuple[Any, int | None]:
         losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
         return TrainOutput(state.global_step, sum(losses) / len(losses) if losses else 0.0, {}), state.global_step
     log.info("resuming from %s", resume)
+    if trainer.args.world_size > 1 and trainer.args.device.type == "cpu":
+        # Several CPU processes (gloo, the tests): the Trainer's device is "cpu:0", which it passes to torch.load as
+        # map_location for the optimizer state, and torch.load refuses that spelling; "cpu" is the same place.
+        import torch
+
+        trainer.args.__dict__["_setup_devices"] = torch.device("cpu")  # overrides the cached_property
     return trainer.train(resume_from_checkpoint=str(resume)), checkpoint_step(resume)
 
 
