@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from mathwizard.errors import ConfigError, MathWizardError
+from mathwizard.processes import die_with_parent, dying_with_this_process
 
 if TYPE_CHECKING:
     from mathwizard.config import ModelConfig
@@ -140,11 +141,10 @@ def launch(
     job = folder / f"{target.rsplit(':', 1)[-1].strip('_')}-{os.getpid()}-{time.monotonic_ns()}.json"
     job.write_text(json.dumps({"target": target, "kwargs": kwargs}), encoding="utf-8")
     result_file = job.with_suffix(".result.json")
-    command = [
-        sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()),
+    command = dying_with_this_process(
         "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nprocs}", "--max-restarts=0",
         "-m", "mathwizard.launch", str(job),
-    ]  # fmt: skip
+    )  # fmt: skip
     env = {**os.environ, LAUNCHED_ENV: "1", "PYTHONUNBUFFERED": "1"}
     env.setdefault("OMP_NUM_THREADS", "1")  # torchrun would set it and warn; one thread per rank is its choice too
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -265,19 +265,6 @@ class _Relay:
 
 # Runs first in torchrun's process: ask Linux for a SIGTERM when the launcher dies (even by kill -9), then become
 # torchrun; torchrun passes a SIGTERM on to its ranks. (The same wrapper as the CLI's Prefect server's.)
-_DIE_WITH_PARENT = """
-import ctypes, os, signal, sys
-parent = int(sys.argv[1])
-try:
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-except (OSError, AttributeError):
-    pass
-if os.getppid() != parent:
-    sys.exit(1)
-os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
-"""
-
-
 # ------------------------------------------------------------------------------------------------- a rank
 def _send(message: dict[str, Any]) -> None:
     text = MARKER + json.dumps(message, default=str)
@@ -308,18 +295,9 @@ def rank_progress(done: int, total: int, /, **metrics: float) -> None:
     _send({"kind": "progress", "rank": rank(), "done": done, "total": total, "metrics": metrics})
 
 
-def _die_with_torchrun() -> None:
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
 def main(argv: list[str]) -> int:
     """A rank: run the job's target with this rank's progress relay; rank 0 writes the result."""
-    _die_with_torchrun()
+    die_with_parent()  # torchrun: a rank ends with it
     job_file = Path(argv[0])
     job = json.loads(job_file.read_text(encoding="utf-8"))
     handler = _MarkerHandler(level=logging.INFO if rank() == 0 else logging.WARNING)

@@ -20,13 +20,13 @@ import logging
 import os
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from typing import IO, TypeVar
 
 from mathwizard.errors import MathWizardError
+from mathwizard.processes import dying_with_this_process
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -93,21 +93,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-# Runs first in the server's process: ask Linux for a SIGTERM when the CLI dies (however it dies), then become the
-# server. A wrapper rather than Popen's preexec_fn, which is unsafe once threads exist.
-_DIE_WITH_PARENT = """
-import ctypes, os, signal, sys
-parent = int(sys.argv[1])
-try:
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-except (OSError, AttributeError):
-    pass  # not Linux: the CLI's own exit handling still stops the server
-if os.getppid() != parent:  # the CLI died before prctl took effect
-    sys.exit(1)
-os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
-"""
-
-
 @contextlib.contextmanager
 def prefect_api(meanwhile: Callable[[], T], timeout_s: float = 120.0) -> Iterator[T]:
     """A Prefect API server for this CLI process, unless Prefect is configured with one (`PREFECT_API_URL` in the
@@ -127,11 +112,10 @@ def prefect_api(meanwhile: Callable[[], T], timeout_s: float = 120.0) -> Iterato
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
-    command = [
-        sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()),
+    command = dying_with_this_process(
         "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
         "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on",
-    ]  # fmt: skip
+    )  # fmt: skip
     with tempfile.TemporaryFile() as errors:  # a file, not a pipe: a chatty server must never block on a full pipe
         server = subprocess.Popen(
             command,
