@@ -213,6 +213,14 @@ class ModelConfig(_Stage):
         " generate. auto: graphs on CUDA, eager elsewhere. Not part of any fingerprint: it changes speed, not which"
         " answers are possible.",
     )
+    gpus: int | None = Field(
+        None,
+        ge=1,
+        description="Processes a GPU stage (sft, dpo, pairs, eval) runs on, one per GPU: training data-parallel (DDP)"
+        " with the recipe's effective batch kept (gradient_accumulation_steps divided by it), pairs and eval with the"
+        " items split. None: every visible CUDA device (1 without CUDA). Without CUDA an explicit N runs N CPU"
+        " processes (gloo), as the tests do. Not part of any fingerprint: a checkpoint resumes on another GPU count.",
+    )
 
 
 class LoRAConfig(_Stage):

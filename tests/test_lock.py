@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -85,6 +86,30 @@ def test_an_unwritable_home_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(MathWizardError) as failed, run_lock(str(blocker / "runs" / "x")):
         pass
     assert "--home" in str(failed.value) and "\n" not in str(failed.value)
+
+
+def test_a_read_only_home_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only mount (root ignores chmod, so the mount's errno is raised where the folder is made)."""
+
+    def read_only(self: Path, *args: object, **kwargs: object) -> None:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(self))
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    with pytest.raises(MathWizardError) as failed, run_lock(str(tmp_path / "runs" / "x")):
+        pass
+    assert "Read-only file system" in str(failed.value) and "--home" in str(failed.value)
+
+
+@pytest.mark.parametrize("where", ["under-a-file", "proc"])
+def test_the_cli_with_an_unusable_home_prints_one_line(tmp_path: Path, where: str) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    home = blocker / "home" if where == "under-a-file" else Path("/proc") / f"mathwizard-{os.getpid()}"
+    cli = [sys.executable, "-c", "from mathwizard.cli import app; app()"]
+    failed = subprocess.run([*cli, "prepare", "--home", str(home)], capture_output=True, text=True, timeout=120)
+    lines = [line for line in failed.stderr.splitlines() if line.strip()]
+    assert failed.returncode == 1 and len(lines) == 1, failed.stderr
+    assert "writable --home" in lines[0]
 
 
 def test_remote_lock_refuses_a_fresh_holder_and_takes_over_a_stale_one() -> None:

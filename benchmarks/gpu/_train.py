@@ -61,6 +61,12 @@ def parse_args(stage: str, defaults: dict[str, Any], doc: str) -> argparse.Names
     parser.add_argument("--warmup", type=int, default=defaults["warmup"], help="Untimed optimizer steps.")
     parser.add_argument("--steps", type=int, default=defaults["steps"], help="Timed optimizer steps.")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="Profile one more optimizer step after the timed ones (torch.profiler; not in the figures): its top "
+        "kernels and how busy the GPU was, in <json folder>/<stage>-profile-<variant>.txt.",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -131,7 +137,7 @@ def run_variant(
     backend = "unsloth" if variant["kind"] == "unsloth" else "hf"
     model_cfg = ModelConfig(name=str(args.model), backend=backend, dtype="auto", compile="eager")
     common = {
-        "max_steps": args.warmup + args.steps,
+        "max_steps": args.warmup + args.steps + (1 if args.profile else 0),
         "per_device_train_batch_size": variant["micro"],
         "gradient_accumulation_steps": variant["accum"],
         "max_length": args.max_length,
@@ -179,7 +185,11 @@ def run_variant(
     if variant["kind"] == "plain":
         plain_loop(trainer, cfg, variant["accum"], args.warmup + args.steps, sync, record)
     else:
-        hooked_train(trainer, sync, record, lambda: steps)
+        profile = None
+        if args.profile and args.result:
+            name = variant["name"].replace(":", "_")
+            profile = (args.warmup + args.steps, args.result.parent / f"{args.stage}-profile-{name}.txt")
+        hooked_train(trainer, sync, record, lambda: steps, profile)
     if cuda:
         result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
     result["done"] = True
@@ -198,8 +208,11 @@ def batch_tokens(inputs: dict[str, Any]) -> tuple[int, int]:
     return real, padded
 
 
-def hooked_train(trainer: Any, sync: Any, record: Any, steps_seen: Any) -> None:
-    """trainer.train() with each optimizer step timed (GPU synchronised) and its micro-batches' tokens counted."""
+def hooked_train(
+    trainer: Any, sync: Any, record: Any, steps_seen: Any, profile: tuple[int, Path] | None = None
+) -> None:
+    """trainer.train() with each optimizer step timed (GPU synchronised) and its micro-batches' tokens counted;
+    `profile` (step index, file): that step runs under torch.profiler and is left out of the figures."""
     from transformers import TrainerCallback
 
     micro: list[tuple[int, int]] = []
@@ -212,14 +225,22 @@ def hooked_train(trainer: Any, sync: Any, record: Any, steps_seen: Any) -> None:
     trainer.training_step = counting_step
 
     class StepTimer(TrainerCallback):
+        profiler: Any = None
+
         def on_step_begin(self, *_: Any, **__: Any) -> None:
             sync()
+            if profile is not None and len(steps_seen()) == profile[0]:
+                self.profiler = start_profiler()
             self.t0, self.first = time.perf_counter(), len(micro)
 
         def on_step_end(self, *_: Any, **__: Any) -> None:
             sync()
             seconds = time.perf_counter() - self.t0
             batch = micro[self.first :]
+            if self.profiler is not None:
+                write_profile(self.profiler, seconds, profile[1])  # type: ignore[index]
+                self.profiler = None
+                return  # not a timed step
             record(seconds, sum(m[0] for m in batch), sum(m[1] for m in batch), None)
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **_: Any) -> None:
@@ -228,6 +249,51 @@ def hooked_train(trainer: Any, sync: Any, record: Any, steps_seen: Any) -> None:
 
     trainer.add_callback(StepTimer())
     trainer.train()
+
+
+def start_profiler() -> Any:
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    profiler = profile(activities=activities)
+    profiler.__enter__()
+    return profiler
+
+
+def write_profile(profiler: Any, seconds: float, path: Path) -> None:
+    """The step's kernels: GPU busy time (union of kernel intervals) against the step's wall time, then the top
+    kernels and operators by their own GPU (else CPU) time."""
+    from torch.autograd import DeviceType
+
+    profiler.__exit__(None, None, None)
+    spans = sorted(
+        (e.time_range.start, e.time_range.end)
+        for e in profiler.events()
+        if getattr(e, "device_type", None) == DeviceType.CUDA
+    )
+    busy = kernel_sum = 0.0
+    end = float("-inf")
+    for start, stop in spans:
+        kernel_sum += stop - start
+        if start > end:
+            busy += stop - start
+        elif stop > end:
+            busy += stop - end
+        end = max(end, stop)
+    lines = [
+        f"profiled step: {seconds:.3f} s wall (under the profiler); {len(spans)} kernels, GPU busy {busy / 1e6:.3f} s "
+        f"({busy / 1e6 / seconds:.1%} of the step), kernel time summed {kernel_sum / 1e6:.3f} s",
+    ]
+    averages = profiler.key_averages()
+    for key in ("self_device_time_total", "self_cuda_time_total", "self_cpu_time_total"):
+        try:
+            lines.append(averages.table(sort_by=key, row_limit=40, max_name_column_width=90))
+            break
+        except (AttributeError, KeyError, ValueError):
+            continue
+    path.write_text("\n".join(lines) + "\n")
+    say(f"  profile: {lines[0]} -> {path}")
 
 
 def plain_loop(trainer: Any, cfg: Any, accum: int, total: int, sync: Any, record: Any) -> None:
@@ -322,7 +388,7 @@ def parent(args: argparse.Namespace, script: Path) -> None:
     # Each worker process writes its progress beside the report (or in a temporary folder), step by step.
     scratch = args.json.parent if args.json else Path(tempfile.mkdtemp(prefix=f"bench-{args.stage}-results-"))
     worker_args = ["--model", str(args.model), "--data", str(args.data), "--max-length", str(args.max_length)]
-    worker_args += ["--warmup", str(args.warmup), "--steps", str(args.steps)]
+    worker_args += ["--warmup", str(args.warmup), "--steps", str(args.steps)] + (["--profile"] if args.profile else [])
     flops = None
     for group, members in groups.items():
         if not members:

@@ -11,15 +11,17 @@ from pathlib import Path
 
 from _common import env_info, write_json
 
+# Report fields printed per stage (the JSON keeps every field).
+SHOWN = ("steps", "backend", "device", "train_rows", "written", "generated_tokens", "decode", "final_loss", "accuracy")
+
 
 def stage_summary(folder: Path) -> dict:
     manifest = json.loads((folder / "manifest.json").read_text())
-    extra = {k: v for k, v in manifest.get("extra", {}).items() if k != "train_settings"}
-    summary = {"seconds": manifest.get("seconds"), "counts": manifest.get("counts"), "extra": extra}
+    summary = {"seconds": manifest.get("seconds"), "report": manifest.get("report", {})}  # the stage's typed report
     for name in ("report.json", "metrics.jsonl"):
         path = folder / name
         if path.is_file() and name == "report.json":
-            summary["report"] = {k: v for k, v in json.loads(path.read_text()).items() if k != "by_strategy"}
+            summary["report_json"] = {k: v for k, v in json.loads(path.read_text()).items() if k != "by_strategy"}
         elif path.is_file():
             summary["metrics"] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return summary
@@ -38,7 +40,8 @@ def main() -> None:
         stages[name] = stage_summary(folder.parent)
     write_json(args.json, {"run_dir": str(args.run_dir), "env": env_info(), "stages": stages})
     for name, s in stages.items():
-        print(f"{name:<16} {s['seconds'] or 0:>8.1f} s  {json.dumps(s['counts'])}")
+        facts = {k: s["report"][k] for k in SHOWN if k in s["report"]}
+        print(f"{name:<16} {s['seconds'] or 0:>8.1f} s  {json.dumps(facts)}")
 
 
 if __name__ == "__main__":

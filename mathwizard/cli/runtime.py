@@ -20,13 +20,13 @@ import logging
 import os
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from typing import IO, TypeVar
 
 from mathwizard.errors import MathWizardError
+from mathwizard.processes import dying_with_this_process
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -45,6 +45,8 @@ def quiet_console(verbosity: int) -> None:
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "mathwizard")  # the library's INFO lines reach the UI
     logging.getLogger("mathwizard").setLevel(logging.DEBUG if verbosity >= 2 else logging.INFO)
     if verbosity == 0:
+        # Prefect's events worker notes "Still processing items" while the CLI sends the last events at exit.
+        logging.getLogger("EventsWorker").setLevel(logging.ERROR)
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
@@ -91,21 +93,6 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-# Runs first in the server's process: ask Linux for a SIGTERM when the CLI dies (however it dies), then become the
-# server. A wrapper rather than Popen's preexec_fn, which is unsafe once threads exist.
-_DIE_WITH_PARENT = """
-import ctypes, os, signal, sys
-parent = int(sys.argv[1])
-try:
-    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-except (OSError, AttributeError):
-    pass  # not Linux: the CLI's own exit handling still stops the server
-if os.getppid() != parent:  # the CLI died before prctl took effect
-    sys.exit(1)
-os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
-"""
-
-
 @contextlib.contextmanager
 def prefect_api(meanwhile: Callable[[], T], timeout_s: float = 120.0) -> Iterator[T]:
     """A Prefect API server for this CLI process, unless Prefect is configured with one (`PREFECT_API_URL` in the
@@ -125,11 +112,10 @@ def prefect_api(meanwhile: Callable[[], T], timeout_s: float = 120.0) -> Iterato
     port = _free_port()
     url = f"http://127.0.0.1:{port}/api"
     env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
-    command = [
-        sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()),
+    command = dying_with_this_process(
         "-m", "uvicorn", "--factory", "prefect.server.api.server:create_app",
         "--host", "127.0.0.1", "--port", str(port), "--log-level", "error", "--lifespan", "on",
-    ]  # fmt: skip
+    )  # fmt: skip
     with tempfile.TemporaryFile() as errors:  # a file, not a pipe: a chatty server must never block on a full pipe
         server = subprocess.Popen(
             command,
@@ -147,17 +133,20 @@ def prefect_api(meanwhile: Callable[[], T], timeout_s: float = 120.0) -> Iterato
                 try:
                     yield result
                 finally:
-                    _flush_logs()
+                    _flush_to_server()
 
 
-def _flush_logs() -> None:
-    """Send the flow runs' last log lines while the server still listens (else the handler retries for a minute)."""
+def _flush_to_server() -> None:
+    """Send the flow runs' last log lines and events while the server still listens (else, at exit, the handler
+    retries for a minute and the events worker prints "Still processing items" on the console)."""
+    from prefect.events.worker import EventsWorker
     from prefect.logging.handlers import APILogHandler
 
     try:
         APILogHandler().flush()
-    except Exception as exc:  # a log line lost at exit must not replace the run's own outcome
-        log.debug("could not flush the flow run logs: %s", exc)
+        EventsWorker.drain_all(timeout=5, at_exit=False)
+    except Exception as exc:  # a log line or event lost at exit must not replace the run's own outcome
+        log.debug("could not flush the flow runs' logs and events: %s", exc)
 
 
 def _wait_healthy(server: subprocess.Popen, url: str, errors: IO[bytes], timeout_s: float) -> None:

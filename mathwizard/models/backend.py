@@ -195,7 +195,9 @@ def load_pretrained(
             llm_int8_skip_modules=["vision_tower", "audio_tower", "embed_vision", "embed_audio", "lm_head"],
         )
     if cuda_available():
-        kwargs["device_map"] = {"": 0}
+        import torch
+
+        kwargs["device_map"] = {"": torch.cuda.current_device()}  # a rank of a launch: its own GPU (launch.py)
     model = AutoModelForImageTextToText.from_pretrained(path, **kwargs)
     processor = AutoProcessor.from_pretrained(path)
     model.train(for_training)

@@ -53,6 +53,7 @@ class Report(StageReport):
     rewards_chosen: float | None
     rewards_rejected: float | None
     rewards_margins: float | None
+    processes: int = 1  # data-parallel processes (GPUs) the run trained on
 
     def summary(self) -> str:
         from mathwizard.stages.sft import _training_summary
@@ -95,14 +96,20 @@ def _trl_args(
     device: str = "cpu",
     dtype: str = "float32",
     has_eval: bool = True,
+    world_size: int = 1,
 ) -> Any:
-    """Our DPO settings as `trl.DPOConfig` (pure: no model, no data)."""
+    """Our DPO settings as `trl.DPOConfig` (pure: no model, no data); `world_size` data-parallel processes share the
+    recipe's effective batch."""
     import trl
 
     from mathwizard.training.args import common_args
+    from mathwizard.training.parallel import data_parallel_args
 
     return trl.DPOConfig(
-        **common_args(cfg, output_dir, backend=backend, device=device, dtype=dtype, has_eval=has_eval),
+        **{
+            **common_args(cfg, output_dir, backend=backend, device=device, dtype=dtype, has_eval=has_eval),
+            **data_parallel_args(cfg, world_size, STAGE),
+        },
         beta=cfg.beta,
         max_length=cfg.max_length,
         truncation_mode="keep_start",  # the only mode TRL allows with images: the prompt (and image) stay whole
@@ -143,6 +150,7 @@ def build_trainer(
     import torch
 
     from mathwizard.data.splits import read_dataset
+    from mathwizard.launch import current_world_size
     from mathwizard.models import backend as backends
     from mathwizard.models import load_model, resolve_backend
     from mathwizard.training import data as training_data
@@ -184,7 +192,13 @@ def build_trainer(
         # TRL wraps the model itself; with ref_model=None it computes reference log-probs with the adapter off.
         policy, peft_config = merged, backends.lora_config(merged, cfg.lora)
     args = _trl_args(
-        cfg, Path(out) / CHECKPOINTS_DIR, backend=backend, device=device, dtype=dtype, has_eval=val_ds is not None
+        cfg,
+        Path(out) / CHECKPOINTS_DIR,
+        backend=backend,
+        device=device,
+        dtype=dtype,
+        has_eval=val_ds is not None,
+        world_size=current_world_size(),
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)  # the new LoRA's random A matrices
@@ -237,18 +251,11 @@ def run(
         DataError: the pairs folder is unfinished or its train split is empty.
         ModelError: the SFT folder holds no adapter, or `--backend unsloth` without CUDA.
     """
-    from mathwizard.training.callbacks import progress_callback
+    from mathwizard.launch import launch, world_size
     from mathwizard.training.checkpoints import prepare_checkpoints
-    from mathwizard.training.metrics import DPO_PLOTS, last_value
-    from mathwizard.training.runner import (
-        CHECKPOINTS_DIR,
-        final_evaluation,
-        record_outputs,
-        save_adapter,
-        save_merged,
-        train,
-        trainable_parameters,
-    )
+    from mathwizard.training.metrics import DPO_PLOTS
+    from mathwizard.training.parallel import data_parallel_args, ranks_model
+    from mathwizard.training.runner import CHECKPOINTS_DIR, list_outputs
 
     started = time.perf_counter()
     pairs, out = Path(pairs), Path(out)
@@ -261,17 +268,68 @@ def run(
     upstream = {pairs_manifest.stage: pairs_manifest.fingerprint}
     if start.fingerprint:
         upstream[start.stage or "model"] = start.fingerprint
+    world = world_size(model)
+    data_parallel_args(cfg, world, STAGE)  # an effective batch that cannot be split fails before anything starts
     config = {"dpo": cfg, "model": model}
     with stage_output(
         out, stage=STAGE, version=VERSION, fingerprint=fp, config=config, upstream=upstream, started=started
     ) as record:
         prepare_checkpoints(out / CHECKPOINTS_DIR, fp)
-        extra_callbacks = [*callbacks, *([progress_callback(progress)] if progress is not None else [])]
-        trainer, facts = build_trainer(cfg, model, sft, pairs, out, callbacks=extra_callbacks)
-        trainable, total = trainable_parameters(trainer.model)
-        result, resumed_from = train(trainer, out / CHECKPOINTS_DIR)
-        eval_metrics = final_evaluation(trainer)
+        if world > 1:
+            if callbacks:
+                raise ValueError("callbacks cannot reach the ranks of a launch; run them with model.gpus: 1")
+            kwargs = {
+                "cfg": cfg.model_dump(mode="json"),
+                "model": ranks_model(model, world, STAGE).model_dump(mode="json"),
+                "sft": str(sft) if sft is not None else None,
+                "pairs": str(pairs),
+                "out": str(out),
+            }
+            outcome = launch(
+                f"{__name__}:_train_rank", kwargs, nprocs=world, workdir=out, description=STAGE, progress=progress
+            )
+        else:
+            outcome = train_and_save(cfg, model, sft, pairs, out, progress=progress, callbacks=callbacks)
+        list_outputs(record, out, DPO_PLOTS)
+        record.report(Report(**outcome, processes=world))
+    return record.manifest
 
+
+def train_and_save(
+    cfg: DPOConfig,
+    model: ModelConfig,
+    sft: Path | None,
+    pairs: Path,
+    out: Path,
+    *,
+    progress: Progress | None = None,
+    callbacks: Sequence[Any] = (),
+) -> dict[str, Any]:
+    """Train (resuming from the last checkpoint), evaluate, and on rank 0 write the adapter, merged model, metrics
+    and plots; every rank of a launch runs this. Returns the report's fields (rank 0's are the ones used)."""
+    from mathwizard.stages.sft import _activate_backend
+
+    _activate_backend(model)  # before the progress callback below imports transformers (Unsloth patches it)
+    from mathwizard.training.callbacks import progress_callback
+    from mathwizard.training.metrics import DPO_PLOTS, _finite, last_value
+    from mathwizard.training.runner import (
+        CHECKPOINTS_DIR,
+        final_evaluation,
+        save_adapter,
+        save_merged,
+        train,
+        trainable_parameters,
+        write_outputs,
+    )
+
+    out = Path(out)
+    start = _start(model, sft)
+    extra_callbacks = [*callbacks, *([progress_callback(progress)] if progress is not None else [])]
+    trainer, facts = build_trainer(cfg, model, sft, pairs, out, callbacks=extra_callbacks)
+    trainable, total = trainable_parameters(trainer.model)
+    result, resumed_from = train(trainer, out / CHECKPOINTS_DIR)
+    eval_metrics = final_evaluation(trainer)  # every rank: evaluation is a collective
+    if trainer.is_world_process_zero():
         save_adapter(
             trainer.model,
             trainer.processing_class,
@@ -282,28 +340,42 @@ def run(
         )
         if cfg.save_merged:
             save_merged(trainer.model, trainer.processing_class, out, facts["backend"])
-        records = record_outputs(record, trainer, out, DPO_PLOTS)
-        record.report(
-            Report(
-                train_rows=facts["train_rows"],
-                val_rows=facts["val_rows"],
-                dropped_long_prompts=facts["dropped_long_prompts"],
-                steps=trainer.state.global_step,
-                resumed_from_step=resumed_from,
-                base_model=start.root,
-                sft_adapter=start.location if sft is not None else None,
-                backend=facts["backend"],
-                device=facts["device"],
-                dtype=facts["dtype"],
-                trainable_parameters=trainable,
-                total_parameters=total,
-                train_loss=result.training_loss,
-                final_loss=last_value(records, "loss"),
-                eval_loss=eval_metrics.get("eval_loss"),
-                rewards_accuracies=last_value(records, "rewards/accuracies"),
-                rewards_chosen=last_value(records, "rewards/chosen"),
-                rewards_rejected=last_value(records, "rewards/rejected"),
-                rewards_margins=last_value(records, "rewards/margins"),
-            )
-        )
-    return record.manifest
+        write_outputs(trainer, out, DPO_PLOTS)
+    history = [_finite(entry) for entry in trainer.state.log_history]
+    return {
+        "train_rows": facts["train_rows"],
+        "val_rows": facts["val_rows"],
+        "dropped_long_prompts": facts["dropped_long_prompts"],
+        "steps": trainer.state.global_step,
+        "resumed_from_step": resumed_from,
+        "base_model": start.root,
+        "sft_adapter": start.location if sft is not None else None,
+        "backend": facts["backend"],
+        "device": facts["device"],
+        "dtype": facts["dtype"],
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "train_loss": result.training_loss,
+        "final_loss": last_value(history, "loss"),
+        "eval_loss": eval_metrics.get("eval_loss"),
+        "rewards_accuracies": last_value(history, "rewards/accuracies"),
+        "rewards_chosen": last_value(history, "rewards/chosen"),
+        "rewards_rejected": last_value(history, "rewards/rejected"),
+        "rewards_margins": last_value(history, "rewards/margins"),
+    }
+
+
+def _train_rank(
+    cfg: dict[str, Any], model: dict[str, Any], sft: str | None, pairs: str, out: str, progress: Progress
+) -> dict[str, Any]:
+    """One rank of a launch (`mathwizard.launch`): `train_and_save`, progress from rank 0 only."""
+    from mathwizard.launch import rank
+
+    return train_and_save(
+        DPOConfig.model_validate(cfg),
+        ModelConfig.model_validate(model),
+        Path(sft) if sft is not None else None,
+        Path(pairs),
+        Path(out),
+        progress=progress if rank() == 0 else None,
+    )

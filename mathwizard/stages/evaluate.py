@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -223,6 +223,7 @@ def run(
         DataError: the data folder is unfinished, or the split has no rows.
         ModelError: the model cannot be loaded.
     """
+    from mathwizard.launch import world_size
     from mathwizard.models.ref import resolve
 
     started = time.perf_counter()
@@ -240,26 +241,18 @@ def run(
         raise DataError(f"{data}: the {cfg.split} split has no rows; nothing to evaluate")
     tally = Tally(split_rows(data, cfg.split, cfg.limit), progress)
     config = {"eval": cfg, "model": model_cfg}
+    world = world_size(model_cfg) if generator is None else 1
     with stage_output(
         out, stage=STAGE, version=VERSION, fingerprint=fp, config=config, upstream=upstream, started=started
     ) as record:
-        generate = generator if generator is not None else ref.generator(model_cfg, cfg.batch_size)
-        system = load_prompt(SYSTEM_PROMPT, PROMPT_VERSION)
-        references = [text or "" for text in table.column("solution").to_pylist()]
-        budget = cfg.max_new_tokens or answer_budget(references, generate)
-        params = SamplingParams(max_new_tokens=budget)  # greedy: the same answer on every run
-        predictions: list[dict[str, Any]] = []
         generating = time.perf_counter()
-        # One slice at a time, so only a batch's images are decoded at once.
-        for offset in range(0, table.num_rows, cfg.batch_size):
-            rows = table.slice(offset, cfg.batch_size).to_pylist()
-            requests = [Request(text=r["question"] or "", image=r["image"], system=system) for r in rows]
-            completions = generate(requests, params)
-            predictions += [
-                score(str(r["id"]), str(r["difficult"] or ""), r["solution"] or "", c)
-                for r, c in zip(rows, completions, strict=True)
-            ]
-            tally(len(rows))
+        if world > 1:
+            predictions, budget = _answer_on_ranks(cfg, model_cfg, model, data, out, table.num_rows, world, progress)
+        else:
+            generate = generator if generator is not None else ref.generator(model_cfg, cfg.batch_size)
+            budget = _budget(cfg, table, generate)
+            offsets = range(0, table.num_rows, cfg.batch_size)
+            predictions = [p for _, batch in _answer(cfg, table, generate, budget, offsets, tally) for p in batch]
         scores = summarize(predictions)
         report = Report(
             label=label,
@@ -282,3 +275,101 @@ def run(
         record.report(report)
         log.info("%s: accuracy %s on %d problems", label, _percent(report.accuracy), report.n)
     return record.manifest
+
+
+def _budget(cfg: EvalConfig, table: Any, generate: Generator) -> int:
+    references = [text or "" for text in table.column("solution").to_pylist()]
+    return cfg.max_new_tokens or answer_budget(references, generate)
+
+
+def _answer(
+    cfg: EvalConfig, table: Any, generate: Generator, budget: int, offsets: Iterable[int], tally: Tally
+) -> Iterator[tuple[int, list[dict[str, Any]]]]:
+    """(offset, scored predictions) of each batch of `batch_size` rows starting at `offsets`."""
+    system = load_prompt(SYSTEM_PROMPT, PROMPT_VERSION)
+    params = SamplingParams(max_new_tokens=budget)  # greedy: the same answer on every run
+    # One slice at a time, so only a batch's images are decoded at once.
+    for offset in offsets:
+        rows = table.slice(offset, cfg.batch_size).to_pylist()
+        requests = [Request(text=r["question"] or "", image=r["image"], system=system) for r in rows]
+        completions = generate(requests, params)
+        yield (
+            offset,
+            [
+                score(str(r["id"]), str(r["difficult"] or ""), r["solution"] or "", c)
+                for r, c in zip(rows, completions, strict=True)
+            ],
+        )
+        tally(len(rows))
+
+
+# ---------------------------------------------------------------------------------------------- several GPUs
+SHARDS_DIR = ".shards"
+
+
+def _answer_on_ranks(
+    cfg: EvalConfig,
+    model_cfg: ModelConfig,
+    model: str | Path,
+    data: Path,
+    out: Path,
+    rows: int,
+    world: int,
+    progress: Progress | None,
+) -> tuple[list[dict[str, Any]], int]:
+    """The predictions of `world` processes (`mathwizard.launch`), each answering every world-th batch of
+    `batch_size` rows (the very batches one process would send), merged back in the split's order; and the budget."""
+    import shutil
+
+    from mathwizard.launch import launch
+
+    shards = out / SHARDS_DIR
+    shutil.rmtree(shards, ignore_errors=True)
+    batches = -(-rows // cfg.batch_size)
+    kwargs = {
+        "cfg": cfg.model_dump(mode="json"),
+        "model_cfg": model_cfg.model_dump(mode="json"),
+        "model": str(model),
+        "data": str(data),
+        "shards": str(shards),
+    }
+    result = launch(
+        f"{__name__}:_answer_shard",
+        kwargs,
+        nprocs=min(world, batches),
+        workdir=out,
+        description=STAGE,
+        progress=progress,
+        progress_from="sum",
+        total=rows,
+    )
+    answered: list[tuple[int, list[dict[str, Any]]]] = []
+    for path in sorted(shards.glob("rank-*.jsonl")):
+        for line in path.read_text(encoding="utf-8").splitlines():
+            batch = json.loads(line)
+            answered.append((batch["offset"], batch["predictions"]))
+    shutil.rmtree(shards, ignore_errors=True)
+    answered.sort(key=lambda item: item[0])
+    predictions = [p for _, batch in answered for p in batch]
+    if len(predictions) != rows:
+        raise DataError(f"eval on several processes returned {len(predictions)} answers for {rows} rows; run it again")
+    return predictions, int(result["max_new_tokens"])
+
+
+def _answer_shard(
+    cfg: dict[str, Any], model_cfg: dict[str, Any], model: str, data: str, shards: str, progress: Progress
+) -> dict[str, Any]:
+    """One rank of a launch: answer every world-th batch, from its rank on, into `<shards>/rank-<r>.jsonl`."""
+    from mathwizard.launch import current_world_size, rank
+    from mathwizard.models.ref import resolve
+
+    settings, loading = EvalConfig.model_validate(cfg), ModelConfig.model_validate(model_cfg)
+    table = read_table(data, settings.split, _INPUT_COLUMNS, limit=settings.limit)
+    generate = resolve(model).generator(loading, settings.batch_size)
+    budget = _budget(settings, table, generate)
+    offsets = list(range(0, table.num_rows, settings.batch_size))[rank() :: current_world_size()]
+    lines = []
+    for offset, batch in _answer(settings, table, generate, budget, offsets, Tally(0, progress)):
+        lines.append(json.dumps({"offset": offset, "predictions": batch}, ensure_ascii=False) + "\n")
+    atomic_write_text(Path(shards) / f"rank-{rank()}.jsonl", "".join(lines))
+    return {"max_new_tokens": budget}

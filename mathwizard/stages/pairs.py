@@ -346,6 +346,7 @@ def run(
         DataError: the teach folder is unfinished, a split is missing or has no rows.
         ModelError: the SFT model cannot be loaded.
     """
+    from mathwizard.launch import world_size
     from mathwizard.models.ref import resolve
 
     started = time.perf_counter()
@@ -364,12 +365,18 @@ def run(
     ]
     sampler = _Sampler(cfg, load, chosen)
     chunk_dir = out / "chunks"
-    tally = Tally(sum(split_rows(data, split, cfg.limit) for split in cfg.splits), progress)
+    total = sum(split_rows(data, split, cfg.limit) for split in cfg.splits)
+    world = world_size(model_cfg) if generator is None else 1
+    # Several GPUs: the ranks sample the unfinished chunks; the loop below then finds every chunk on disk and merges.
+    tally = Tally(total, progress if world == 1 else None)
     config = {"pairs": cfg, "model": model_cfg}
     with stage_output(
         out, stage=STAGE, version=VERSION, fingerprint=fp, config=config, upstream=upstream, started=started
     ) as record:
         chunk_dir.mkdir(parents=True, exist_ok=True)
+        resumed_before = None
+        if world > 1:
+            resumed_before = _sample_on_ranks(cfg, model_cfg, model, data, out, fp, sampler, world, total, progress)
         totals, per_split = Stats(), {}
         all_failures: list[dict[str, Any]] = []
         resumed = 0
@@ -408,6 +415,8 @@ def run(
             record.add_file(f"{split}.parquet", rows=split_stats.written)
             per_split[split] = split_stats
             totals.add(split_stats)
+        if resumed_before is not None:
+            resumed = resumed_before  # the chunks finished before this run; the ranks did the others
         atomic_write_text(out / "failures.jsonl", "".join(json.dumps(f) + "\n" for f in all_failures))
         record.add_file("failures.jsonl", rows=len(all_failures))
         report = Report(
@@ -432,3 +441,108 @@ def _write_split(path: Path, tables: list[Any]) -> None:
     schema = _features().arrow_schema  # drops the chunks' private metadata, keeps `datasets`' Image feature
     tables = [t.replace_schema_metadata(schema.metadata) for t in tables]
     write_table(path, pa.concat_tables(tables) if tables else schema.empty_table())
+
+
+# ---------------------------------------------------------------------------------------------- several GPUs
+def _chunks(cfg: PairsConfig, data: Path) -> list[tuple[str, int, int, int]]:
+    """Every chunk of the run as (split, k, offset, rows), in the order the stage merges them."""
+    chunks = []
+    for split in cfg.splits:
+        rows = split_rows(data, split, cfg.limit)
+        for k, offset in enumerate(range(0, rows, cfg.chunk_size)):
+            chunks.append((split, k, offset, min(cfg.chunk_size, rows - offset)))
+    return chunks
+
+
+def _sample_on_ranks(
+    cfg: PairsConfig,
+    model_cfg: ModelConfig,
+    model: str | Path,
+    data: Path,
+    out: Path,
+    fp: str,
+    sampler: _Sampler,
+    world: int,
+    total: int,
+    progress: Progress | None,
+) -> int:
+    """Sample the unfinished chunks on `world` processes (`mathwizard.launch`), each rank every world-th of them, so
+    each chunk is sampled exactly as one process would (its seed is the chunk's own); returns how many chunks were
+    already finished."""
+    from mathwizard.launch import launch
+
+    chunk_dir = out / "chunks"
+    pending, finished_rows = [], 0
+    chunks = _chunks(cfg, data)
+    for split, k, _, rows in chunks:
+        if _read_chunk(chunk_dir / f"{split}-{k:05d}.parquet", fp) is None:
+            pending.append([split, k])
+        else:
+            finished_rows += rows
+    if progress is not None:
+        progress(finished_rows, total)
+    if pending:
+        kwargs = {
+            "cfg": cfg.model_dump(mode="json"),
+            "model_cfg": model_cfg.model_dump(mode="json"),
+            "model": str(model),
+            "data": str(data),
+            "out": str(out),
+            "fp": fp,
+            "chunks": pending,
+        }
+
+        def shifted(done: int, _total: int, /, **metrics: float) -> None:
+            if progress is not None:
+                progress(finished_rows + done, total, **metrics)
+
+        result = launch(
+            f"{__name__}:_sample_shard",
+            kwargs,
+            nprocs=min(world, len(pending)),
+            workdir=out,
+            description=STAGE,
+            progress=shifted,
+            progress_from="sum",
+            total=total - finished_rows,
+        )
+        sampler.max_new_tokens = (result or {}).get("max_new_tokens") or sampler.max_new_tokens
+    return len(chunks) - len(pending)
+
+
+def _sample_shard(
+    cfg: dict[str, Any],
+    model_cfg: dict[str, Any],
+    model: str,
+    data: str,
+    out: str,
+    fp: str,
+    chunks: list[list[Any]],
+    progress: Progress,
+) -> dict[str, Any]:
+    """One rank of a launch: sample and write its share of `chunks` (every world-th, from its rank on)."""
+    from mathwizard.launch import current_world_size, rank
+    from mathwizard.models.ref import resolve
+
+    settings, loading = PairsConfig.model_validate(cfg), ModelConfig.model_validate(model_cfg)
+    ref = resolve(model)
+    chosen = [
+        text or ""
+        for split in settings.splits
+        for text in read_table(data, split, ["solution"], limit=settings.limit).column("solution").to_pylist()  # type: ignore[union-attr]
+    ]
+    sampler = _Sampler(settings, lambda: ref.generator(loading, settings.batch_size), chosen)
+    mine = chunks[rank() :: current_world_size()]
+    tally = Tally(0, progress)
+    tables: dict[str, Any] = {}
+    for split, k in mine:
+        if split not in tables:
+            tables[split] = read_table(data, split, _INPUT_COLUMNS, limit=settings.limit)
+        offset = k * settings.chunk_size
+        items = _items(tables[split].slice(offset, settings.chunk_size), offset, settings.seed)
+        rows, failures, stats = sampler.chunk(items, f"{split}-{k}")
+        meta = {"fingerprint": fp, "split": split, "chunk": k, "stats": stats.model_dump(), "failures": failures}
+        _write_chunk(Path(out) / "chunks" / f"{split}-{k:05d}.parquet", rows, meta)
+        log.info("%s chunk %d: %d/%d written (%d by rule)", split, k, stats.written, stats.items, stats.from_rule)
+        tally(stats.items)
+    return {"max_new_tokens": sampler.max_new_tokens}

@@ -40,6 +40,7 @@ class Report(StageReport):
     train_loss: float | None
     final_loss: float | None
     eval_loss: float | None
+    processes: int = 1  # data-parallel processes (GPUs) the run trained on
 
     def summary(self) -> str:
         return _training_summary(self.steps, self.train_rows, self.final_loss, self.eval_loss)
@@ -77,6 +78,17 @@ def expected_fingerprint(cfg: SFTConfig, model: ModelConfig, data: Path) -> str:
     )
 
 
+def _activate_backend(model: ModelConfig) -> None:
+    """Import Unsloth now if the stage trains with it: Unsloth patches transformers and TRL when imported, and the
+    stage's progress callback (a transformers TrainerCallback) is built before the trainer. `build_trainer` does the
+    same, which is then a no-op."""
+    from mathwizard.models import backend as backends
+
+    backend = backends.resolve_backend(model.backend)
+    backends.configure_compile(model.compile)
+    backends.activate(backend)
+
+
 def _trl_args(
     cfg: SFTConfig,
     output_dir: Path,
@@ -85,14 +97,20 @@ def _trl_args(
     device: str = "cpu",
     dtype: str = "float32",
     has_eval: bool = True,
+    world_size: int = 1,
 ) -> Any:
-    """Our SFT settings as `trl.SFTConfig` (pure: no model, no data)."""
+    """Our SFT settings as `trl.SFTConfig` (pure: no model, no data); `world_size` data-parallel processes share the
+    recipe's effective batch."""
     import trl
 
     from mathwizard.training.args import common_args
+    from mathwizard.training.parallel import data_parallel_args
 
     return trl.SFTConfig(
-        **common_args(cfg, output_dir, backend=backend, device=device, dtype=dtype, has_eval=has_eval),
+        **{
+            **common_args(cfg, output_dir, backend=backend, device=device, dtype=dtype, has_eval=has_eval),
+            **data_parallel_args(cfg, world_size, STAGE),
+        },
         max_length=cfg.max_length,
         packing=False,
         completion_only_loss=True,  # the loss covers the solution, not the prompt or the image tokens
@@ -112,6 +130,7 @@ def build_trainer(
         ModelError: the model cannot be loaded or the backend cannot run here.
     """
     from mathwizard.data.splits import read_dataset
+    from mathwizard.launch import current_world_size
     from mathwizard.models import backend as backends
     from mathwizard.models import load_model, resolve_backend
     from mathwizard.training import data as training_data
@@ -143,7 +162,13 @@ def build_trainer(
     train_ds = training_data.sft_records(train_rows)
     val_ds = training_data.sft_records(val_rows) if val_rows is not None else None
     args = _trl_args(
-        cfg, Path(out) / CHECKPOINTS_DIR, backend=backend, device=device, dtype=dtype, has_eval=val_ds is not None
+        cfg,
+        Path(out) / CHECKPOINTS_DIR,
+        backend=backend,
+        device=device,
+        dtype=dtype,
+        has_eval=val_ds is not None,
+        world_size=current_world_size(),
     )
     trainer = trl.SFTTrainer(
         model=peft_model,
@@ -192,19 +217,11 @@ def run(
         DataError: the teach folder is unfinished or its train split is empty.
         ModelError: the model cannot be loaded, or `--backend unsloth` without CUDA.
     """
-    from mathwizard.models.ref import resolve
-    from mathwizard.training.callbacks import progress_callback
+    from mathwizard.launch import launch, world_size
     from mathwizard.training.checkpoints import prepare_checkpoints
-    from mathwizard.training.metrics import SFT_PLOTS, last_value
-    from mathwizard.training.runner import (
-        CHECKPOINTS_DIR,
-        final_evaluation,
-        record_outputs,
-        save_adapter,
-        save_merged,
-        train,
-        trainable_parameters,
-    )
+    from mathwizard.training.metrics import SFT_PLOTS
+    from mathwizard.training.parallel import data_parallel_args, ranks_model
+    from mathwizard.training.runner import CHECKPOINTS_DIR, list_outputs
 
     started = time.perf_counter()
     data, out = Path(data), Path(out)
@@ -212,38 +229,96 @@ def run(
     if (done := reusable(out, fp)) is not None:
         return done
     teach = require_manifest(data, "teach")
+    world = world_size(model)
+    data_parallel_args(cfg, world, STAGE)  # an effective batch that cannot be split fails before anything starts
     config = {"sft": cfg, "model": model}
     upstream = {teach.stage: teach.fingerprint}
     with stage_output(
         out, stage=STAGE, version=VERSION, fingerprint=fp, config=config, upstream=upstream, started=started
     ) as record:
         prepare_checkpoints(out / CHECKPOINTS_DIR, fp)
-        extra_callbacks = [*callbacks, *([progress_callback(progress)] if progress is not None else [])]
-        trainer, facts = build_trainer(cfg, model, data, out, callbacks=extra_callbacks)
-        trainable, total = trainable_parameters(trainer.model)
-        result, resumed_from = train(trainer, out / CHECKPOINTS_DIR)
-        eval_metrics = final_evaluation(trainer)
+        if world > 1:
+            if callbacks:
+                raise ValueError("callbacks cannot reach the ranks of a launch; run them with model.gpus: 1")
+            kwargs = {
+                "cfg": cfg.model_dump(mode="json"),
+                "model": ranks_model(model, world, STAGE).model_dump(mode="json"),
+                "data": str(data),
+                "out": str(out),
+            }
+            outcome = launch(
+                f"{__name__}:_train_rank", kwargs, nprocs=world, workdir=out, description=STAGE, progress=progress
+            )
+        else:
+            outcome = train_and_save(cfg, model, data, out, progress=progress, callbacks=callbacks)
+        list_outputs(record, out, SFT_PLOTS)
+        record.report(Report(**outcome, processes=world))
+    return record.manifest
 
-        base_model = resolve(model.name).location
+
+def train_and_save(
+    cfg: SFTConfig,
+    model: ModelConfig,
+    data: Path,
+    out: Path,
+    *,
+    progress: Progress | None = None,
+    callbacks: Sequence[Any] = (),
+) -> dict[str, Any]:
+    """Train (resuming from the last checkpoint), evaluate, and on rank 0 write the adapter, merged model, metrics
+    and plots; every rank of a launch runs this. Returns the report's fields (rank 0's are the ones used)."""
+    _activate_backend(model)  # before the progress callback below imports transformers (Unsloth patches it)
+    from mathwizard.models.ref import resolve
+    from mathwizard.training.callbacks import progress_callback
+    from mathwizard.training.metrics import SFT_PLOTS, _finite, last_value
+    from mathwizard.training.runner import (
+        CHECKPOINTS_DIR,
+        final_evaluation,
+        save_adapter,
+        save_merged,
+        train,
+        trainable_parameters,
+        write_outputs,
+    )
+
+    out = Path(out)
+    extra_callbacks = [*callbacks, *([progress_callback(progress)] if progress is not None else [])]
+    trainer, facts = build_trainer(cfg, model, data, out, callbacks=extra_callbacks)
+    trainable, total = trainable_parameters(trainer.model)
+    result, resumed_from = train(trainer, out / CHECKPOINTS_DIR)
+    eval_metrics = final_evaluation(trainer)  # every rank: evaluation is a collective
+    base_model = resolve(model.name).location
+    if trainer.is_world_process_zero():
         save_adapter(trainer.model, trainer.processing_class, out, base_model=base_model, backend=facts["backend"])
         if cfg.save_merged:
             save_merged(trainer.model, trainer.processing_class, out, facts["backend"])
-        records = record_outputs(record, trainer, out, SFT_PLOTS)
-        record.report(
-            Report(
-                train_rows=facts["train_rows"],
-                val_rows=facts["val_rows"],
-                steps=trainer.state.global_step,
-                resumed_from_step=resumed_from,
-                base_model=base_model,
-                backend=facts["backend"],
-                device=facts["device"],
-                dtype=facts["dtype"],
-                trainable_parameters=trainable,
-                total_parameters=total,
-                train_loss=result.training_loss,
-                final_loss=last_value(records, "loss"),
-                eval_loss=eval_metrics.get("eval_loss"),
-            )
-        )
-    return record.manifest
+        write_outputs(trainer, out, SFT_PLOTS)
+    history = [_finite(entry) for entry in trainer.state.log_history]
+    return {
+        "train_rows": facts["train_rows"],
+        "val_rows": facts["val_rows"],
+        "steps": trainer.state.global_step,
+        "resumed_from_step": resumed_from,
+        "base_model": base_model,
+        "backend": facts["backend"],
+        "device": facts["device"],
+        "dtype": facts["dtype"],
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "train_loss": result.training_loss,
+        "final_loss": last_value(history, "loss"),
+        "eval_loss": eval_metrics.get("eval_loss"),
+    }
+
+
+def _train_rank(cfg: dict[str, Any], model: dict[str, Any], data: str, out: str, progress: Progress) -> dict[str, Any]:
+    """One rank of a launch (`mathwizard.launch`): `train_and_save`, progress from rank 0 only."""
+    from mathwizard.launch import rank
+
+    return train_and_save(
+        SFTConfig.model_validate(cfg),
+        ModelConfig.model_validate(model),
+        Path(data),
+        Path(out),
+        progress=progress if rank() == 0 else None,
+    )

@@ -62,6 +62,12 @@ def train(trainer: Any, checkpoints: Path) -> tuple[Any, int | None]:
         losses = [entry["loss"] for entry in state.log_history if "loss" in entry]
         return TrainOutput(state.global_step, sum(losses) / len(losses) if losses else 0.0, {}), state.global_step
     log.info("resuming from %s", resume)
+    if trainer.args.world_size > 1 and trainer.args.device.type == "cpu":
+        # Several CPU processes (gloo, the tests): the Trainer's device is "cpu:0", which it passes to torch.load as
+        # map_location for the optimizer state, and torch.load refuses that spelling; "cpu" is the same place.
+        import torch
+
+        trainer.args.__dict__["_setup_devices"] = torch.device("cpu")  # overrides the cached_property
     return trainer.train(resume_from_checkpoint=str(resume)), checkpoint_step(resume)
 
 
@@ -117,9 +123,22 @@ def record_outputs(
 ) -> list[dict[str, Any]]:
     """Write metrics.jsonl and the plots from the trainer's log history, and list the stage's files (not
     checkpoints) in the manifest; returns the metric records."""
+    records = write_outputs(trainer, out, plots)
+    list_outputs(record, out, plots)
+    return records
+
+
+def write_outputs(trainer: Any, out: Path, plots: tuple[tuple[str, str], ...]) -> list[dict[str, Any]]:
+    """metrics.jsonl and the plots from the trainer's log history (rank 0 writes them); returns the records."""
     records = write_metrics(out / METRICS_FILE, trainer.state.log_history)
     plot_metrics(records, plots, out)
-    record.add_file(METRICS_FILE, rows=len(records))
+    return records
+
+
+def list_outputs(record: StageRecord, out: Path, plots: tuple[tuple[str, str], ...]) -> None:
+    """The stage's files (metrics, plots, adapter, merged; not checkpoints) in the manifest."""
+    rows = len((out / METRICS_FILE).read_text(encoding="utf-8").splitlines())
+    record.add_file(METRICS_FILE, rows=rows)
     for _, filename in plots:
         record.add_file(filename)
     for folder in (ADAPTER_DIR, MERGED_DIR):
@@ -127,7 +146,6 @@ def record_outputs(
             for path in sorted((out / folder).rglob("*")):
                 if path.is_file():
                     record.add_file(str(path.relative_to(out)))
-    return records
 
 
 def trainable_parameters(model: Any) -> tuple[int, int]:

@@ -99,6 +99,18 @@ def test_ctrl_c_stops_teach_at_once_with_one_line_and_sends_nothing_more(home: P
     assert not (home / "runs" / "default" / "02-teach" / "manifest.json").exists()
 
 
+def test_an_error_inside_a_flow_is_one_line_with_no_prefect_output(home: Path) -> None:
+    """A wrong key stops teach inside its flow: the console shows the error's one line and nothing of Prefect's
+    (no traceback, no "Finished in state Failed", no events worker still sending at exit)."""
+    with spawn_test_server(api_key=KEY) as server:
+        env = cli_env(MATHWIZARD_TEACHER_API_KEY="sk-wrong")
+        args = ["teach", "--home", str(home), "--teacher", "openai", "--base-url", server.base_url]
+        failed = subprocess.run([*CLI, *args], env=env, capture_output=True, text=True, timeout=300)
+    lines = [line for line in failed.stderr.splitlines() if line.strip()]
+    assert failed.returncode == 1 and len(lines) == 1, failed.stderr
+    assert lines[0].startswith("error: ") and "key" in lines[0] and "sk-wrong" not in failed.stderr + failed.stdout
+
+
 def test_a_killed_cli_leaves_no_api_server_running(home: Path) -> None:
     with spawn_test_server(latency=1.0, api_key=KEY) as server:
         cli = start_teach(home, server.base_url)

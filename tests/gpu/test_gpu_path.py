@@ -111,9 +111,9 @@ def test_sft_trains_a_lora_adapter_with_unsloth_on_the_gpu(sft_out: Path) -> Non
 
     manifest = read_manifest(sft_out)
     assert manifest is not None
-    extra = manifest.extra
-    assert (extra["backend"], extra["device"], extra["dtype"]) == ("unsloth", "cuda", "bfloat16")
-    assert manifest.counts["steps"] == 2  # max_steps
+    report = manifest.report
+    assert (report["backend"], report["device"], report["dtype"]) == ("unsloth", "cuda", "bfloat16")
+    assert report["steps"] == 2  # max_steps
     weights = load_file(str(sft_out / "adapter" / "adapter_model.safetensors"))
     lora_b = [t for name, t in weights.items() if "lora_B" in name]
     assert lora_b, "the adapter holds no LoRA B matrices"
@@ -139,8 +139,8 @@ def test_dpo_trains_on_the_sft_model_with_unsloth(sft_out: Path, model_cfg, tmp_
 
     pairs = pairs_folder(tmp_path / "04-pairs", n_train=4, n_val=0)
     manifest = dpo.run(DPOConfig(max_steps=2, save_steps=2, **TRAIN), model_cfg, sft_out, pairs, tmp_path / "05-dpo")
-    assert (manifest.extra["backend"], manifest.counts["steps"]) == ("unsloth", 2)
-    assert manifest.extra["final_rewards_accuracies"] is not None  # DPO's own metrics were logged
+    assert (manifest.report["backend"], manifest.report["steps"]) == ("unsloth", 2)
+    assert manifest.report["rewards_accuracies"] is not None  # DPO's own metrics were logged
     assert (tmp_path / "05-dpo" / "adapter" / "adapter_config.json").is_file()
 
 

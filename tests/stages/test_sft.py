@@ -196,3 +196,27 @@ def test_tensorboard_curves_are_written_and_readable(tmp_path: Path) -> None:
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
     assert [e.step for e in events.Scalars("eval/loss")] == [1, 2, 3]
     assert all(math.isfinite(e.value) for e in events.Scalars("train/loss"))
+
+
+def test_the_backend_is_active_before_the_progress_callback_imports_transformers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Unsloth patches transformers when imported; the stage's progress callback (a TrainerCallback) imports
+    transformers, so with a progress (as in `mathwizard run`) the backend must be activated first."""
+    from mathwizard.models import backend
+    from mathwizard.stages import sft
+    from mathwizard.training import callbacks
+
+    calls: list[str] = []
+    monkeypatch.setattr(backend, "activate", lambda name: calls.append(f"activate {name}"))
+    real = callbacks.progress_callback
+    monkeypatch.setattr(callbacks, "progress_callback", lambda progress: calls.append("progress") or real(progress))
+
+    def stop(*args, **kwargs):
+        raise Interrupted
+
+    monkeypatch.setattr(sft, "build_trainer", stop)
+    teach = teach_folder(tmp_path / "02-teach", n_train=2, n_val=0)
+    with pytest.raises(Interrupted):
+        sft.run(small(), ModelConfig(), teach, tmp_path / "03-sft", progress=lambda *a, **k: None)
+    assert calls == ["activate hf", "progress"]

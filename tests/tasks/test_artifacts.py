@@ -131,7 +131,8 @@ def test_report_rows_are_the_scalars_of_the_report_and_the_seconds(tmp_path: Pat
     assert {"metric": "train_loss", "value": 1.234568} in rows  # rounded to 6 places
     assert {"metric": "base_model", "value": "tiny"} in rows
     assert not [r for r in rows if r["metric"] in ("resumed_from_step", "final_loss")]  # None: left out
-    assert rows[-1] == {"metric": "seconds", "value": manifest.seconds} and len(rows) == 11 + 1
+    assert {"metric": "processes", "value": 1} in rows  # data-parallel processes (GPUs) the run trained on
+    assert rows[-1] == {"metric": "seconds", "value": manifest.seconds} and len(rows) == 12 + 1
 
 
 def test_training_artifacts_are_the_table_and_the_plots_that_exist(prefect_harness, tmp_path: Path) -> None:

@@ -1,0 +1,35 @@
+"""Functions the launcher tests start on several processes (`mathwizard.launch`); importable by every rank."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from mathwizard.errors import DataError
+from mathwizard.launch import rank
+
+log = logging.getLogger("mathwizard.tests")
+
+
+def count_then_fail(items: int, progress) -> dict:
+    """Each rank reports `items` done one by one and logs a line; rank 1 then fails, rank 0 waits to be stopped."""
+    for done in range(1, items + 1):
+        progress(done, items)
+    log.warning("rank %d counted %d items", rank(), items)
+    if rank() == 1:
+        raise DataError("x.parquet has no rows; run `mathwizard teach` first")
+    time.sleep(60)
+    return {"rank": rank()}
+
+
+def answer(value: int, progress) -> dict:
+    progress(1, 1)
+    return {"rank": rank(), "value": value * 2}
+
+
+def wait_forever(folder: str, progress) -> None:
+    """Write this rank's pid, then sleep until stopped."""
+    Path(folder, f"rank-{rank()}.pid").write_text(str(os.getpid()))
+    time.sleep(600)
