@@ -311,53 +311,21 @@ def train_and_save(
 
     _activate_backend(model)  # before the progress callback below imports transformers (Unsloth patches it)
     from mathwizard.training.callbacks import progress_callback
-    from mathwizard.training.metrics import DPO_PLOTS, _finite, last_value
-    from mathwizard.training.runner import (
-        CHECKPOINTS_DIR,
-        final_evaluation,
-        save_adapter,
-        save_merged,
-        train,
-        trainable_parameters,
-        write_outputs,
-    )
+    from mathwizard.training.metrics import DPO_PLOTS, last_value
+    from mathwizard.training.runner import fit_and_save
 
     out = Path(out)
     start = _start(model, sft)
     extra_callbacks = [*callbacks, *([progress_callback(progress)] if progress is not None else [])]
     trainer, facts = build_trainer(cfg, model, sft, pairs, out, callbacks=extra_callbacks)
-    trainable, total = trainable_parameters(trainer.model)
-    result, resumed_from = train(trainer, out / CHECKPOINTS_DIR)
-    eval_metrics = final_evaluation(trainer)  # every rank: evaluation is a collective
-    if trainer.is_world_process_zero():
-        save_adapter(
-            trainer.model,
-            trainer.processing_class,
-            out,
-            base_model=start.location,
-            backend=facts["backend"],
-            root_model=start.root,
-        )
-        if cfg.save_merged:
-            save_merged(trainer.model, trainer.processing_class, out, facts["backend"])
-        write_outputs(trainer, out, DPO_PLOTS)
-    history = [_finite(entry) for entry in trainer.state.log_history]
+    fields, history = fit_and_save(
+        trainer, facts, out, DPO_PLOTS, merged=cfg.save_merged, base_model=start.location, root_model=start.root
+    )
     return {
-        "train_rows": facts["train_rows"],
-        "val_rows": facts["val_rows"],
+        **fields,
         "dropped_long_prompts": facts["dropped_long_prompts"],
-        "steps": trainer.state.global_step,
-        "resumed_from_step": resumed_from,
         "base_model": start.root,
         "sft_adapter": start.location if sft is not None else None,
-        "backend": facts["backend"],
-        "device": facts["device"],
-        "dtype": facts["dtype"],
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "train_loss": result.training_loss,
-        "final_loss": last_value(history, "loss"),
-        "eval_loss": eval_metrics.get("eval_loss"),
         "rewards_accuracies": last_value(history, "rewards/accuracies"),
         "rewards_chosen": last_value(history, "rewards/chosen"),
         "rewards_rejected": last_value(history, "rewards/rejected"),

@@ -270,45 +270,15 @@ def train_and_save(
     _activate_backend(model)  # before the progress callback below imports transformers (Unsloth patches it)
     from mathwizard.models.ref import resolve
     from mathwizard.training.callbacks import progress_callback
-    from mathwizard.training.metrics import SFT_PLOTS, _finite, last_value
-    from mathwizard.training.runner import (
-        CHECKPOINTS_DIR,
-        final_evaluation,
-        save_adapter,
-        save_merged,
-        train,
-        trainable_parameters,
-        write_outputs,
-    )
+    from mathwizard.training.metrics import SFT_PLOTS
+    from mathwizard.training.runner import fit_and_save
 
     out = Path(out)
     extra_callbacks = [*callbacks, *([progress_callback(progress)] if progress is not None else [])]
     trainer, facts = build_trainer(cfg, model, data, out, callbacks=extra_callbacks)
-    trainable, total = trainable_parameters(trainer.model)
-    result, resumed_from = train(trainer, out / CHECKPOINTS_DIR)
-    eval_metrics = final_evaluation(trainer)  # every rank: evaluation is a collective
     base_model = resolve(model.name).location
-    if trainer.is_world_process_zero():
-        save_adapter(trainer.model, trainer.processing_class, out, base_model=base_model, backend=facts["backend"])
-        if cfg.save_merged:
-            save_merged(trainer.model, trainer.processing_class, out, facts["backend"])
-        write_outputs(trainer, out, SFT_PLOTS)
-    history = [_finite(entry) for entry in trainer.state.log_history]
-    return {
-        "train_rows": facts["train_rows"],
-        "val_rows": facts["val_rows"],
-        "steps": trainer.state.global_step,
-        "resumed_from_step": resumed_from,
-        "base_model": base_model,
-        "backend": facts["backend"],
-        "device": facts["device"],
-        "dtype": facts["dtype"],
-        "trainable_parameters": trainable,
-        "total_parameters": total,
-        "train_loss": result.training_loss,
-        "final_loss": last_value(history, "loss"),
-        "eval_loss": eval_metrics.get("eval_loss"),
-    }
+    fields, _ = fit_and_save(trainer, facts, out, SFT_PLOTS, merged=cfg.save_merged, base_model=base_model)
+    return {**fields, "base_model": base_model}
 
 
 def _train_rank(cfg: dict[str, Any], model: dict[str, Any], data: str, out: str, progress: Progress) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any
 from mathwizard.config import ModelConfig
 from mathwizard.manifest import StageRecord
 from mathwizard.training.checkpoints import checkpoint_step, last_checkpoint
-from mathwizard.training.metrics import plot_metrics, write_metrics
+from mathwizard.training.metrics import _finite, last_value, plot_metrics, write_metrics
 
 log = logging.getLogger(__name__)
 
@@ -118,16 +118,6 @@ def save_merged(model: Any, processor: Any, out: Path, backend: str) -> Path:
     return target
 
 
-def record_outputs(
-    record: StageRecord, trainer: Any, out: Path, plots: tuple[tuple[str, str], ...]
-) -> list[dict[str, Any]]:
-    """Write metrics.jsonl and the plots from the trainer's log history, and list the stage's files (not
-    checkpoints) in the manifest; returns the metric records."""
-    records = write_outputs(trainer, out, plots)
-    list_outputs(record, out, plots)
-    return records
-
-
 def write_outputs(trainer: Any, out: Path, plots: tuple[tuple[str, str], ...]) -> list[dict[str, Any]]:
     """metrics.jsonl and the plots from the trainer's log history (rank 0 writes them); returns the records."""
     records = write_metrics(out / METRICS_FILE, trainer.state.log_history)
@@ -153,3 +143,42 @@ def trainable_parameters(model: Any) -> tuple[int, int]:
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     return trainable, total
+
+
+def fit_and_save(
+    trainer: Any,
+    facts: dict[str, Any],
+    out: Path,
+    plots: tuple[tuple[str, str], ...],
+    *,
+    merged: bool,
+    base_model: str,
+    **adapter_extra: Any,
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Train (resuming from the last checkpoint) and evaluate on every rank; on rank 0 write the adapter, the merged
+    model (`merged`), metrics and plots. Returns the report fields SFT and DPO share, and the log history."""
+    trainable, total = trainable_parameters(trainer.model)
+    result, resumed_from = train(trainer, out / CHECKPOINTS_DIR)
+    eval_metrics = final_evaluation(trainer)  # every rank: evaluation is a collective
+    if trainer.is_world_process_zero():
+        processor, backend = trainer.processing_class, facts["backend"]
+        save_adapter(trainer.model, processor, out, base_model=base_model, backend=backend, **adapter_extra)
+        if merged:
+            save_merged(trainer.model, trainer.processing_class, out, facts["backend"])
+        write_outputs(trainer, out, plots)
+    history = [_finite(entry) for entry in trainer.state.log_history]
+    fields = {
+        "train_rows": facts["train_rows"],
+        "val_rows": facts["val_rows"],
+        "steps": trainer.state.global_step,
+        "resumed_from_step": resumed_from,
+        "backend": facts["backend"],
+        "device": facts["device"],
+        "dtype": facts["dtype"],
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "train_loss": result.training_loss,
+        "final_loss": last_value(history, "loss"),
+        "eval_loss": eval_metrics.get("eval_loss"),
+    }
+    return fields, history
