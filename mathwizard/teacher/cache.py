@@ -14,25 +14,20 @@ failure. A damaged cache file is one `DataError` that names the file and says to
 
 from __future__ import annotations
 
-import re
-import sqlite3
-import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from mathwizard.errors import DataError, MathWizardError, TransientError
 from mathwizard.manifest import stable_hash
+from mathwizard.teacher.store import SQLiteStore
 
 CACHE_FILE = "teacher.sqlite"
 KEY_VERSION = 1  # bump if the key's recipe changes
 DEFAULT_HOST = "api.openai.com"
 _BATCH = 500  # keys per SELECT ... IN (...), under SQLite's variable limit
-_DAMAGED = re.compile(r"malformed|not a database|encrypted|corrupt", re.IGNORECASE)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS replies (
@@ -103,7 +98,7 @@ class CachedFailure:
     text: str | None = None
 
 
-class ReplyCache:
+class ReplyCache(SQLiteStore):
     """Replies and failures by key; safe to share between threads (one SQLite connection per thread) and processes.
 
     Raises (every method):
@@ -111,53 +106,15 @@ class ReplyCache:
         TransientError: another process held the database locked for a minute.
     """
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
-        with self._guard():
-            self._connection().executescript(_SCHEMA)
-
-    @contextmanager
-    def _guard(self) -> Iterator[None]:
-        """SQLite's errors about the file as one line that names it and says what to do."""
-        problem: MathWizardError | None = None
-        try:
-            yield
-        except sqlite3.DatabaseError as exc:
-            if isinstance(exc, sqlite3.IntegrityError | sqlite3.ProgrammingError):
-                raise  # our bug, not the file's
-            reason = " ".join(str(exc).split()) or type(exc).__name__
-            if "locked" in reason:
-                problem = TransientError(f"the teacher cache {self.path} stayed locked by another process ({reason})")
-            elif isinstance(exc, sqlite3.OperationalError) and not _DAMAGED.search(reason):
-                problem = DataError(f"cannot use the teacher cache {self.path} ({reason})")
-            else:
-                problem = DataError(
-                    f"the teacher cache {self.path} is damaged ({reason}); delete it (with its -wal and -shm files,"
-                    " if any) and re-run: only the replies it held are asked again"
-                )
-        if problem is not None:
-            raise problem from None  # one line: the SQLite error is in the message
+    what = "the teacher cache"
+    when_damaged = (
+        "delete it (with its -wal and -shm files, if any) and re-run: only the replies it held are asked again"
+    )
+    schema = _SCHEMA
 
     @classmethod
     def in_dir(cls, cache_dir: Path) -> ReplyCache:
         return cls(Path(cache_dir) / CACHE_FILE)
-
-    def _connection(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            # autocommit: every put is its own transaction, durable as soon as it returns
-            conn = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute("PRAGMA busy_timeout=60000")
-            self._local.conn = conn
-            with self._lock:
-                self._connections.append(conn)
-        return conn
 
     def _select(self, sql: str, keys: Iterable[str]) -> list[tuple[Any, ...]]:
         keys = list(dict.fromkeys(keys))
@@ -232,16 +189,3 @@ class ReplyCache:
     def failure_count(self) -> int:
         with self._guard():
             return self._connection().execute("SELECT COUNT(*) FROM failures").fetchone()[0]
-
-    def close(self) -> None:
-        with self._lock:
-            for conn in self._connections:
-                conn.close()
-            self._connections.clear()
-        self._local = threading.local()
-
-    def __enter__(self) -> ReplyCache:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()

@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mathwizard.errors import DataError
 from mathwizard.teacher.client import Message
+from mathwizard.teacher.store import SQLiteStore
 
 JOURNAL_FILE = "teacher-batches.sqlite"
 _BATCH = 500
@@ -84,46 +83,24 @@ class BatchRow:
     created_at: float
 
 
-class BatchJournal:
+class BatchJournal(SQLiteStore):
     """Batches and item states by key; one connection per thread, safe across processes (SQLite locking)."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
-        self._connections: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
-        self._guarded(lambda conn: conn.executescript(_SCHEMA))
+    what = "the teacher batch journal"
+    when_damaged = (
+        "cancel its batches in the provider's console if any are running, delete the file and re-run (the reply"
+        " cache keeps every collected reply)"
+    )
+    schema = _SCHEMA
+    synchronous = "FULL"  # few writes, each a step a re-run must see
 
     @classmethod
     def in_dir(cls, cache_dir: Path) -> BatchJournal:
         return cls(Path(cache_dir) / JOURNAL_FILE)
 
-    def _connection(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
-        if conn is None:
-            conn = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
-            conn.execute("PRAGMA journal_mode=WAL")
-            conn.execute("PRAGMA synchronous=FULL")  # few writes, each a step a re-run must see
-            conn.execute("PRAGMA busy_timeout=60000")
-            self._local.conn = conn
-            with self._lock:
-                self._connections.append(conn)
-        return conn
-
     def _guarded(self, work: Any) -> Any:
-        problem: DataError | None = None
-        try:
+        with self._guard():
             return work(self._connection())
-        except sqlite3.DatabaseError as exc:
-            if isinstance(exc, sqlite3.IntegrityError | sqlite3.ProgrammingError):
-                raise
-            reason = " ".join(str(exc).split()) or type(exc).__name__
-            problem = DataError(
-                f"the teacher batch journal {self.path} cannot be used ({reason}); cancel its batches in the provider's"
-                " console if any are running, delete the file and re-run (the reply cache keeps every collected reply)"
-            )
-        raise problem
 
     def _transaction(self, work: Any) -> Any:
         def run(conn: sqlite3.Connection) -> Any:
@@ -216,19 +193,6 @@ class BatchJournal:
         """custom id -> item key of a batch's requests."""
         sql = "SELECT custom_id, key FROM batch_requests WHERE name = ?"
         return dict(self._guarded(lambda conn: conn.execute(sql, (name,)).fetchall()))
-
-    def close(self) -> None:
-        with self._lock:
-            for conn in self._connections:
-                conn.close()
-            self._connections.clear()
-        self._local = threading.local()
-
-    def __enter__(self) -> BatchJournal:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 def _save(conn: sqlite3.Connection, states: Iterable[ItemState], done: Iterable[str]) -> None:
