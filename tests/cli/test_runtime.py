@@ -125,8 +125,11 @@ def test_a_killed_cli_leaves_no_api_server_running(home: Path) -> None:
 
 def test_the_progress_display_advances_on_a_terminal(home: Path) -> None:
     """`mathwizard sft` in a pseudo-terminal: the SFT bar is redrawn step by step up to the total."""
-    taught = subprocess.run([*CLI, "teach", "--home", str(home), "--teacher", "rule"], env=cli_env(), timeout=300)
-    assert taught.returncode == 0
+    from mathwizard.config import TeacherConfig
+    from mathwizard.stages import teach
+
+    run = home / "runs" / "default"
+    teach.run(TeacherConfig(kind="rule"), run / "01-prepare", run / "02-teach", home / "cache")  # in-process: fast
     args = ["sft", "--home", str(home), "--max-steps", "6", "--batch-size", "1", "--grad-accum", "1"]
     primary, secondary = pty.openpty()
     cli = subprocess.Popen(
