@@ -139,13 +139,20 @@ class LocalStack:
         raise TransientError(f"the Prefect server at {self.api_url} was not healthy within {timeout:.0f} s")
 
     def create_pools(self, pools: Mapping[str, int | None] = POOLS) -> None:
-        """Process work pools (created when missing); a pool with a limit runs at most that many flow runs."""
+        """Process work pools (created when missing); a pool with a limit runs at most that many flow runs.
+
+        Through the REST API with the process worker's own default job template (what `prefect work-pool create
+        --type process` sends), not one Prefect CLI process per call."""
+        from prefect.workers.process import ProcessWorker
+
         existing = {p["name"] for p in self.api("POST", "/work_pools/filter", json={}).json()}
         for name, limit in pools.items():
             if name not in existing:
-                self.cli("work-pool", "create", name, "--type", "process")
-            if limit is not None:
-                self.cli("work-pool", "set-concurrency-limit", name, str(limit))
+                template = ProcessWorker.get_default_base_job_template()
+                body = {"name": name, "type": "process", "base_job_template": template}
+                self.api("POST", "/work_pools/", json={**body, "concurrency_limit": limit})
+            elif limit is not None:
+                self.api("PATCH", f"/work_pools/{name}", json={"concurrency_limit": limit})
 
     def deploy(self, prefect_yaml: Path = PREFECT_YAML, names: Sequence[str] = ()) -> None:
         """`prefect deploy` every deployment of the file (or those named), run from the repository root."""

@@ -171,6 +171,7 @@ def test_autocast_only_for_a_half_model_with_float32_weights() -> None:
     assert not _needs_autocast(Model(torch.float32, torch.float32))
 
 
+@pytest.mark.slow  # torch.compile on the CPU (~14 s); `compiled` is superseded by `graphs` on CUDA, never a default
 def test_compiled_decoding_answers_like_eager_and_compiles_once(tiny: ModelGenerator) -> None:
     """Static cache + torch.compile (inductor on CPU here; CUDA graphs on a GPU): the same greedy answers, and a
     second call with other prompt lengths, a short tail batch and another max_new_tokens compiles nothing new."""

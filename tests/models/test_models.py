@@ -107,6 +107,7 @@ def test_batched_left_padded_generation_matches_one_at_a_time(tiny) -> None:
             assert together[i].tolist() == alone[0].tolist()
 
 
+@pytest.mark.slow  # ~14 s; the CLI tests that train (tests/cli/test_runtime.py) load the tiny folder in a new process
 def test_a_fresh_process_loads_the_tiny_model_folder(tmp_path: Path) -> None:
     """The timm architecture is registered by load_model itself: a new process needs nothing else."""
     from mathwizard.models.tiny import ensure_tiny

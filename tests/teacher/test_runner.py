@@ -162,7 +162,9 @@ def test_api_down_from_the_start_costs_one_item_of_retries(server: OpenAITestSer
 
 def test_an_outage_mid_run_stops_the_run(server: OpenAITestServer, cache: ReplyCache) -> None:
     server.fail_after(10, "503")
-    with ApiRunner(api_config(server, concurrency=2, request_retries=1), cache) as runner:
+    # The stop holds for backoff_max_s after the breaker trips: 2 s, so "straight after" holds on a loaded box too.
+    config = api_config(server, concurrency=2, request_retries=1, backoff_max_s=2.0)
+    with ApiRunner(config, cache) as runner:
         with pytest.raises(TransientError, match="items in a row"):
             runner.run(items(60))
         cached = len(cache)
@@ -174,7 +176,7 @@ def test_an_outage_mid_run_stops_the_run(server: OpenAITestServer, cache: ReplyC
             runner.run(items(5))  # straight after the stop (within backoff_max_s): fails without a request
         assert server.requests == sent
         server.clear()
-        time.sleep(0.05)  # > backoff_max_s = 0.02
+        time.sleep(2.1)  # > backoff_max_s
         outcomes, stats = runner.run(items(60))  # a later attempt probes again and goes through
     assert all(o.ok for o in outcomes) and stats.api_calls == 60  # the runner itself asks; the stage skips cached
 
