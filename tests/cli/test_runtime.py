@@ -123,8 +123,11 @@ def test_a_killed_cli_leaves_no_api_server_running(home: Path) -> None:
         assert wait_for(lambda: not any(alive(pid) for pid in servers), timeout=30)
 
 
-def test_the_progress_display_advances_on_a_terminal(home: Path) -> None:
-    """`mathwizard sft` in a pseudo-terminal: the SFT bar is redrawn step by step up to the total."""
+def test_the_progress_display_advances_on_a_terminal(home: Path, prefect_harness: None) -> None:
+    """`mathwizard sft` in a pseudo-terminal: the SFT bar is redrawn step by step up to the total. (On the session's
+    Prefect API: the CLI's own server is what the tests above are about, and starting one costs ~10 s.)"""
+    from prefect.settings import PREFECT_API_URL
+
     from mathwizard.config import TeacherConfig
     from mathwizard.stages import teach
 
@@ -133,7 +136,11 @@ def test_the_progress_display_advances_on_a_terminal(home: Path) -> None:
     args = ["sft", "--home", str(home), "--max-steps", "4", "--batch-size", "1", "--grad-accum", "1"]
     primary, secondary = pty.openpty()
     cli = subprocess.Popen(
-        [*CLI, *args], env=cli_env(COLUMNS="160", TERM="xterm"), stdin=secondary, stdout=secondary, stderr=secondary
+        [*CLI, *args],
+        env=cli_env(COLUMNS="160", TERM="xterm", PREFECT_API_URL=str(PREFECT_API_URL.value())),
+        stdin=secondary,
+        stdout=secondary,
+        stderr=secondary,
     )
     os.close(secondary)
     output = b""
