@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from mathwizard.manifest import read_manifest
+from tests.flows.chromium import Browser, rendered
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -135,38 +136,12 @@ def test_data_deployment_runs_on_a_cpu_worker(prefect_stack, tmp_path: Path) -> 
 @pytest.mark.slow
 def test_screenshot_of_the_run_form(prefect_stack, tmp_path: Path) -> None:
     """The smoke deployment's Run form in a headless Chromium: the typed fields, the recipe choice, no `<home>` lost."""
-    import html
-    import os
-    import re
-    import shutil
-    import subprocess
-
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("needs Debian's chromium: apt-get update && apt-get install -y chromium")
+    browser = Browser(tmp_path / "profile", "1400,2400")
     smoke = _deployed(prefect_stack.stack.api)["math-wizard/smoke"]
     url = f"{prefect_stack.stack.ui_url}/deployments/deployment/{smoke['id']}/run"
-    flags = [
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--no-first-run",
-        "--disable-dev-shm-usage",
-        "--window-size=1400,2400",
-        "--virtual-time-budget=30000",  # let the single-page app fetch the deployment and render the form
-        f"--user-data-dir={tmp_path / 'profile'}",
-    ]
-    dom = subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
-    text = html.unescape(re.sub(r"<[^>]+>", " ", dom))
+    text = browser.text(url)
     expected = ["Recipe", "Recipe File", "Run Name", "Base Model", "Sft Max Steps", "Teacher Model", "Advanced"]
     expected += ["Folder of this run under home/runs", "smoke: the whole pipeline in minutes on a CPU"]
     missing = [phrase for phrase in expected if phrase not in text]
     assert not missing, f"not on the rendered form: {missing}"
-
-    png = Path(os.environ.get("MATHWIZARD_SCREENSHOT_DIR", tmp_path)) / "pipeline-run-form.png"
-    png.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([chromium, *flags, f"--screenshot={png}", url], capture_output=True, timeout=180, check=True)
-    data = png.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000  # a rendered page, not a blank one
+    assert rendered(browser.screenshot(url, "pipeline-run-form.png", tmp_path))

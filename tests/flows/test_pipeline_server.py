@@ -8,11 +8,6 @@
 
 from __future__ import annotations
 
-import html
-import os
-import re
-import shutil
-import subprocess
 import time
 from pathlib import Path
 
@@ -21,6 +16,7 @@ import pytest
 from mathwizard.manifest import read_manifest
 from mathwizard.stages import teach
 from mathwizard.testing.openai_server import OpenAITestServer
+from tests.flows.chromium import Browser, rendered
 
 pytestmark = pytest.mark.slow
 
@@ -85,38 +81,18 @@ def test_pipeline_deployment_completes_every_stage(prefect_stack, pipeline_run) 
 
 
 def test_screenshot_of_the_finished_run_shows_the_stages(prefect_stack, pipeline_run, tmp_path: Path) -> None:
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("needs Debian's chromium: apt-get update && apt-get install -y chromium")
+    browser = Browser(tmp_path / "profile", "1600,1400")
     run_id, _ = pipeline_run
     url = f"{prefect_stack.stack.ui_url}/runs/flow-run/{run_id}"
-    flags = [
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--no-first-run",
-        "--disable-dev-shm-usage",
-        "--window-size=1600,1400",
-        "--virtual-time-budget=30000",  # let the single-page app fetch and render before the capture
-        f"--user-data-dir={tmp_path / 'profile'}",
-    ]
-    dom = subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
+    text = browser.text(url)
     # The page opens on the run's logs, where the pipeline logs each stage (the timeline above them is a canvas).
     expected = ["Completed", "math-wizard", "smoke"]
     expected += [f"stage {name}: done" for name in ("prepare", "teach", "sft", "pairs", "dpo", "publish")]
     expected += [f"stage eval ({label}): done" for label in ("base", "sft", "dpo")]
     expected += ["starting on deployment math-wizard-gpu-sft/sft-on-cuda"]
-    text = html.unescape(re.sub(r"<[^>]+>", " ", dom))
     missing = [phrase for phrase in expected if phrase not in text]
     assert not missing, f"not on the rendered page: {missing}"
-
-    png = Path(os.environ.get("MATHWIZARD_SCREENSHOT_DIR", tmp_path)) / "pipeline-flow-run.png"
-    png.parent.mkdir(parents=True, exist_ok=True)
-    subprocess.run([chromium, *flags, f"--screenshot={png}", url], capture_output=True, timeout=180, check=True)
-    data = png.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000  # a rendered page, not a blank one
+    assert rendered(browser.screenshot(url, "pipeline-flow-run.png", tmp_path))
 
 
 def test_teacher_outage_fails_the_run_and_retry_sends_only_missing_requests(prefect_stack, tmp_path: Path) -> None:

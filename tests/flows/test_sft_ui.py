@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import html
 import os
 import re
 import shutil
@@ -13,6 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests.flows.chromium import Browser, rendered
 
 pytestmark = pytest.mark.slow
 
@@ -41,9 +42,7 @@ def _progress(server) -> tuple[float, str] | None:
 
 
 def test_the_ui_shows_sft_progress_while_it_trains(server, prepared: Path, tmp_path: Path) -> None:
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if chromium is None:
-        pytest.skip("needs Debian's chromium: apt-get update && apt-get install -y chromium")
+    browser = Browser(tmp_path / "profile", "1600,1000", budget_ms=20_000)
     home = tmp_path / "home"
     shutil.copytree(prepared, home / "runs" / "default" / "01-prepare")
     env = {**os.environ, "PREFECT_API_URL": server.api_url, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
@@ -64,19 +63,10 @@ def test_the_ui_shows_sft_progress_while_it_trains(server, prepared: Path, tmp_p
         assert re.match(rf"sft: optimizer steps: \d+ of {STEPS:,} · loss ", description), description
 
         url = f"{server.ui_url}/artifacts/key/sft-progress"
-        flags = [
-            "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-            "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage", "--window-size=1600,1000",
-            "--virtual-time-budget=20000", f"--user-data-dir={tmp_path / 'profile'}",
-        ]  # fmt: skip
-        png = Path(os.environ.get("MATHWIZARD_SCREENSHOT_DIR", tmp_path)) / "sft-progress-mid-run.png"
-        png.parent.mkdir(parents=True, exist_ok=True)
-        dom = subprocess.run([chromium, *flags, "--dump-dom", url], capture_output=True, text=True, timeout=180)
-        subprocess.run([chromium, *flags, f"--screenshot={png}", url], capture_output=True, timeout=180, check=True)
-        text = html.unescape(re.sub(r"<[^>]+>", " ", dom.stdout))
+        text = browser.text(url)
+        data = browser.screenshot(url, "sft-progress-mid-run.png", tmp_path)
         assert "sft-progress" in text and "sft: optimizer steps" in text, "the artifact is not on the rendered page"
-        data = png.read_bytes()
-        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000  # a rendered page, not a blank one
+        assert rendered(data)
         assert training.poll() is None, "training ended before the page was rendered: not a mid-run view"
         later = _progress(server)
         assert later is not None and later[0] > percent  # still moving
