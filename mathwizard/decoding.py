@@ -7,9 +7,11 @@ launching its thousands of small kernels than reading the weights. This engine (
   refilled with the next request (prefilled into that row) while the others keep decoding, and rows need no padding;
 - replays the whole decode step (embeddings, 30 layers, LM head, sampling, bookkeeping) as one CUDA graph, captured
   in seconds, with no `torch.compile` (eager kernels, no launch gaps);
-- attends with grouped-query attention read straight from the cache (no repeated KV heads);
-- samples top-k then top-p over the k best logits (no sort of the 262k vocabulary) with the Gumbel-max trick, which
-  is the same distribution as transformers' temperature -> top-k -> top-p -> multinomial.
+- attends over each row's valid cache slots only, reading each key and value once for the query heads that share
+  it (a Triton kernel on CUDA: `mathwizard.decode_attention`), and prefills through the flash kernel where the mask
+  is only causal;
+- samples top-k then top-p over the k best logits (no sort or float32 copy of the 262k vocabulary) with the
+  Gumbel-max trick, which is the same distribution as transformers' temperature -> top-k -> top-p -> multinomial.
 
 On a CPU the same engine runs without the graph (tests compare it with `generate`). The model must be gemma-3n
 (`Gemma3nForConditionalGeneration`); `supports(model)` says whether it is.
@@ -42,20 +44,22 @@ def supports(model: Any) -> bool:
 
 # ----------------------------------------------------------------------------------------------- sampling
 def sample_next(logits: Any, temperature: float, top_k: int | None, top_p: float, greedy: bool) -> Any:
-    """Next token per row from float32 `logits` [rows, vocab]: argmax, or temperature -> top-k -> top-p sampling.
+    """Next token per row from `logits` [rows, vocab]: argmax, or temperature -> top-k -> top-p sampling.
 
     Top-p runs over the top-k logits only (sorted by `topk`), so the vocabulary is never sorted; without a top-k it
-    sorts all of it. The draw is argmax(log p + Gumbel noise), which samples p exactly and needs no host sync.
+    sorts all of it. The k best are taken in the logits' own dtype and only they are widened to float32 and divided
+    by the temperature (a positive scale keeps the order): the same values generate's float32 warpers see. The draw
+    is argmax(log p + Gumbel noise), which samples p exactly and needs no host sync.
     """
     import torch
 
     if greedy:
         return logits.argmax(-1)
-    logits = logits / temperature
     if top_k:
         values, indices = logits.topk(min(top_k, logits.shape[-1]), dim=-1)
+        values = values.float() / temperature
     else:
-        values, indices = logits.sort(dim=-1, descending=True)
+        values, indices = (logits.float() / temperature).sort(dim=-1, descending=True)
     if top_p < 1.0:
         probs = values.softmax(-1)
         mass_before = probs.cumsum(-1) - probs  # probability of the tokens ranked above this one
@@ -77,30 +81,35 @@ def rows_attention(
     softcap: float | None = None,
     **kwargs: Any,
 ) -> tuple[Any, None]:
-    """transformers attention function: `attention_mask` is boolean (True = attend), [rows, 1, queries, keys].
+    """transformers attention function for the engine's two kinds of forward.
 
-    One query (a decode step): grouped-query attention as two batched matrix products over the cache's own KV heads.
-    Several (prefill): scaled_dot_product_attention with the KV heads shared (`enable_gqa`).
+    Decode step (one query per row): `attention_mask` is each row's count of valid cache slots [rows] (a prefix,
+    `decode_lengths`), and `mathwizard.decode_attention` reads just those. Prefill: `attention_mask` is boolean
+    [rows, 1, queries, keys] (True = attend; causal, no padding keys, the window on sliding layers). Where it is
+    only causal (full-attention layers, or a prompt within the window) scaled_dot_product_attention runs causal
+    with no mask (the flash kernel; the prompts are right-padded, so no real query sees a padding key); elsewhere
+    the KV heads are repeated for the masked kernel, since a mask with shared KV heads falls back to the slow one.
     """
     import torch
 
+    from mathwizard.decode_attention import decode_attention
+
+    if softcap is not None:
+        raise NotImplementedError("attention soft-capping is not supported by the row engine")
     rows, heads, queries, dim = query.shape
     kv_heads = key.shape[1]
     scale = scaling if scaling is not None else dim**-0.5
-    if queries == 1 or softcap is not None:
-        q = query.reshape(rows, kv_heads, heads // kv_heads * queries, dim).to(key.dtype)
-        scores = torch.matmul(q, key.transpose(-1, -2)).float() * scale
-        if softcap is not None:
-            scores = torch.tanh(scores / softcap) * softcap
-        scores = scores.view(rows, kv_heads, heads // kv_heads, queries, -1)
-        scores = scores.masked_fill(~attention_mask[:, :, None], float("-inf"))
-        probs = scores.softmax(-1).to(value.dtype).view(rows, kv_heads, heads // kv_heads * queries, -1)
-        out = torch.matmul(probs, value).view(rows, heads, queries, dim)
+    if attention_mask.dtype != torch.bool:  # a decode step's valid slots per row
+        return decode_attention(query, key, value, attention_mask, scale), None
+    key, value = key.to(query.dtype), value.to(query.dtype)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    window = getattr(module, "sliding_window", None) if getattr(module, "is_sliding", True) else None
+    if module is not None and (window is None or queries <= window):
+        out = sdpa(query, key, value, is_causal=True, scale=scale, enable_gqa=kv_heads != heads)
     else:
-        key, value = key.to(query.dtype), value.to(query.dtype)
-        out = torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, attn_mask=attention_mask, scale=scale, enable_gqa=kv_heads != heads
-        )
+        group = heads // kv_heads
+        key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
+        out = sdpa(query, key, value, attn_mask=attention_mask, scale=scale)
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -195,16 +204,16 @@ def prefill_masks(lengths: Any, width: int, window: int) -> dict[str, Any]:
     }
 
 
-def decode_masks(positions: Any, length: int, window: int) -> dict[str, Any]:
-    """Boolean masks [rows, 1, 1, slots] for one decode step at `positions` (the spare slot never attends)."""
+def decode_lengths(positions: Any, length: int, window: int) -> dict[str, Any]:
+    """Valid cache slots per row [rows] for one decode step at `positions`, per layer kind: a prefix of the row's
+    slots in both (full attention: positions 0..p; the sliding ring: its filled part, all of it once it wrapped)."""
     import torch
 
-    full_slots = torch.arange(length + 1, device=positions.device)[None, :]
-    ring = torch.arange(window + 1, device=positions.device)[None, :]
-    pos = positions[:, None]
-    full = (full_slots <= pos) & (full_slots < length)
-    sliding = ((ring <= pos) | (pos >= window - 1)) & (ring < window)
-    return {"full_attention": full[:, None, None], "sliding_attention": sliding[:, None, None]}
+    filled = positions + 1
+    return {
+        "full_attention": filled.clamp(max=length).to(torch.int32),
+        "sliding_attention": filled.clamp(max=window).to(torch.int32),
+    }
 
 
 # ------------------------------------------------------------------------------------------ the model
@@ -245,13 +254,14 @@ class _Gemma3n:
         self.epsilon = torch.tensor(1e-5, device=self.device)
 
     def logits(self, hidden: Any) -> Any:
-        """float32 logits as the model computes them (head and soft-capping in the weights' dtype)."""
+        """Logits as the model computes them, in the weights' dtype (head and soft-capping): `sample_next` widens
+        only the top-k to float32, not 262k values a row."""
         import torch
 
         logits = self.model.lm_head(hidden)
         if self.softcap is not None:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits.float()
+        return logits
 
     def embed(self, input_ids: Any) -> tuple[Any, Any]:
         """Token embeddings and per-layer inputs for text, vision and audio token ids (as Gemma3nModel.forward)."""
@@ -271,7 +281,7 @@ class _Gemma3n:
             embeds = torch.where(inside[..., None], other.to(embeds.dtype), embeds)
         return embeds, per_layer
 
-    def decode_hidden(self, input_ids: Any, positions: Any, masks: dict[str, Any], cache: RowCache) -> Any:
+    def decode_hidden(self, input_ids: Any, positions: Any, lengths: dict[str, Any], cache: RowCache) -> Any:
         """Gemma3nTextModel.forward for one token per row, with nothing that copies from the host (capturable)."""
         import torch
 
@@ -295,7 +305,7 @@ class _Gemma3n:
                 rotary[kind],
                 per_layer[:, :, i, :],
                 shared_kv_states=shared,
-                attention_mask=masks[kind],
+                attention_mask=lengths[kind],  # rows_attention reads a step's valid slots from it
                 position_ids=position_ids,
                 past_key_values=cache,
             )
@@ -386,8 +396,8 @@ class RowEngine:
             "full_attention": self.positions.clamp(max=self.length - 1),
             "sliding_attention": self.positions % self.window,
         }
-        masks = decode_masks(self.positions, self.length, self.window)
-        hidden = self.net.decode_hidden(self.tokens, self.positions, masks, self.cache)
+        lengths = decode_lengths(self.positions, self.length, self.window)
+        hidden = self.net.decode_hidden(self.tokens, self.positions, lengths, self.cache)
         nxt = sample_next(self.net.logits(hidden[:, -1]), *self.sampling)
         live = ~self.done
         at = self.counts.clamp(max=self.out.shape[1] - 1)

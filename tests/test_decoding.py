@@ -217,6 +217,6 @@ def test_float32_states_of_a_mixed_precision_model_go_into_a_bf16_cache() -> Non
     keys, values = cache.update(step, step, 1)
     assert keys.dtype == torch.bfloat16 and torch.equal(keys[0, :, 3], step[0, :, 0].to(torch.bfloat16))
     query = torch.randn(2, 2, 1, 4)  # float32 query against the bf16 cache
-    mask = decoding.decode_masks(lengths, 16, 8)["full_attention"]
-    out, _ = decoding.rows_attention(None, query, keys, values, mask, scaling=1.0)
+    valid = decoding.decode_lengths(lengths, 16, 8)["full_attention"]
+    out, _ = decoding.rows_attention(None, query, keys, values, valid, scaling=1.0)
     assert out.shape == (2, 1, 2, 4) and torch.isfinite(out.float()).all()

@@ -1,0 +1,115 @@
+"""The decode step's attention over each row's valid cache prefix: the PyTorch reference, the Triton kernel (run by
+Triton's interpreter on the CPU), and the prefill's unmasked causal path."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import types
+
+import pytest
+
+from mathwizard import decode_attention, decoding
+
+torch = pytest.importorskip("torch")
+
+
+def _by_hand(query, key, value, lengths, scale):
+    """Row by row and head by head, each query head over its KV head's first n slots."""
+    rows, heads, _, dim = query.shape
+    group = heads // key.shape[1]
+    out = torch.zeros(rows, 1, heads, dim)
+    for r in range(rows):
+        n = int(lengths[r])
+        for h in range(heads):
+            k, v = key[r, h // group, :n].float(), value[r, h // group, :n].float()
+            weights = (query[r, h, 0].float() @ k.T * scale).softmax(-1)
+            out[r, 0, h] = weights @ v
+    return out
+
+
+def _inputs(rows=4, heads=8, kv_heads=2, slots=150, dim=32, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(0)
+    query = torch.randn(rows, 1, heads, dim, generator=generator).to(dtype).transpose(1, 2)  # as attention makes it
+    key = torch.randn(rows, kv_heads, slots, dim, generator=generator).to(dtype)
+    value = torch.randn(rows, kv_heads, slots, dim, generator=generator).to(dtype)
+    return query, key, value
+
+
+def test_the_reference_attends_over_each_rows_prefix_only() -> None:
+    query, key, value = _inputs()
+    lengths = torch.tensor([1, 64, 65, 150], dtype=torch.int32)
+    expected = _by_hand(query, key, value, lengths, 0.125)
+    assert torch.allclose(decode_attention.reference(query, key, value, lengths, 0.125), expected, atol=1e-5)
+
+
+def test_decode_lengths_are_the_slots_the_masks_allowed() -> None:
+    """Full attention: slots 0..p; the sliding ring: slots 0..p until it wraps, then all `window` of them."""
+    positions = torch.tensor([0, 5, 7, 8, 30, 63])
+    length, window = 64, 8
+    got = decoding.decode_lengths(positions, length, window)
+    for i, p in enumerate(positions.tolist()):
+        full = [s for s in range(length + 1) if s <= p and s < length]
+        ring = [r for r in range(window + 1) if (r <= p or p >= window - 1) and r < window]
+        assert full == list(range(int(got["full_attention"][i])))
+        assert ring == list(range(int(got["sliding_attention"][i])))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "heads", "kv_heads", "dim"),
+    [("float32", 8, 2, 256), ("float32", 2, 1, 32), ("float16", 8, 2, 64)],
+)
+def test_the_triton_kernel_equals_the_reference(dtype: str, heads: int, kv_heads: int, dim: int) -> None:
+    """The kernel itself, run by Triton's CPU interpreter (bf16 products are not emulated there: float16 stands in
+    for the 16-bit path), over prefixes of 1 slot, exactly one and just over one block, and the whole cache, with
+    NaN in every slot past a row's prefix (it must never be read)."""
+    pytest.importorskip("triton")
+    block = decode_attention.BLOCK
+    script = textwrap.dedent(
+        f"""
+        import json, torch
+        from mathwizard import decode_attention
+        from tests.test_decode_attention import _inputs
+        query, key, value = _inputs(heads={heads}, kv_heads={kv_heads}, slots={2 * block + 7}, dim={dim},
+                                    dtype=torch.{dtype})
+        lengths = torch.tensor([1, {block}, {block + 1}, {2 * block + 7}], dtype=torch.int32)
+        want = decode_attention.reference(query, key, value, lengths, {dim}**-0.5)
+        for row, n in enumerate(lengths.tolist()):  # past a row's prefix (stale slots): never read
+            key[row, :, n:] = float("nan")
+            value[row, :, n:] = float("nan")
+        got = decode_attention.run_kernel(query, key, value, lengths, {dim}**-0.5)
+        print(json.dumps({{"shape": list(got.shape), "dtype": str(got.dtype),
+                           "error": (got.float() - want.float()).abs().max().item()}}))
+        """
+    )
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["shape"] == [4, 1, heads, dim] and result["dtype"] == f"torch.{dtype}"
+    assert result["error"] < (1e-5 if dtype == "float32" else 2e-3)
+
+
+def test_the_kernel_is_used_only_where_it_can_run() -> None:
+    query, key, _ = _inputs()
+    assert not decode_attention.supported(query, key)  # a CPU tensor: the reference
+
+
+def test_prefill_runs_causal_without_a_mask_where_the_mask_is_only_causal() -> None:
+    """Right-padded prompts: the unmasked causal path gives every real query what the boolean mask gives it."""
+    generator = torch.Generator().manual_seed(1)
+    query = torch.randn(2, 8, 12, 16, generator=generator)  # [rows, heads, queries, dim]
+    key, value = (torch.randn(2, 2, 12, 16, generator=generator) for _ in range(2))  # 2 KV heads
+    lengths = torch.tensor([12, 7])
+    masks = decoding.prefill_masks(lengths, 12, window=5)
+    full = types.SimpleNamespace(is_sliding=False, sliding_window=None)
+    sliding = types.SimpleNamespace(is_sliding=True, sliding_window=5)
+    causal, _ = decoding.rows_attention(full, query, key, value, masks["full_attention"], scaling=0.25)
+    masked, _ = decoding.rows_attention(None, query, key, value, masks["full_attention"], scaling=0.25)
+    windowed, _ = decoding.rows_attention(sliding, query, key, value, masks["sliding_attention"], scaling=0.25)
+    for row, n in enumerate(lengths.tolist()):
+        assert torch.allclose(causal[row, :n], masked[row, :n], atol=1e-5)
+    assert not torch.allclose(windowed[0], causal[0], atol=1e-3)  # past the window: the mask applies
