@@ -96,7 +96,7 @@ def rows_attention(
 
     if softcap is not None:
         raise NotImplementedError("attention soft-capping is not supported by the row engine")
-    rows, heads, queries, dim = query.shape
+    _, heads, queries, dim = query.shape
     kv_heads = key.shape[1]
     scale = scaling if scaling is not None else dim**-0.5
     if attention_mask.dtype != torch.bool:  # a decode step's valid slots per row

@@ -42,7 +42,7 @@ def previous_rows_attention(
 
     from mathwizard.decode_attention import reference
 
-    rows, heads, queries, dim = query.shape
+    heads, dim = query.shape[1], query.shape[3]
     scale = scaling if scaling is not None else dim**-0.5
     if attention_mask.dtype != torch.bool:  # the valid-prefix lengths the engine passes now: read every slot anyway
         return reference(query, key, value, attention_mask, scale), None
@@ -195,7 +195,8 @@ def main() -> None:
     model.eval()
     decoding.prepare_model(model)
     requests = requests_for("sampling", args.data, max(args.rows, args.prefill_chunks * 32))
-    texts = [processor.apply_chat_template(chat_messages(r), add_generation_prompt=True, tokenize=False) for r in requests]
+    render = processor.apply_chat_template
+    texts = [render(chat_messages(r), add_generation_prompt=True, tokenize=False) for r in requests]
     ids = decoding.prompt_ids(processor, texts)
     prompts = [decoding.Prompt(i, p, r.image) for i, (p, r) in enumerate(zip(ids, requests, strict=True))]
     report: dict[str, Any] = {
