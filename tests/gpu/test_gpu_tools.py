@@ -108,13 +108,26 @@ def test_a_variant_stopped_before_its_timed_steps_reports_no_throughput() -> Non
     assert s == {"steps_done": 1, "timed_steps": 0}
 
 
-def test_variants_name_backend_micro_batch_accumulation_and_checkpointing() -> None:
+def test_variants_name_backend_micro_batch_accumulation_checkpointing_and_compilation() -> None:
     from _train import parse_variant
 
-    assert parse_variant("hf:8x4:gc") == {"name": "hf:8x4:gc", "kind": "hf", "micro": 8, "accum": 4, "gc": True}
+    expected = {"name": "hf:8x4:gc", "kind": "hf", "micro": 8, "accum": 4, "gc": True, "compile": False}
+    assert parse_variant("hf:8x4:gc") == expected
     assert parse_variant("plain:16x2")["gc"] is False
-    with pytest.raises(SystemExit, match="bad variant"):
-        parse_variant("fast:8x4")
+    assert parse_variant("unsloth:8x4:compile") == {
+        "name": "unsloth:8x4:compile",
+        "kind": "unsloth",
+        "micro": 8,
+        "accum": 4,
+        "gc": False,
+        "compile": True,  # built with model.compile: layers
+    }
+    both = parse_variant("hf:8x4:gc:compile")
+    assert (both["kind"], both["micro"], both["accum"], both["gc"], both["compile"]) == ("hf", 8, 4, True, True)
+    assert parse_variant("plain:8x4:compile")["compile"] is True  # the baseline loop on the compiled layers
+    for bad in ("fast:8x4", "hf:8x4:compiled", "unsloth:8x4:gc:fast"):
+        with pytest.raises(SystemExit, match=r"bad variant .*\[:gc\]\[:compile\]"):
+            parse_variant(bad)
 
 
 def test_the_projection_takes_the_recipes_own_settings_from_the_measurements() -> None:
