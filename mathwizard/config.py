@@ -197,12 +197,15 @@ class ModelConfig(_Stage):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="auto: bfloat16 on CUDA, float32 on CPU."
     )
-    compile: Literal["eager", "modules", "unsloth"] = Field(
+    compile: Literal["eager", "modules", "unsloth", "layers"] = Field(
         "eager",
-        description="Unsloth path: what torch.compile covers. eager: nothing (UNSLOTH_COMPILE_DISABLE=1, no compile"
+        description="What torch.compile covers. eager: nothing (UNSLOTH_COMPILE_DISABLE=1, no compile"
         " time); modules: Unsloth's compiled module forwards and loss, not whole decoder layers"
         " (UNSLOTH_BLOCK_COMPILE=0); unsloth: Unsloth's default, which also compiles each decoder layer as a region"
-        " (see docs/gpu.md for its cost on gemma-3n). Read when unsloth is first imported in a process.",
+        " (see docs/gpu.md for its cost on gemma-3n); layers: Unsloth's compilation off as for eager, then SFT and"
+        " DPO (both backends) torch.compile each decoder layer of the language model in place (Inductor fuses its"
+        " elementwise kernels; the vision tower stays eager); its compile time counts in the first steps. The Unsloth"
+        " switches are read when unsloth is first imported in a process.",
     )
     decode: Literal["auto", "eager", "compiled", "graphs"] = Field(
         "auto",

@@ -70,12 +70,23 @@ def test_dotenv_is_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
         ({"teacher": {"batch_discount": 1.5}}, "teacher.batch_discount"),
         ({"teacher": {"batch_reask": "never"}}, "teacher.batch_reask"),
         ({"run_name": "../escape"}, "run_name"),
+        ({"model": {"compile": "fast"}}, "model.compile"),
     ],
 )
 def test_bad_values_raise_one_line_naming_the_field(overrides: dict, field: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_settings(**overrides)
     assert field in str(info.value) and "\n" not in str(info.value)
+
+
+def test_model_compile_takes_layers_from_yaml_env_and_flags(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert load_settings().model.compile == "eager"  # the default until measured on the GPU
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  compile: layers\n")
+    assert load_settings(recipe).model.compile == "layers"
+    assert load_settings(model={"compile": "layers"}).model.compile == "layers"
+    monkeypatch.setenv("MATHWIZARD_MODEL__COMPILE", "layers")
+    assert load_settings().model.compile == "layers"
 
 
 def test_missing_and_broken_config_files(tmp_path: Path) -> None:

@@ -1,10 +1,12 @@
 """Training throughput of the SFT / DPO stages: variants of backend, micro-batch and gradient checkpointing.
 
-A variant is `<kind>:<micro>x<accum>[:gc]`: kind `plain` (SFT only: a minimal transformers + PEFT loop, the
-baseline), `hf` (the stage's transformers + PEFT + TRL trainer) or `unsloth` (the stage's Unsloth trainer); micro =
-rows (DPO: pairs) per micro-batch, accum = micro-batches per optimizer step; `gc` turns gradient checkpointing on.
-Each variant builds the stage's trainer exactly as the stage does (`build_trainer`: the same collator, LoRA targets
-and arguments) on the same model and data, then runs `warmup + steps` optimizer steps; every step is timed with the
+A variant is `<kind>:<micro>x<accum>[:gc][:compile]`: kind `plain` (SFT only: a minimal transformers + PEFT loop,
+the baseline), `hf` (the stage's transformers + PEFT + TRL trainer) or `unsloth` (the stage's Unsloth trainer); micro =
+rows (DPO: pairs) per micro-batch, accum = micro-batches per optimizer step; `gc` turns gradient checkpointing on;
+`compile` builds it with `model.compile: layers` instead of `eager` (each decoder layer of the language model under
+torch.compile, `compile_decoder_layers`; for `plain` too, whose loop trains the same model). Each variant builds the
+stage's trainer exactly as the stage does (`build_trainer`: the same collator, LoRA targets, arguments and
+compilation) on the same model and data, then runs `warmup + steps` optimizer steps; every step is timed with the
 GPU synchronised before and after. The `plain` loop takes the same batches from that trainer's data loader and the
 same PEFT model, and trains it with `model(**batch).loss` (full logits, transformers' cross-entropy), backward and
 AdamW: no TRL in the step.
@@ -12,12 +14,14 @@ AdamW: no TRL in the step.
 Reported per variant: median step time and its spread (min-max, IQR) over the timed steps, tokens/s (tokens the
 model processed, attention-mask ones: image soft tokens, prompt and answer, padding excluded, over the timed steps'
 total time), peak GPU memory (`max_memory_allocated`, weights included), time to first step (process start to the
-end of step 1: imports, model load, trainer build, first step) and MFU: 3 forward passes per token (SFT; DPO 4:
-the reference's forward too) x the forward FLOPs per token counted by `torch.utils.flop_counter` on the first batch
-(vision tower, decoder, LM head) / the datasheet's bf16 peak.
+end of step 1: imports, model load, trainer build, first step; for a `compile` variant its compilation too: dynamo's
+in-memory caches are reset after each such variant, Inductor's on-disk cache is not) and MFU: 3 forward passes per
+token (SFT; DPO 4: the reference's forward too) x the forward FLOPs per token counted by `torch.utils.flop_counter`
+on the first batch (vision tower, decoder, LM head; counted eagerly) / the datasheet's bf16 peak.
 
 Variants of the hf/plain kinds share one process, Unsloth's run in another (Unsloth patches transformers when
-imported). Within a process the model is loaded afresh for each variant.
+imported; `eager` and `layers` set the same Unsloth switches, so compiled and eager Unsloth variants can share it).
+Within a process the model is loaded afresh for each variant.
 """
 
 from __future__ import annotations
@@ -55,7 +59,9 @@ def parse_args(stage: str, defaults: dict[str, Any], doc: str) -> argparse.Names
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--model", type=Path, default=DEFAULT_WORK / "e2b", help="Model folder (built if missing).")
     parser.add_argument("--data", type=Path, default=DEFAULT_WORK / "data", help="Stage folders (made if missing).")
-    parser.add_argument("--variants", default=defaults["variants"], help="kind:MICROxACCUM[:gc], comma-separated.")
+    parser.add_argument(
+        "--variants", default=defaults["variants"], help="kind:MICROxACCUM[:gc][:compile], comma-separated."
+    )
     parser.add_argument("--baseline", default=None, help="Variant the others are compared with (default: first).")
     parser.add_argument("--max-length", type=int, default=defaults["max_length"])
     parser.add_argument("--warmup", type=int, default=defaults["warmup"], help="Untimed optimizer steps.")
@@ -74,12 +80,22 @@ def parse_args(stage: str, defaults: dict[str, Any], doc: str) -> argparse.Names
     return args
 
 
+VARIANT_FLAGS = ("gc", "compile")  # gradient checkpointing; model.compile: layers
+
+
 def parse_variant(name: str) -> dict[str, Any]:
     kind, shape, *flags = name.split(":")
     micro, accum = (int(x) for x in shape.split("x"))
-    if kind not in ("plain", "hf", "unsloth") or set(flags) - {"gc"}:
-        raise SystemExit(f"bad variant {name!r}: use plain|hf|unsloth:MICROxACCUM[:gc]")
-    return {"name": name, "kind": kind, "micro": micro, "accum": accum, "gc": "gc" in flags}
+    if kind not in ("plain", "hf", "unsloth") or set(flags) - set(VARIANT_FLAGS):
+        raise SystemExit(f"bad variant {name!r}: use plain|hf|unsloth:MICROxACCUM[:gc][:compile]")
+    return {
+        "name": name,
+        "kind": kind,
+        "micro": micro,
+        "accum": accum,
+        "gc": "gc" in flags,
+        "compile": "compile" in flags,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- worker
@@ -109,13 +125,15 @@ def worker(args: argparse.Namespace) -> None:
             result["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
             say(f"  {variant['name']}: {result['error']}")
         save()
-        _release()
+        _release(compiled=variant["compile"])
     os._exit(0)  # skip interpreter teardown of CUDA state (seconds, sometimes a hang)
 
 
-def _release() -> None:
+def _release(compiled: bool = False) -> None:
     import torch
 
+    if compiled:  # the next variant's layers compile afresh (its time to first step includes that), not from memory
+        torch._dynamo.reset()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -135,7 +153,8 @@ def run_variant(
     from mathwizard.config import DPOConfig, ModelConfig, SFTConfig
 
     backend = "unsloth" if variant["kind"] == "unsloth" else "hf"
-    model_cfg = ModelConfig(name=str(args.model), backend=backend, dtype="auto", compile="eager")
+    compile_mode = "layers" if variant["compile"] else "eager"  # layers: build_trainer compiles the decoder layers
+    model_cfg = ModelConfig(name=str(args.model), backend=backend, dtype="auto", compile=compile_mode)
     common = {
         "max_steps": args.warmup + args.steps + (1 if args.profile else 0),
         "per_device_train_batch_size": variant["micro"],
@@ -148,6 +167,7 @@ def run_variant(
         "gradient_checkpointing": variant["gc"],
     }
     out = Path(tempfile.mkdtemp(prefix=f"bench-{args.stage}-"))
+    dynamo_before = dynamo_stats() if variant["compile"] else {}
     begun = time.perf_counter()
     cuda = torch.cuda.is_available()
     if cuda:
@@ -192,8 +212,22 @@ def run_variant(
         hooked_train(trainer, sync, record, lambda: steps, profile)
     if cuda:
         result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
+    if variant["compile"]:
+        result["dynamo"] = {k: v - dynamo_before[k] for k, v in dynamo_stats().items()}
+        say(f"  {variant['name']}: dynamo {result['dynamo']}")
     result["done"] = True
     del trainer
+
+
+def dynamo_stats() -> dict[str, int]:
+    """Dynamo's counts so far in this process: graphs compiled and graph breaks (a compiled variant reports what it
+    added: 0 graphs means its layers ran eagerly after all)."""
+    from torch._dynamo.utils import counters
+
+    return {
+        "graphs": int(counters["stats"]["unique_graphs"]),
+        "graph_breaks": int(sum(counters["graph_break"].values())),
+    }
 
 
 def batch_tokens(inputs: dict[str, Any]) -> tuple[int, int]:
@@ -337,7 +371,8 @@ def count_forward_flops(trainer: Any) -> dict[str, Any]:
     tokens, _ = batch_tokens(batch)  # DPO: chosen and rejected sequences, each with its prompt
     model_inputs = ("input_ids", "attention_mask", "pixel_values", "token_type_ids")
     inputs = {k: v for k, v in batch.items() if k in model_inputs}
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    # Eagerly even where the layers are compiled: the counter sees aten ops, which Inductor's kernels are not.
+    with torch.compiler.set_stance("force_eager"), torch.no_grad(), FlopCounterMode(display=False) as counter:
         trainer.model(**inputs, use_cache=False)
     trainer.model.zero_grad(set_to_none=True)
     return {"forward_flops": counter.get_total_flops(), "forward_flops_tokens": tokens}

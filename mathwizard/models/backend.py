@@ -62,19 +62,23 @@ def resolve_backend(backend: str = "auto") -> Backend:
 
 
 # What `model.compile` sets before Unsloth is imported (unsloth_zoo reads UNSLOTH_COMPILE_DISABLE at import;
-# unsloth/models/_block_compile.py reads UNSLOTH_BLOCK_COMPILE when a model is patched).
+# unsloth/models/_block_compile.py reads UNSLOTH_BLOCK_COMPILE when a model is patched). `layers` is `eager` for
+# Unsloth; the decoder layers are compiled by us afterwards (`compile_for_training`).
+_UNSLOTH_OFF: dict[str, str | None] = {"UNSLOTH_COMPILE_DISABLE": "1", "UNSLOTH_BLOCK_COMPILE": "0"}
 COMPILE_ENV: dict[str, dict[str, str | None]] = {
-    "eager": {"UNSLOTH_COMPILE_DISABLE": "1", "UNSLOTH_BLOCK_COMPILE": "0"},
+    "eager": _UNSLOTH_OFF,
     "modules": {"UNSLOTH_COMPILE_DISABLE": None, "UNSLOTH_BLOCK_COMPILE": "0"},
     "unsloth": {"UNSLOTH_COMPILE_DISABLE": None, "UNSLOTH_BLOCK_COMPILE": None},
+    "layers": _UNSLOTH_OFF,
 }
 _compile_mode: str | None = None
 
 
 def configure_compile(mode: str) -> None:
-    """Set Unsloth's compile switches for `mode` (eager | modules | unsloth); call before `activate`.
+    """Set Unsloth's compile switches for `mode` (eager | modules | unsloth | layers); call before `activate`.
 
-    Unsloth reads them when it is imported, so a process keeps the mode its first unsloth import saw.
+    Unsloth reads them when it is imported, so a process keeps the Unsloth setting its first unsloth import saw;
+    modes with the same switches (eager and layers) can follow each other in one process.
     """
     global _compile_mode
     import os
@@ -82,7 +86,7 @@ def configure_compile(mode: str) -> None:
 
     if mode not in COMPILE_ENV:
         raise ConfigError(f"model.compile must be one of {', '.join(COMPILE_ENV)}, got {mode!r}")
-    if "unsloth" in sys.modules and _compile_mode not in (None, mode):
+    if "unsloth" in sys.modules and _compile_mode is not None and COMPILE_ENV[_compile_mode] != COMPILE_ENV[mode]:
         log.warning("unsloth was imported with model.compile=%s; %s applies in a new process only", _compile_mode, mode)
         return
     for name, value in COMPILE_ENV[mode].items():
@@ -137,6 +141,89 @@ def undo_timm_compile() -> list[str]:
     if restored:
         log.info("model.compile=%s: restored the eager forward of %d timm classes", _compile_mode, len(restored))
     return restored
+
+
+# ---------------------------------------------------------------------------- regional compilation
+# A decoder layer of the language model is found by its class name (gemma-3n: Gemma3nTextDecoderLayer), so the
+# PEFT-wrapped and the Unsloth-loaded model match alike and the vision and audio towers never do.
+DECODER_LAYER_SUFFIX = "TextDecoderLayer"
+# torch.compile's backend for the layers; the tests use "aot_eager" (dynamo and AOTAutograd, forward and backward,
+# without Inductor's code generation, which takes minutes on a small CPU).
+LAYER_COMPILE_BACKEND = "inductor"
+# All decoder layers share one forward (one code object), so dynamo counts their graphs together: one per kind of
+# layer (sliding/full attention, sparse MLP or not, KV-shared or storing its KV: guards on the layers' attributes
+# tell them apart) x grad mode (training; evaluation and DPO's reference under no_grad) x shapes (static, then
+# dynamic), and for a checkpointed layer its recompute. gemma-3n E2B needs a few dozen; torch's default of 8 would
+# leave the other layers eager.
+RECOMPILE_LIMIT = 128
+ACCUMULATED_RECOMPILE_LIMIT = 1024
+
+
+def compile_for_training(model: Any, mode: str) -> int:
+    """What `model.compile` does to a built trainer's model (after LoRA wrapping, before training): `layers`
+    compiles the language model's decoder layers in place (`compile_decoder_layers`); the other modes are Unsloth's
+    switches, already applied by `configure_compile`. Returns how many layers were compiled."""
+    if mode != "layers":
+        return 0
+    return len(compile_decoder_layers(model))
+
+
+def compile_decoder_layers(model: Any, *, backend: str | None = None) -> list[str]:
+    """torch.compile each decoder layer of the language model in place (`nn.Module.compile`); returns their names.
+
+    Each layer becomes one region that Inductor fuses, forward and backward (AOTAutograd): gemma-3n's float32
+    RMSNorms, AltUp's streams, Laurel and the dtype casts are chains of small memory-bound kernels in eager mode.
+    The vision and audio towers stay eager. Compilation happens at the layers' first calls, so it counts in the first
+    training steps (and once more for evaluation and for the first batch of another shape: with the default
+    `dynamic=None` dynamo marks the sequence dimension dynamic after it has seen a second length). The state dict is
+    unchanged (no `_orig_mod.` prefix), so checkpoints and adapters are the same as eager ones. Works on any device
+    (CPU: Inductor's C++ backend) and in every process of a data-parallel launch (each compiles its own layers before
+    DDP wraps the model). A model without such layers is left eager with a warning.
+    """
+    layers = [
+        (name, module) for name, module in model.named_modules() if type(module).__name__.endswith(DECODER_LAYER_SUFFIX)
+    ]
+    if not layers:
+        log.warning("model.compile=layers: no *%s module in this model; it trains eagerly", DECODER_LAYER_SUFFIX)
+        return []
+    raise_recompile_limits()
+    backend = backend or LAYER_COMPILE_BACKEND
+    for _, layer in layers:
+        if getattr(layer, "_compiled_call_impl", None) is None:  # compiling twice would wrap the compiled call
+            layer.compile(backend=backend)  # dynamic=None: automatic dynamic shapes after a second shape
+    kinds = sorted({type(module).__name__ for _, module in layers})
+    log.info(
+        "model.compile=layers: %d decoder layers (%s) compiled in place with torch.compile(backend=%r); they compile"
+        " during the first steps",
+        len(layers),
+        ", ".join(kinds),
+        backend,
+    )
+    return [name for name, _ in layers]
+
+
+def raise_recompile_limits(limit: int = RECOMPILE_LIMIT, accumulated: int = ACCUMULATED_RECOMPILE_LIMIT) -> None:
+    """Raise dynamo's recompile limits to at least `limit` graphs per code object (`accumulated` in all), under the
+    names this torch has (`recompile_limit`, or `cache_size_limit` on older releases).
+
+    Newer torch keeps a value set on its config per thread (a ContextVar), so autograd's worker threads (the backward
+    on CUDA, where a checkpointed layer's forward is recomputed) would still see the default; the default is raised
+    too where the config has one, so every thread gets the same limits.
+    """
+    import torch._dynamo.config as dynamo_config
+
+    wanted = {
+        ("recompile_limit", "cache_size_limit"): limit,
+        ("accumulated_recompile_limit", "accumulated_cache_size_limit"): accumulated,
+    }
+    for names, floor in wanted.items():
+        name = next((n for n in names if hasattr(dynamo_config, n)), None)
+        if name is None:
+            continue
+        setattr(dynamo_config, name, max(getattr(dynamo_config, name), floor))
+        entry = getattr(dynamo_config, "_config", {}).get(name)
+        if entry is not None and isinstance(getattr(entry, "default", None), int):
+            entry.default = max(entry.default, floor)
 
 
 def torch_dtype(dtype: str) -> Any:

@@ -212,6 +212,7 @@ def build_trainer(
             peft_config=peft_config,
             callbacks=[*callbacks, *([tensorboard_callback(out)] if cfg.report_to == "tensorboard" else [])],
         )
+    backends.compile_for_training(trainer.model, model.compile)  # model.compile=layers: its decoder layers
     facts = {
         "backend": backend,
         "device": device,

@@ -181,6 +181,7 @@ def build_trainer(
         ),
         callbacks=[*callbacks, *([tensorboard_callback(out)] if cfg.report_to == "tensorboard" else [])],
     )
+    backends.compile_for_training(trainer.model, model.compile)  # model.compile=layers: its decoder layers
     facts = {
         "backend": backend,
         "device": device,

@@ -31,12 +31,31 @@ def test_compile_modes_set_unsloths_switches(fresh_compile, monkeypatch: pytest.
     assert "UNSLOTH_COMPILE_DISABLE" not in os.environ and os.environ["UNSLOTH_BLOCK_COMPILE"] == "0"
     fresh_compile.configure_compile("unsloth")
     assert "UNSLOTH_COMPILE_DISABLE" not in os.environ and "UNSLOTH_BLOCK_COMPILE" not in os.environ
+    fresh_compile.configure_compile("layers")  # Unsloth compiles nothing; the stages compile the decoder layers
+    assert (os.environ["UNSLOTH_COMPILE_DISABLE"], os.environ["UNSLOTH_BLOCK_COMPILE"]) == ("1", "0")
+
+
+def test_eager_and_layers_share_a_process_after_unsloth_is_imported(
+    fresh_compile, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import os
+    import types
+
+    fresh_compile.configure_compile("eager")
+    monkeypatch.setitem(sys.modules, "unsloth", types.ModuleType("unsloth"))  # as if imported with those switches
+    with caplog.at_level("WARNING", logger=fresh_compile.__name__):
+        fresh_compile.configure_compile("layers")
+    assert caplog.text == "" and fresh_compile._compile_mode == "layers"
+    with caplog.at_level("WARNING", logger=fresh_compile.__name__):
+        fresh_compile.configure_compile("modules")  # another Unsloth setting: too late in this process
+    assert "unsloth was imported with model.compile=layers; modules applies in a new process only" in caplog.text
+    assert os.environ["UNSLOTH_COMPILE_DISABLE"] == "1" and fresh_compile._compile_mode == "layers"
 
 
 def test_an_unknown_compile_mode_is_a_config_error(fresh_compile) -> None:
     from mathwizard.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"model\.compile must be one of eager, modules, unsloth"):
+    with pytest.raises(ConfigError, match=r"model\.compile must be one of eager, modules, unsloth, layers, got 'off'"):
         fresh_compile.configure_compile("off")
 
 
@@ -63,6 +82,7 @@ def test_the_compile_setting_stays_out_of_fingerprints() -> None:
 
     tiny = resolve("tiny")  # how Unsloth compiles changes how fast a model runs, not what it answers
     assert tiny.identity(ModelConfig(compile="eager")) == tiny.identity(ModelConfig(compile="unsloth"))
+    assert tiny.identity(ModelConfig(compile="eager")) == tiny.identity(ModelConfig(compile="layers"))
 
 
 def test_throughput_counts_only_the_timed_steps() -> None:
@@ -88,13 +108,26 @@ def test_a_variant_stopped_before_its_timed_steps_reports_no_throughput() -> Non
     assert s == {"steps_done": 1, "timed_steps": 0}
 
 
-def test_variants_name_backend_micro_batch_accumulation_and_checkpointing() -> None:
+def test_variants_name_backend_micro_batch_accumulation_checkpointing_and_compilation() -> None:
     from _train import parse_variant
 
-    assert parse_variant("hf:8x4:gc") == {"name": "hf:8x4:gc", "kind": "hf", "micro": 8, "accum": 4, "gc": True}
+    expected = {"name": "hf:8x4:gc", "kind": "hf", "micro": 8, "accum": 4, "gc": True, "compile": False}
+    assert parse_variant("hf:8x4:gc") == expected
     assert parse_variant("plain:16x2")["gc"] is False
-    with pytest.raises(SystemExit, match="bad variant"):
-        parse_variant("fast:8x4")
+    assert parse_variant("unsloth:8x4:compile") == {
+        "name": "unsloth:8x4:compile",
+        "kind": "unsloth",
+        "micro": 8,
+        "accum": 4,
+        "gc": False,
+        "compile": True,  # built with model.compile: layers
+    }
+    both = parse_variant("hf:8x4:gc:compile")
+    assert (both["kind"], both["micro"], both["accum"], both["gc"], both["compile"]) == ("hf", 8, 4, True, True)
+    assert parse_variant("plain:8x4:compile")["compile"] is True  # the baseline loop on the compiled layers
+    for bad in ("fast:8x4", "hf:8x4:compiled", "unsloth:8x4:gc:fast"):
+        with pytest.raises(SystemExit, match=r"bad variant .*\[:gc\]\[:compile\]"):
+            parse_variant(bad)
 
 
 def test_the_projection_takes_the_recipes_own_settings_from_the_measurements() -> None:
