@@ -9,6 +9,8 @@ Variants, each on a fresh engine over the same cache size:
   mask and shared KV heads (`enable_gqa`, which PyTorch runs on its math kernel when a mask is given).
 - `current`: `mathwizard.decode_attention` (the Triton kernel over each row's valid prefix) and the prefill's
   unmasked causal path where the mask is only causal (flash), KV heads repeated where a window applies.
+- `compiled`: `current` with each decoder layer of the language model under torch.compile (Inductor, in place;
+  prefill widths vary, so dynamo marks them dynamic after the second); its compile time is printed apart.
 
 Per variant: `--prefill-chunks` prefills of the engine's chunk size (32 prompts each, the pairs stage's requests:
 instruction + figure + question + reference solution), timed one by one; then every row is set live at its prompt's
@@ -66,6 +68,10 @@ def measure(variant: str, model: Any, processor: Any, prompts: list[Any], args: 
     from mathwizard import decode_attention, decoding
 
     original_rows, original_supported = decoding.rows_attention, decode_attention.supported
+    if variant == "compiled":
+        from mathwizard.models.backend import compile_decoder_layers
+
+        compile_decoder_layers(model)
     if variant == "previous":
         decoding.rows_attention = previous_rows_attention  # registered by the engine below
         decode_attention.supported = lambda *_: False
@@ -108,14 +114,17 @@ def _measure(variant: str, model: Any, processor: Any, prompts: list[Any], args:
                 seconds.append(time.perf_counter() - started)
             tokens = sum(len(p.input_ids) for p in prompts[: args.prefill_chunks * chunk])
             result["prefill_chunk_s"] = spread(seconds[1:] or seconds)  # the first: kernels and allocator warm up
+            result["first_prefill_chunk_s"] = seconds[0]  # with `compiled`: the compile
             result["prefill_tokens_per_s"] = tokens / sum(seconds)
             lengths = torch.tensor([len(prompts[i % len(prompts)].input_ids) for i in range(args.rows)])
             engine.positions.copy_((lengths + args.offset).clamp(max=length - 1).to(engine.positions.device))
             engine.done.fill_(False)
             engine.counts.zero_()
             engine.limits.fill_(10**6)
+            capturing = time.perf_counter()
             if cuda:
                 engine._capture()
+            result["capture_s"] = time.perf_counter() - capturing  # with `compiled`: the decode shapes' compile
             for _ in range(args.warmup):
                 engine.step()
             engine.step_events.clear()
@@ -145,7 +154,9 @@ def _measure(variant: str, model: Any, processor: Any, prompts: list[Any], args:
         f"{variant}: decode step median {step['median']:.2f} ms (IQR {step['p25']:.2f}-{step['p75']:.2f}, min-max "
         f"{step['min']:.2f}-{step['max']:.2f}, {step['n']} steps) = {result['steady_tokens_per_s']:,.0f} tokens/s at "
         f"{args.rows} rows; prefill chunk median {result['prefill_chunk_s']['median']:.3f} s "
-        f"({result['prefill_tokens_per_s']:,.0f} prompt tokens/s); peak {result['peak_allocated_gib']} GiB"
+        f"({result['prefill_tokens_per_s']:,.0f} prompt tokens/s); first chunk "
+        f"{result['first_prefill_chunk_s']:.1f} s, capture {result['capture_s']:.1f} s; "
+        f"peak {result['peak_allocated_gib']} GiB"
     )
     return result
 
@@ -211,13 +222,14 @@ def main() -> None:
     for name in names:
         report["variants"][name] = measure(name, model, processor, prompts, args)
         write_json(args.json, report)
-    if len(names) > 1:
-        base, new = report["variants"][names[0]], report["variants"][names[-1]]
+    base = report["variants"][names[0]]
+    for name in names[1:]:
+        new = report["variants"][name]
         step_ratio = base["step_ms"]["median"] / new["step_ms"]["median"]
         prefill_ratio = base["prefill_chunk_s"]["median"] / new["prefill_chunk_s"]["median"]
-        report["step_speedup"], report["prefill_speedup"] = step_ratio, prefill_ratio
+        new["step_speedup"], new["prefill_speedup"] = step_ratio, prefill_ratio
         say(
-            f"decode step: {names[-1]} {new['step_ms']['median']:.2f} ms vs {names[0]} {base['step_ms']['median']:.2f} "
+            f"decode step: {name} {new['step_ms']['median']:.2f} ms vs {names[0]} {base['step_ms']['median']:.2f} "
             f"ms -> {step_ratio:.2f}x; prefill chunk {new['prefill_chunk_s']['median']:.3f} s vs "
             f"{base['prefill_chunk_s']['median']:.3f} s -> {prefill_ratio:.2f}x"
         )
