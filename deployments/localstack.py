@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import IO
 
 import httpx
+from tenacity import retry, retry_if_result, stop_after_attempt, wait_exponential
 
 from mathwizard.errors import ConfigError, MathWizardError, TransientError
 
@@ -55,6 +56,20 @@ def gpu_available() -> bool:
         return subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=120).returncode == 0
     except (OSError, subprocess.TimeoutExpired):
         return False
+
+
+BUSY = {429, 502, 503}  # the server's "not now": retried
+
+
+@retry(
+    retry=retry_if_result(lambda response: response.status_code in BUSY),
+    stop=stop_after_attempt(6),
+    wait=wait_exponential(multiplier=0.5, max=8),
+    retry_error_callback=lambda state: state.outcome.result(),  # still busy: the last answer, raised by the caller
+    reraise=True,
+)
+def _request_until_served(method: str, url: str, **kwargs) -> httpx.Response:
+    return httpx.request(method, url, timeout=30, **kwargs)
 
 
 @dataclass
@@ -215,8 +230,9 @@ class LocalStack:
 
     # ------------------------------------------------------------------------------------------ helpers
     def api(self, method: str, path: str, **kwargs) -> httpx.Response:
-        """A call to the server's REST API (raises on HTTP errors)."""
-        response = httpx.request(method, f"{self.api_url}{path}", timeout=30, **kwargs)
+        """A call to the server's REST API (raises on HTTP errors). A busy server's 429/502/503 (SQLite locked under
+        load: the request was not applied) is asked again with backoff, as Prefect's own client does."""
+        response = _request_until_served(method, f"{self.api_url}{path}", **kwargs)
         response.raise_for_status()
         return response
 

@@ -210,8 +210,9 @@ class ModelConfig(_Stage):
     decode: Literal["auto", "eager", "compiled", "graphs"] = Field(
         "auto",
         description="Batched generation (pairs, eval). graphs: mathwizard.decoding, a KV cache with one row per request"
-        " in flight (up to 512, sized from free GPU memory), rows refilled as answers end, the decode step one CUDA"
-        " graph, top-p over the top-k logits; gemma-3n only, falls back to eager on any failure. compiled: static KV"
+        " in flight (up to 1,024, sized from free GPU memory), rows refilled as answers end, the decode step one CUDA"
+        " graph attending over each row's valid cache slots (a Triton kernel), top-p over the top-k logits; gemma-3n"
+        " only, falls back to eager on any failure. compiled: static KV"
         " cache in 512-token buckets and the step under torch.compile (backend hf only). eager: transformers'"
         " generate. auto: graphs on CUDA, eager elsewhere. Not part of any fingerprint: it changes speed, not which"
         " answers are possible.",

@@ -145,3 +145,38 @@ def test_screenshot_of_the_run_form(prefect_stack, tmp_path: Path) -> None:
     missing = [phrase for phrase in expected if phrase not in text]
     assert not missing, f"not on the rendered form: {missing}"
     assert rendered(browser.screenshot(url, "pipeline-run-form.png", tmp_path))
+
+
+def test_the_stacks_api_asks_a_busy_server_again_and_raises_what_it_still_refuses(monkeypatch) -> None:
+    """Under load the server answers 503 (its SQLite locked, the request not applied): asked again with backoff, as
+    Prefect's own client does; a refusal (4xx other than 429) or a server still busy after the retries raises."""
+    import httpx
+    import tenacity
+
+    from deployments import localstack
+
+    monkeypatch.setattr(localstack._request_until_served.retry, "wait", tenacity.wait_none())
+    answers: list[int] = []
+
+    def server(statuses):
+        def request(method, url, **_):
+            status = statuses[min(len(answers), len(statuses) - 1)]
+            answers.append(status)
+            return httpx.Response(status, json={}, request=httpx.Request(method, url))
+
+        return request
+
+    stack = localstack.LocalStack.__new__(localstack.LocalStack)
+    monkeypatch.setattr(localstack.LocalStack, "api_url", "http://127.0.0.1:1/api")
+    monkeypatch.setattr(httpx, "request", server([503, 429, 201]))
+    assert stack.api("POST", "/deployments/x/create_flow_run").status_code == 201 and answers == [503, 429, 201]
+    answers.clear()
+    monkeypatch.setattr(httpx, "request", server([409]))
+    with pytest.raises(httpx.HTTPStatusError):
+        stack.api("POST", "/x")
+    assert answers == [409]  # a refusal is not asked again
+    answers.clear()
+    monkeypatch.setattr(httpx, "request", server([503]))
+    with pytest.raises(httpx.HTTPStatusError):
+        stack.api("GET", "/x")
+    assert answers == [503] * 6
