@@ -58,39 +58,45 @@ def test_decode_lengths_are_the_slots_the_masks_allowed() -> None:
         assert ring == list(range(int(got["sliding_attention"][i])))
 
 
-@pytest.mark.parametrize(
-    ("dtype", "heads", "kv_heads", "dim"),
-    [("float32", 8, 2, 256), ("float32", 2, 1, 32), ("float16", 8, 2, 64)],
-)
-def test_the_triton_kernel_equals_the_reference(dtype: str, heads: int, kv_heads: int, dim: int) -> None:
+KERNEL_CASES = [  # (dtype, heads, KV heads, head size): E2B's 8/2 x 256, the tiny model's 2/1 x 32, a 16-bit path
+    ("float32", 8, 2, 256),
+    ("float32", 2, 1, 32),
+    ("float16", 8, 2, 64),
+]
+
+
+def test_the_triton_kernel_equals_the_reference() -> None:
     """The kernel itself, run by Triton's CPU interpreter (bf16 products are not emulated there: float16 stands in
     for the 16-bit path), over prefixes of 1 slot, exactly one and just over one block, and the whole cache, with
-    NaN in every slot past a row's prefix (it must never be read)."""
+    NaN in every slot past a row's prefix (it must never be read). One interpreter process for every case."""
     pytest.importorskip("triton")
     block = decode_attention.BLOCK
     script = textwrap.dedent(
         f"""
         import json, torch
         from mathwizard import decode_attention
-        from tests.test_decode_attention import _inputs
-        query, key, value = _inputs(heads={heads}, kv_heads={kv_heads}, slots={2 * block + 7}, dim={dim},
-                                    dtype=torch.{dtype})
-        lengths = torch.tensor([1, {block}, {block + 1}, {2 * block + 7}], dtype=torch.int32)
-        want = decode_attention.reference(query, key, value, lengths, {dim}**-0.5)
-        for row, n in enumerate(lengths.tolist()):  # past a row's prefix (stale slots): never read
-            key[row, :, n:] = float("nan")
-            value[row, :, n:] = float("nan")
-        got = decode_attention.run_kernel(query, key, value, lengths, {dim}**-0.5)
-        print(json.dumps({{"shape": list(got.shape), "dtype": str(got.dtype),
-                           "error": (got.float() - want.float()).abs().max().item()}}))
+        from tests.test_decode_attention import KERNEL_CASES, _inputs
+        for dtype, heads, kv_heads, dim in KERNEL_CASES:
+            query, key, value = _inputs(heads=heads, kv_heads=kv_heads, slots={2 * block + 7}, dim=dim,
+                                        dtype=getattr(torch, dtype))
+            lengths = torch.tensor([1, {block}, {block + 1}, {2 * block + 7}], dtype=torch.int32)
+            want = decode_attention.reference(query, key, value, lengths, dim**-0.5)
+            for row, n in enumerate(lengths.tolist()):  # past a row's prefix (stale slots): never read
+                key[row, :, n:] = float("nan")
+                value[row, :, n:] = float("nan")
+            got = decode_attention.run_kernel(query, key, value, lengths, dim**-0.5)
+            print(json.dumps({{"case": [dtype, heads, kv_heads, dim], "shape": list(got.shape),
+                               "dtype": str(got.dtype), "error": (got.float() - want.float()).abs().max().item()}}))
         """
     )
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    assert result["shape"] == [4, 1, heads, dim] and result["dtype"] == f"torch.{dtype}"
-    assert result["error"] < (1e-5 if dtype == "float32" else 2e-3)
+    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert [tuple(r["case"]) for r in results] == KERNEL_CASES
+    for (dtype, heads, _, dim), result in zip(KERNEL_CASES, results, strict=True):
+        assert result["shape"] == [4, 1, heads, dim] and result["dtype"] == f"torch.{dtype}"
+        assert result["error"] < (1e-5 if dtype == "float32" else 2e-3), result
 
 
 def test_the_kernel_is_used_only_where_it_can_run() -> None:
