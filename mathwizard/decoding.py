@@ -8,8 +8,7 @@ launching its thousands of small kernels than reading the weights. This engine (
 - replays the whole decode step (embeddings, 30 layers, LM head, sampling, bookkeeping) as one CUDA graph, captured
   in seconds, with no `torch.compile` (eager kernels, no launch gaps);
 - attends over each row's valid cache slots only, reading each key and value once for the query heads that share
-  it (a Triton kernel on CUDA: `mathwizard.decode_attention`), and prefills through the flash kernel where the mask
-  is only causal;
+  it (a Triton kernel on CUDA: `mathwizard.decode_attention`);
 - samples top-k then top-p over the k best logits (no sort or float32 copy of the 262k vocabulary) with the
   Gumbel-max trick, which is the same distribution as transformers' temperature -> top-k -> top-p -> multinomial.
 
@@ -85,10 +84,8 @@ def rows_attention(
 
     Decode step (one query per row): `attention_mask` is each row's count of valid cache slots [rows] (a prefix,
     `decode_lengths`), and `mathwizard.decode_attention` reads just those. Prefill: `attention_mask` is boolean
-    [rows, 1, queries, keys] (True = attend; causal, no padding keys, the window on sliding layers). Where it is
-    only causal (full-attention layers, or a prompt within the window) scaled_dot_product_attention runs causal
-    with no mask (the flash kernel; the prompts are right-padded, so no real query sees a padding key); elsewhere
-    the KV heads are repeated for the masked kernel, since a mask with shared KV heads falls back to the slow one.
+    [rows, 1, queries, keys] (True = attend; causal, no padding keys, the window on sliding layers), for
+    scaled_dot_product_attention with the KV heads shared (`enable_gqa`).
     """
     import torch
 
@@ -96,20 +93,15 @@ def rows_attention(
 
     if softcap is not None:
         raise NotImplementedError("attention soft-capping is not supported by the row engine")
-    _, heads, queries, dim = query.shape
+    heads, dim = query.shape[1], query.shape[3]
     kv_heads = key.shape[1]
     scale = scaling if scaling is not None else dim**-0.5
     if attention_mask.dtype != torch.bool:  # a decode step's valid slots per row
         return decode_attention(query, key, value, attention_mask, scale), None
     key, value = key.to(query.dtype), value.to(query.dtype)
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    window = getattr(module, "sliding_window", None) if getattr(module, "is_sliding", True) else None
-    if module is not None and (window is None or queries <= window):
-        out = sdpa(query, key, value, is_causal=True, scale=scale, enable_gqa=kv_heads != heads)
-    else:
-        group = heads // kv_heads
-        key, value = key.repeat_interleave(group, dim=1), value.repeat_interleave(group, dim=1)
-        out = sdpa(query, key, value, attn_mask=attention_mask, scale=scale)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, scale=scale, enable_gqa=kv_heads != heads
+    )
     return out.transpose(1, 2).contiguous(), None
 
 

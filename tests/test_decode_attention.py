@@ -1,5 +1,5 @@
-"""The decode step's attention over each row's valid cache prefix: the PyTorch reference, the Triton kernel (run by
-Triton's interpreter on the CPU), and the prefill's unmasked causal path."""
+"""The decode step's attention over each row's valid cache prefix: the PyTorch reference and the Triton kernel (run by
+Triton's interpreter on the CPU)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import types
 
 import pytest
 
@@ -102,20 +101,3 @@ def test_the_triton_kernel_equals_the_reference() -> None:
 def test_the_kernel_is_used_only_where_it_can_run() -> None:
     query, key, _ = _inputs()
     assert not decode_attention.supported(query, key)  # a CPU tensor: the reference
-
-
-def test_prefill_runs_causal_without_a_mask_where_the_mask_is_only_causal() -> None:
-    """Right-padded prompts: the unmasked causal path gives every real query what the boolean mask gives it."""
-    generator = torch.Generator().manual_seed(1)
-    query = torch.randn(2, 8, 12, 16, generator=generator)  # [rows, heads, queries, dim]
-    key, value = (torch.randn(2, 2, 12, 16, generator=generator) for _ in range(2))  # 2 KV heads
-    lengths = torch.tensor([12, 7])
-    masks = decoding.prefill_masks(lengths, 12, window=5)
-    full = types.SimpleNamespace(is_sliding=False, sliding_window=None)
-    sliding = types.SimpleNamespace(is_sliding=True, sliding_window=5)
-    causal, _ = decoding.rows_attention(full, query, key, value, masks["full_attention"], scaling=0.25)
-    masked, _ = decoding.rows_attention(None, query, key, value, masks["full_attention"], scaling=0.25)
-    windowed, _ = decoding.rows_attention(sliding, query, key, value, masks["sliding_attention"], scaling=0.25)
-    for row, n in enumerate(lengths.tolist()):
-        assert torch.allclose(causal[row, :n], masked[row, :n], atol=1e-5)
-    assert not torch.allclose(windowed[0], causal[0], atol=1e-3)  # past the window: the mask applies

@@ -4,11 +4,10 @@ Usage (on a CUDA machine; the E2B-architecture model and the sample's stage fold
     python benchmarks/gpu/bench_decode_step.py --rows 1024 --offset 512 --json decode_step.json --profile out/
 
 Variants, each on a fresh engine over the same cache size:
-- `previous`: the engine's attention before (commit c173f83): a decode step as two batched matrix products over
-  every cache slot with a boolean mask and float32 scores; a prefill through scaled_dot_product_attention with the
-  mask and shared KV heads (`enable_gqa`, which PyTorch runs on its math kernel when a mask is given).
-- `current`: `mathwizard.decode_attention` (the Triton kernel over each row's valid prefix) and the prefill's
-  unmasked causal path where the mask is only causal (flash), KV heads repeated where a window applies.
+- `previous`: the engine's decode attention before (commit c173f83): two batched matrix products over every cache
+  slot with a boolean mask and float32 scores.
+- `current`: `mathwizard.decode_attention` (the Triton kernel over each row's valid prefix). The prefill is the same
+  in both (scaled_dot_product_attention with the boolean mask and shared KV heads); its time is reported per variant.
 - `compiled`: `current` with each decoder layer of the language model under torch.compile (Inductor, in place;
   prefill widths vary, so dynamo marks them dynamic after the second); its compile time is printed apart.
 
@@ -39,7 +38,7 @@ STARTED = time.perf_counter()
 def previous_rows_attention(
     module: Any, query: Any, key: Any, value: Any, attention_mask: Any, scaling: float | None = None, **_: Any
 ) -> tuple[Any, None]:
-    """The engine's attention as it was (the baseline): every slot read, masked; the prefill masked with enable_gqa."""
+    """The engine's decode attention as it was (the baseline): every slot read, masked; the prefill as now."""
     import torch
 
     from mathwizard.decode_attention import reference
