@@ -199,6 +199,8 @@ def run_variant(
         if len(steps) == 1:  # a fresh process: its imports, then this variant's load, build and first step
             result["first_step_s"] = round(report_import_s + time.perf_counter() - begun, 1)
         result["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None
+        if variant["compile"]:  # after every step: a run stopped early still says what dynamo did
+            result["dynamo"] = {k: v - dynamo_before[k] for k, v in dynamo_stats().items()}
         save()
         say(f"  {variant['name']} step {len(steps)}: {seconds:.2f} s, {tokens} tokens, loss {fmt(loss, '.4f')}")
 
