@@ -207,6 +207,14 @@ class ModelConfig(_Stage):
         " elementwise kernels; the vision tower stays eager); its compile time counts in the first steps. The Unsloth"
         " switches are read when unsloth is first imported in a process.",
     )
+    kernels: list[Literal["rms_norm", "sdpa", "altup"]] = Field(
+        default_factory=lambda: ["rms_norm", "sdpa", "altup"],
+        description="gemma-3n's eager pieces swapped for fused equivalents on the loaded model (the same function up"
+        " to float rounding; mathwizard.models.kernels): rms_norm: torch's fused RMSNorm; sdpa: the language model's"
+        " attention through scaled_dot_product_attention with the KV heads shared (Unsloth loads gemma-3n eager);"
+        " altup: AltUp's per-token stream mix as one Triton pass on CUDA. [] keeps the model's own code. Not part"
+        " of any fingerprint.",
+    )
     decode: Literal["auto", "eager", "compiled", "graphs"] = Field(
         "auto",
         description="Batched generation (pairs, eval). graphs: mathwizard.decoding, a KV cache with one row per request"

@@ -357,6 +357,7 @@ def load_generator(
     load_in_4bit: bool = False,
     batch_size: int = 16,
     decode: str = "eager",
+    kernels: Sequence[str] = (),
 ) -> ModelGenerator:
     """Load a model for inference (a Hub id, a model dir, `tiny`, or a stage folder / its adapter) in eval mode;
     `decode` (auto | eager | compiled) picks how batches decode on the device it lands on.
@@ -371,7 +372,9 @@ def load_generator(
     location = resolve(name_or_dir).location
     mode = resolve_decode(decode, resolve_backend(backend))  # a bad setting fails before minutes of loading
     try:
-        model, processor = load_model(location, backend, for_training=False, dtype=dtype, load_in_4bit=load_in_4bit)
+        model, processor = load_model(
+            location, backend, for_training=False, dtype=dtype, load_in_4bit=load_in_4bit, kernels=kernels
+        )
     except ModelError:
         raise
     except (OSError, ValueError) as exc:

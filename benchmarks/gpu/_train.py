@@ -1,10 +1,12 @@
 """Training throughput of the SFT / DPO stages: variants of backend, micro-batch and gradient checkpointing.
 
-A variant is `<kind>:<micro>x<accum>[:gc][:compile]`: kind `plain` (SFT only: a minimal transformers + PEFT loop,
-the baseline), `hf` (the stage's transformers + PEFT + TRL trainer) or `unsloth` (the stage's Unsloth trainer); micro =
-rows (DPO: pairs) per micro-batch, accum = micro-batches per optimizer step; `gc` turns gradient checkpointing on;
-`compile` builds it with `model.compile: layers` instead of `eager` (each decoder layer of the language model under
-torch.compile, `compile_decoder_layers`; for `plain` too, whose loop trains the same model). Each variant builds the
+A variant is `<kind>:<micro>x<accum>[:gc][:compile][:k=<kernels>]`: kind `plain` (SFT only: a minimal transformers +
+PEFT loop, the baseline), `hf` (the stage's transformers + PEFT + TRL trainer) or `unsloth` (the stage's Unsloth
+trainer); micro = rows (DPO: pairs) per micro-batch, accum = micro-batches per optimizer step; `gc` turns gradient
+checkpointing on; `compile` builds it with `model.compile: layers` instead of `eager` (each decoder layer of the
+language model under torch.compile, `compile_decoder_layers`; for `plain` too, whose loop trains the same model);
+`k=` sets `model.kernels` (names joined by `+`, or `none` for the model's own code; default: the setting's default,
+all of them). Each variant builds the
 stage's trainer exactly as the stage does (`build_trainer`: the same collator, LoRA targets, arguments and
 compilation) on the same model and data, then runs `warmup + steps` optimizer steps; every step is timed with the
 GPU synchronised before and after. The `plain` loop takes the same batches from that trainer's data loader and the
@@ -29,6 +31,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -60,7 +63,9 @@ def parse_args(stage: str, defaults: dict[str, Any], doc: str) -> argparse.Names
     parser.add_argument("--model", type=Path, default=DEFAULT_WORK / "e2b", help="Model folder (built if missing).")
     parser.add_argument("--data", type=Path, default=DEFAULT_WORK / "data", help="Stage folders (made if missing).")
     parser.add_argument(
-        "--variants", default=defaults["variants"], help="kind:MICROxACCUM[:gc][:compile], comma-separated."
+        "--variants",
+        default=defaults["variants"],
+        help="kind:MICROxACCUM[:gc][:compile][:k=a+b|none], comma-separated.",
     )
     parser.add_argument("--baseline", default=None, help="Variant the others are compared with (default: first).")
     parser.add_argument("--max-length", type=int, default=defaults["max_length"])
@@ -84,17 +89,24 @@ VARIANT_FLAGS = ("gc", "compile")  # gradient checkpointing; model.compile: laye
 
 
 def parse_variant(name: str) -> dict[str, Any]:
+    from mathwizard.config import ModelConfig
+    from mathwizard.models.kernels import KERNELS
+
     kind, shape, *flags = name.split(":")
     micro, accum = (int(x) for x in shape.split("x"))
-    if kind not in ("plain", "hf", "unsloth") or set(flags) - set(VARIANT_FLAGS):
-        raise SystemExit(f"bad variant {name!r}: use plain|hf|unsloth:MICROxACCUM[:gc][:compile]")
+    chosen = [f.removeprefix("k=") for f in flags if f.startswith("k=")]
+    kernels = ModelConfig().kernels if not chosen else [k for k in chosen[-1].split("+") if k != "none"]
+    plain = [f for f in flags if not f.startswith("k=")]
+    if kind not in ("plain", "hf", "unsloth") or set(plain) - set(VARIANT_FLAGS) or set(kernels) - set(KERNELS):
+        raise SystemExit(f"bad variant {name!r}: use plain|hf|unsloth:MICROxACCUM[:gc][:compile][:k=a+b|none]")
     return {
         "name": name,
         "kind": kind,
         "micro": micro,
         "accum": accum,
-        "gc": "gc" in flags,
-        "compile": "compile" in flags,
+        "gc": "gc" in plain,
+        "compile": "compile" in plain,
+        "kernels": kernels,
     }
 
 
@@ -154,7 +166,9 @@ def run_variant(
 
     backend = "unsloth" if variant["kind"] == "unsloth" else "hf"
     compile_mode = "layers" if variant["compile"] else "eager"  # layers: build_trainer compiles the decoder layers
-    model_cfg = ModelConfig(name=str(args.model), backend=backend, dtype="auto", compile=compile_mode)
+    model_cfg = ModelConfig(
+        name=str(args.model), backend=backend, dtype="auto", compile=compile_mode, kernels=variant["kernels"]
+    )
     common = {
         "max_steps": args.warmup + args.steps + (1 if args.profile else 0),
         "per_device_train_batch_size": variant["micro"],
@@ -209,7 +223,7 @@ def run_variant(
     else:
         profile = None
         if args.profile and args.result:
-            name = variant["name"].replace(":", "_")
+            name = re.sub(r"[^A-Za-z0-9]+", "_", variant["name"])
             profile = (args.warmup + args.steps, args.result.parent / f"{args.stage}-profile-{name}.txt")
         hooked_train(trainer, sync, record, lambda: steps, profile)
     if cuda:

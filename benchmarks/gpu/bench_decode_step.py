@@ -8,6 +8,8 @@ Variants, each on a fresh engine over the same cache size:
   slot with a boolean mask and float32 scores.
 - `current`: `mathwizard.decode_attention` (the Triton kernel over each row's valid prefix). The prefill is the same
   in both (scaled_dot_product_attention with the boolean mask and shared KV heads); its time is reported per variant.
+- `own`: `current` with gemma-3n's own RMSNorm and AltUp code (`model.kernels` off: `remove_kernels`), the baseline
+  of the fused kernels (`mathwizard.models.kernels`) that every other variant runs with.
 - `compiled`: `current` with each decoder layer of the language model under torch.compile (Inductor, in place;
   prefill widths vary, so dynamo marks them dynamic after the second); its compile time is printed apart.
 
@@ -31,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from _common import DEFAULT_WORK, card_ceilings, ensure_data, ensure_e2b, env_info, env_line, say, spread, write_json
+
+from mathwizard.config import ModelConfig
 
 STARTED = time.perf_counter()
 
@@ -71,6 +75,10 @@ def measure(variant: str, model: Any, processor: Any, prompts: list[Any], args: 
         from mathwizard.models.backend import compile_decoder_layers
 
         compile_decoder_layers(model)
+    if variant == "own":
+        from mathwizard.models.kernels import remove_kernels
+
+        remove_kernels(model)
     if variant == "previous":
         decoding.rows_attention = previous_rows_attention  # registered by the engine below
         decode_attention.supported = lambda *_: False
@@ -78,6 +86,10 @@ def measure(variant: str, model: Any, processor: Any, prompts: list[Any], args: 
         return _measure(variant, model, processor, prompts, args)
     finally:
         decoding.rows_attention, decode_attention.supported = original_rows, original_supported
+        if variant == "own":
+            from mathwizard.models.kernels import apply_kernels
+
+            apply_kernels(model, ModelConfig().kernels)
         gc.collect()
         torch.cuda.empty_cache()
 
@@ -201,7 +213,9 @@ def main() -> None:
     info = env_info()
     say(env_line(info))
     card = card_ceilings()
-    model, processor = load_model(str(args.model), "hf", for_training=False, dtype="auto")
+    model, processor = load_model(
+        str(args.model), "hf", for_training=False, dtype="auto", kernels=ModelConfig().kernels
+    )
     model.eval()
     decoding.prepare_model(model)
     requests = requests_for("sampling", args.data, max(args.rows, args.prefill_chunks * 32))

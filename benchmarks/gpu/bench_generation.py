@@ -221,6 +221,9 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     parser.add_argument("--baseline-batch", type=int, default=baseline_batch)
     parser.add_argument("--baseline-new-tokens", type=int, default=baseline_new_tokens)
+    parser.add_argument(
+        "--kernels", default=None, help="model.kernels joined by '+', or 'none' (default: the setting's default)."
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
 
@@ -240,7 +243,10 @@ def main() -> None:
     peaks = datasheet(info.get("gpu", ""))
     say(env_line(info))
     loading = time.perf_counter()
-    model, processor = load_model(str(args.model), args.backend, for_training=False, dtype="auto")
+    from mathwizard.config import ModelConfig
+
+    kernels = ModelConfig().kernels if args.kernels is None else [k for k in args.kernels.split("+") if k != "none"]
+    model, processor = load_model(str(args.model), args.backend, for_training=False, dtype="auto", kernels=kernels)
     model.eval()
     load_s = time.perf_counter() - loading
     say(

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,7 @@ def load_model(
     cache_dir: str | Path | None = None,
     max_seq_length: int = 2048,
     merge_adapter: bool | None = None,
+    kernels: Sequence[str] = (),
 ) -> tuple[Any, Any]:
     """The model and its processor.
 
@@ -130,6 +132,7 @@ def load_model(
         cache_dir: where 'tiny' is built and cached (default $MATHWIZARD_MODELS_DIR or ~/.cache/mathwizard/models).
         max_seq_length: longest sequence (Unsloth sizes its buffers with it).
         merge_adapter: merge an adapter into the weights; default: when loading for inference without 4-bit.
+        kernels: fused equivalents put on the loaded model (`model.kernels`, see `mathwizard.models.kernels`).
 
     Raises:
         ModelError: missing path, unloadable model, or a backend this machine cannot run.
@@ -138,7 +141,12 @@ def load_model(
     path = resolve_model_path(name_or_dir, cache_dir=cache_dir)
     merge = (not for_training and not load_in_4bit) if merge_adapter is None else merge_adapter
     options = {"dtype": dtype, "load_in_4bit": load_in_4bit, "cache_dir": cache_dir, "max_seq_length": max_seq_length}
-    return _load(path, chosen, for_training=for_training, merge=merge, **options)
+    model, processor = _load(path, chosen, for_training=for_training, merge=merge, **options)
+    if kernels:
+        from mathwizard.models.kernels import apply_kernels
+
+        apply_kernels(model, kernels)
+    return model, processor
 
 
 def _load(path: str, backend: str, *, for_training: bool, merge: bool, cache_dir: Any, **options: Any):

@@ -50,7 +50,8 @@ class ModelRef:
     def identity(self, model: ModelConfig) -> dict[str, Any]:
         """The fingerprint input of a stage that loads this model with `model`'s loading settings.
 
-        Speed-only settings (compile scope, decode mode) are left out: they change how fast, not what comes out.
+        Speed-only settings (compile scope, decode mode, kernels) are left out: they change how fast, not what comes
+        out.
         """
         return {
             **self.source_identity(),
@@ -97,6 +98,7 @@ class ModelRef:
             load_in_4bit=model.load_in_4bit,
             batch_size=batch_size,
             decode=model.decode,
+            kernels=model.kernels,
         )
 
 

@@ -175,6 +175,7 @@ def build_trainer(
         load_in_4bit=model.load_in_4bit,
         max_seq_length=cfg.max_length,
         merge_adapter=True,  # the SFT weights become the policy's start and the reference
+        kernels=model.kernels,
     )
     train_ds, dropped_train = _records(train_rows, processor, cfg.max_prompt_length)
     if len(train_ds) == 0:

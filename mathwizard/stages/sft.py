@@ -155,6 +155,7 @@ def build_trainer(
         dtype=model.dtype,
         load_in_4bit=model.load_in_4bit,
         max_seq_length=cfg.max_length,
+        kernels=model.kernels,
     )
     peft_model = backends.add_lora(
         base, cfg.lora, backend, seed=cfg.seed, gradient_checkpointing=cfg.gradient_checkpointing

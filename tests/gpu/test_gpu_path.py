@@ -104,6 +104,49 @@ def test_the_trainers_loss_on_the_gpu_is_the_plain_forward_loss(tmp_path_factory
     assert torch.allclose(fused, plain, rtol=2e-2), (fused.item(), plain.item())  # bf16: ~3 significant digits
 
 
+def test_the_fused_kernels_give_the_models_own_loss_and_gradients_on_the_gpu(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """`model.kernels` on the Unsloth-loaded model at the recipe's settings (bf16, no checkpointing): the loss and
+    the LoRA gradients of one batch with the fused RMSNorm, SDPA and the Triton AltUp mix against gemma-3n's own code
+    with the eager attention Unsloth chose, and the loss finite (no NaN from padded rows)."""
+    import torch
+
+    from mathwizard.config import ModelConfig, SFTConfig
+    from mathwizard.models.kernels import KERNELS, apply_kernels, remove_kernels
+    from mathwizard.stages.sft import build_trainer
+    from tests.training.builders import teach_folder, use_session_model_cache
+
+    use_session_model_cache(tmp_path_factory)
+    root = tmp_path_factory.mktemp("kernels")
+    teach = teach_folder(root / "02-teach", n_train=8, n_val=0)
+    cfg = SFTConfig(max_steps=1, per_device_train_batch_size=8, max_length=512, gradient_checkpointing=False)
+    model_cfg = ModelConfig(name="tiny", backend="unsloth", dtype="bfloat16", compile="eager")
+    trainer, _ = build_trainer(cfg, model_cfg, teach, root / "sft")
+    model = trainer.model
+    assert model.config.text_config._attn_implementation == "sdpa"  # Unsloth loads gemma-3n eager; switched
+    batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
+    assert (batch["attention_mask"] == 0).any()  # padded rows are part of it
+
+    def loss_and_grads() -> tuple:
+        model.zero_grad(set_to_none=True)
+        loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
+        return loss.detach().float(), grads
+
+    fused_loss, fused = loss_and_grads()
+    remove_kernels(model)
+    model.set_attn_implementation({"text_config": "eager"})
+    own_loss, own = loss_and_grads()
+    apply_kernels(model, KERNELS)
+    assert torch.isfinite(fused_loss) and torch.allclose(fused_loss, own_loss, rtol=2e-2), (fused_loss, own_loss)
+    assert fused.keys() == own.keys() and any(".lora_A" in n for n in own)
+    for name, grad in own.items():  # bf16: compare each gradient as a whole
+        error = (fused[name] - grad).norm() / grad.norm().clamp_min(1e-12)
+        assert torch.isfinite(fused[name]).all() and error < 0.05, (name, error.item())
+
+
 def test_sft_trains_a_lora_adapter_with_unsloth_on_the_gpu(sft_out: Path) -> None:
     from safetensors.torch import load_file
 

@@ -111,8 +111,21 @@ def test_a_variant_stopped_before_its_timed_steps_reports_no_throughput() -> Non
 def test_variants_name_backend_micro_batch_accumulation_checkpointing_and_compilation() -> None:
     from _train import parse_variant
 
-    expected = {"name": "hf:8x4:gc", "kind": "hf", "micro": 8, "accum": 4, "gc": True, "compile": False}
+    from mathwizard.models.kernels import KERNELS
+
+    all_kernels = list(KERNELS)
+    expected = {
+        "name": "hf:8x4:gc",
+        "kind": "hf",
+        "micro": 8,
+        "accum": 4,
+        "gc": True,
+        "compile": False,
+        "kernels": all_kernels,  # the setting's default
+    }
     assert parse_variant("hf:8x4:gc") == expected
+    assert parse_variant("unsloth:8x4:k=none")["kernels"] == []  # gemma-3n's own code
+    assert parse_variant("unsloth:8x4:gc:k=rms_norm+sdpa")["kernels"] == ["rms_norm", "sdpa"]
     assert parse_variant("plain:16x2")["gc"] is False
     assert parse_variant("unsloth:8x4:compile") == {
         "name": "unsloth:8x4:compile",
@@ -121,11 +134,12 @@ def test_variants_name_backend_micro_batch_accumulation_checkpointing_and_compil
         "accum": 4,
         "gc": False,
         "compile": True,  # built with model.compile: layers
+        "kernels": all_kernels,
     }
     both = parse_variant("hf:8x4:gc:compile")
     assert (both["kind"], both["micro"], both["accum"], both["gc"], both["compile"]) == ("hf", 8, 4, True, True)
     assert parse_variant("plain:8x4:compile")["compile"] is True  # the baseline loop on the compiled layers
-    for bad in ("fast:8x4", "hf:8x4:compiled", "unsloth:8x4:gc:fast"):
+    for bad in ("fast:8x4", "hf:8x4:compiled", "unsloth:8x4:gc:fast", "unsloth:8x4:k=flash"):
         with pytest.raises(SystemExit, match=r"bad variant .*\[:gc\]\[:compile\]"):
             parse_variant(bad)
 

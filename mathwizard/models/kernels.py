@@ -1,0 +1,158 @@
+"""Fused equivalents of gemma-3n's eager pieces, put on a loaded model in place (`model.kernels`).
+
+Profiled on the H200, about 60 % of an SFT step's GPU time was elementwise kernels, most of them gemma-3n's own: each
+of the ~10 RMSNorms of a decoder layer runs seven kernels over float32 copies of its input (cast, pow, mean, add, pow,
+mul, mul, cast), AltUp mixes its 4 streams per token with a batched product of 4-wide matrices (slow cuBLAS kernels
+plus permute copies), and Unsloth loads gemma-3n with eager attention (float32 scores and softmax materialised, KV
+heads repeated). Each replacement computes the same function, up to float rounding:
+
+- `rms_norm`: torch's fused RMSNorm (one kernel forward, one backward on CUDA; float32 inside, as gemma-3n's own).
+- `sdpa`: the language model's attention through `scaled_dot_product_attention` with the KV heads shared, where the
+  loader chose eager or transformers' SDPA.
+- `altup`: AltUp's prediction mix as one Triton pass over the streams (`mathwizard.altup_mix`; PyTorch elsewhere).
+
+The patches are per instance (the module's `forward`/`predict`), so they hold whatever Unsloth patched on the
+classes at import, survive PEFT wrapping and adapter merging, and leave the weights and the state dict untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import types
+from collections.abc import Sequence
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+KERNELS = ("rms_norm", "sdpa", "altup")
+RMS_NORM_CLASS = "Gemma3nRMSNorm"
+ALTUP_CLASS = "Gemma3nTextAltUp"
+
+
+def apply_kernels(model: Any, kernels: Sequence[str]) -> dict[str, int]:
+    """Put the chosen replacements on `model`; returns how many modules each one changed (0: nothing to change)."""
+    unknown = set(kernels) - set(KERNELS)
+    if unknown:
+        raise ValueError(f"unknown kernels {sorted(unknown)}; choose from {', '.join(KERNELS)}")
+    done: dict[str, int] = {}
+    if "rms_norm" in kernels:
+        done["rms_norm"] = _patch_instances(model, RMS_NORM_CLASS, "forward", fused_rms_norm_forward)
+    if "altup" in kernels:
+        done["altup"] = _patch_instances(model, ALTUP_CLASS, "predict", fused_altup_predict)
+    if "sdpa" in kernels:
+        done["sdpa"] = int(use_sdpa_attention(model))
+    if any(done.values()):
+        log.info("model.kernels: %s", ", ".join(f"{name} ({count})" for name, count in done.items() if count))
+    return done
+
+
+def remove_kernels(model: Any) -> int:
+    """Give the patched modules their class's own methods back (the attention setting stays); returns how many."""
+    count = 0
+    for module in model.modules():
+        for method in ("forward", "predict"):
+            if type(module).__name__ in (RMS_NORM_CLASS, ALTUP_CLASS) and method in vars(module):
+                delattr(module, method)
+                count += 1
+    return count
+
+
+def _patch_instances(model: Any, class_name: str, method: str, replacement: Any) -> int:
+    count = 0
+    for module in model.modules():
+        if type(module).__name__ == class_name:
+            setattr(module, method, types.MethodType(replacement, module))
+            count += 1
+    return count
+
+
+def fused_rms_norm_forward(self: Any, hidden_states: Any) -> Any:
+    """Gemma3nRMSNorm: x * (mean(x²) + eps)^-½ * weight in float32, rounded once to x's dtype, as one fused op.
+
+    torch only fuses when the weight has the input's dtype (the model's own norms hold bf16 weights under bf16);
+    another weight dtype takes the float32 route, still one norm kernel. Autocast is kept out: it would run the norm
+    in float32 and hand float32 to the residual stream, which gemma-3n's own norm never does.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    weight = self.weight if getattr(self, "with_scale", True) and hasattr(self, "weight") else None
+    shape = (hidden_states.shape[-1],)
+    with torch.autocast(hidden_states.device.type, enabled=False):
+        if weight is None or weight.dtype == hidden_states.dtype:
+            return F.rms_norm(hidden_states, shape, weight, self.eps)
+        return F.rms_norm(hidden_states.float(), shape, weight.float(), self.eps).to(hidden_states.dtype)
+
+
+def fused_altup_predict(self: Any, hidden_states: Any) -> Any:
+    """Gemma3nTextAltUp.predict with the stream mix as one pass (`altup_mix`) instead of a batched 4-wide product."""
+    from mathwizard.altup_mix import altup_mix
+
+    streams = self.config.altup_num_inputs
+    modalities = self.compute_router_modalities(hidden_states[self.config.altup_active_idx])
+    if self.training and self.config.altup_coef_clip is not None:
+        self.prediction_coefs.weight.data.clamp_(-self.config.altup_coef_clip, self.config.altup_coef_clip)
+    coefs = self.prediction_coefs(modalities).reshape(*modalities.shape[:-1], streams, streams)
+    return altup_mix(hidden_states, coefs)
+
+
+def use_sdpa_attention(model: Any) -> bool:
+    """Switch the language model's attention from eager or transformers' SDPA (which copies the KV heads for every
+    query head when there is a mask) to `sdpa_attention`, registered with transformers under `SDPA` with SDPA's
+    boolean masks. Returns whether anything changed: a model on another kernel (flash, flex) keeps it."""
+    config = getattr(model, "config", None)
+    text_config = getattr(config, "text_config", None)
+    if text_config is None or getattr(text_config, "_attn_implementation", None) not in ("eager", "sdpa"):
+        return False
+    _register_sdpa()
+    model.set_attn_implementation({"text_config": SDPA})
+    return text_config._attn_implementation == SDPA
+
+
+SDPA = "mathwizard_sdpa"
+
+
+def sdpa_attention(
+    module: Any,
+    query: Any,
+    key: Any,
+    value: Any,
+    attention_mask: Any,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    softcap: float | None = None,
+    **_: Any,
+) -> tuple[Any, None]:
+    """transformers' attention function: `scaled_dot_product_attention` with the KV heads shared (no repeated copies)
+    and the eager path's answer for a query that may attend to nothing (a left-padding position): all keys alike.
+    SDPA would give such a row NaN gradients (torch's math kernel), which the backward spreads to every weight even
+    though the loss never reads the row."""
+    import torch
+
+    if softcap is not None:
+        raise NotImplementedError("attention soft-capping: use the eager attention (model.kernels without sdpa)")
+    q_length, kv_length = query.shape[2], key.shape[2]
+    is_causal = attention_mask is None and q_length > 1 and getattr(module, "is_causal", True)
+    if is_causal and kv_length > q_length:
+        key, value = key[:, :, :q_length], value[:, :, :q_length]
+    if attention_mask is not None and attention_mask.dtype == torch.bool:
+        attention_mask = attention_mask | ~attention_mask.any(-1, keepdim=True)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=attention_mask,
+        dropout_p=dropout,
+        scale=scaling,
+        is_causal=is_causal,
+        enable_gqa=key.shape[1] != query.shape[1],
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register_sdpa() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(SDPA, sdpa_attention)
+    AttentionMaskInterface.register(SDPA, sdpa_mask)

@@ -1,0 +1,153 @@
+"""`model.kernels`: each fused replacement computes gemma-3n's own function (tiny model, float32, forward and
+gradients), keeps the dtypes of the model's own code, and reaches the model through the stages' loading.
+
+The batch is left-padded: a padding query then attends to nothing, which eager attention turns into a uniform row and
+plain SDPA into NaN gradients (torch's math kernel) that reach every weight; `sdpa_attention` must do as eager does."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mathwizard.config import ModelConfig, SFTConfig
+from mathwizard.models.kernels import (
+    KERNELS,
+    RMS_NORM_CLASS,
+    SDPA,
+    apply_kernels,
+    fused_rms_norm_forward,
+    remove_kernels,
+)
+
+
+def _conversation(seed: int, question: str, answer: str) -> list[dict]:
+    from PIL import Image
+
+    image = Image.new("RGB", (60 + 10 * seed, 40), (40 * seed % 256, 90, 200))
+    return [
+        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": question}]},
+        {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+    ]
+
+
+@pytest.fixture(scope="module")
+def tiny_batch() -> tuple:
+    """The tiny model for training and a batch of two image conversations of different lengths, left-padded (as
+    Unsloth's tokenizer pads), labels on the real tokens that real tokens predict."""
+    import torch
+
+    from mathwizard.models import load_model
+
+    torch.set_num_threads(1)
+    model, processor = load_model("tiny", "hf", for_training=True)
+    conversations = [
+        _conversation(1, "Find x.", "x = 7 because the angles add up to 180 degrees."),
+        _conversation(3, "Find the area of the triangle ABC drawn in the figure.", "49"),
+    ]
+    batch = processor.apply_chat_template(
+        conversations, tokenize=True, return_dict=True, return_tensors="pt", padding=True
+    )
+    assert (batch["attention_mask"][:, 0] == 0).any()  # a left-padded row is part of what is compared
+    padding = batch["attention_mask"] == 0
+    labels = batch["input_ids"].masked_fill(padding, -100)
+    labels[:, 1:][padding[:, :-1]] = -100  # nor a token predicted from a padding position (prompts are never labels)
+    batch["labels"] = labels
+    return model, batch
+
+
+def _forward_backward(model, batch) -> tuple:
+    model.zero_grad(set_to_none=True)
+    out = model(**batch)
+    out.loss.backward()
+    real = batch["attention_mask"].bool()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return out.loss.detach(), out.logits.detach()[real], grads
+
+
+def _unpatched(model) -> None:
+    remove_kernels(model)
+    model.set_attn_implementation({"text_config": "eager"})
+
+
+@pytest.mark.parametrize("kernels", [[name] for name in KERNELS] + [list(KERNELS)], ids=lambda k: "+".join(k))
+def test_each_kernel_computes_the_models_own_function(tiny_batch, kernels: list[str]) -> None:
+    model, batch = tiny_batch
+    _unpatched(model)
+    loss, logits, grads = _forward_backward(model, batch)
+
+    done = apply_kernels(model, kernels)
+    assert set(done) == set(kernels) and all(done.values())  # each one found its modules in gemma-3n
+    got_loss, got_logits, got_grads = _forward_backward(model, batch)
+    _unpatched(model)
+
+    assert got_loss.item() == pytest.approx(loss.item(), rel=1e-5)
+    assert (got_logits - logits).abs().max().item() < 1e-4
+    assert got_grads.keys() == grads.keys() and len(grads) > 100  # every weight, the norms' and AltUp's included
+    for name, grad in grads.items():
+        assert got_grads[name] == pytest.approx(grad, rel=1e-3, abs=1e-5), name
+
+
+def test_the_patches_are_on_the_instances_and_the_state_dict_is_unchanged(tiny_batch) -> None:
+    model, _ = tiny_batch
+    _unpatched(model)
+    keys = list(model.state_dict())
+    done = apply_kernels(model, KERNELS)
+    norms = [m for m in model.modules() if type(m).__name__ == RMS_NORM_CLASS]
+    assert done["rms_norm"] == len(norms) > 10  # the language model's, the audio tower's, the embedders'
+    assert all("forward" in vars(m) for m in norms)
+    assert model.config.text_config._attn_implementation == SDPA
+    assert apply_kernels(model, ["sdpa"]) == {"sdpa": 0}  # already switched: nothing to do
+    assert list(model.state_dict()) == keys
+    _unpatched(model)
+    with pytest.raises(ValueError, match="unknown kernels \\['flash'\\]"):
+        apply_kernels(model, ["flash"])
+
+
+def test_the_fused_norm_keeps_the_input_dtype_under_autocast_and_with_a_float32_weight() -> None:
+    import torch
+    from transformers.models.gemma3n.modeling_gemma3n import Gemma3nRMSNorm
+
+    x = torch.randn(3, 5, 64, dtype=torch.bfloat16) * 4
+    for with_scale in (True, False):
+        norm = Gemma3nRMSNorm(64, eps=1e-6, with_scale=with_scale)
+        if with_scale:
+            torch.nn.init.normal_(norm.weight)  # float32, as a norm that was never cast
+        want = norm(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = fused_rms_norm_forward(norm, x)
+        assert got.dtype == torch.bfloat16
+        assert (got.float() - want.float()).abs().max().item() <= 0.02 * want.float().abs().max().item()
+        norm.to(torch.bfloat16)
+        same_dtype = fused_rms_norm_forward(norm, x)
+        assert same_dtype.dtype == torch.bfloat16
+        assert torch.allclose(same_dtype.float(), norm(x).float(), rtol=2e-2, atol=2e-2)
+
+
+def test_the_setting_is_validated_and_left_out_of_the_fingerprint() -> None:
+    from pydantic import ValidationError
+
+    from mathwizard.models.ref import resolve
+
+    assert ModelConfig().kernels == list(KERNELS)
+    with pytest.raises(ValidationError):
+        ModelConfig(kernels=["flash"])
+    ref = resolve("tiny")
+    assert ref.identity(ModelConfig(kernels=[])) == ref.identity(ModelConfig())
+
+
+def test_the_sft_stage_loads_its_model_with_the_configured_kernels(tmp_path: Path) -> None:
+    from mathwizard.stages import sft
+    from tests.training.builders import teach_folder
+
+    teach = teach_folder(tmp_path / "02-teach", n_train=2, n_val=0)
+    cfg = SFTConfig(max_steps=1, per_device_train_batch_size=2, max_length=512, eval_steps=None)
+
+    def patched(trainer) -> set[str]:
+        names = {type(m).__name__ for m in trainer.model.modules() if "forward" in vars(m) or "predict" in vars(m)}
+        return names & {RMS_NORM_CLASS, "Gemma3nTextAltUp"}
+
+    trainer, _ = sft.build_trainer(cfg, ModelConfig(kernels=["rms_norm", "altup"]), teach, tmp_path / "fused")
+    assert patched(trainer) == {RMS_NORM_CLASS, "Gemma3nTextAltUp"}
+    trainer, _ = sft.build_trainer(cfg, ModelConfig(kernels=[]), teach, tmp_path / "own")
+    assert patched(trainer) == set()
