@@ -290,10 +290,12 @@ class TrainingConfig(_Stage):
     weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     pad_to_multiple_of: int | None = Field(
-        None,
+        64,
         ge=1,
-        description="SFT on the Unsloth path: pad every batch to a multiple of this many tokens (= max_length: one"
-        " shape, so compiled kernels are built once). TRL's vision collators (hf SFT, DPO) cannot pad this way.",
+        description="SFT on the Unsloth path: pad every batch to a multiple of this many tokens, so a few batch"
+        " shapes recur: cuDNN's attention builds its plans once per shape (seconds each on the H200), compiled"
+        " kernels too (= max_length: one shape). None: the longest row. TRL's vision collators (hf SFT, DPO) cannot"
+        " pad this way.",
     )
     limit: int | None = Field(None, ge=1, description="Train on only the first N examples (for trials).")
 

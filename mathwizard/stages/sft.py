@@ -143,7 +143,7 @@ def build_trainer(
     train_rows = read_dataset(data, "train", training_data.SFT_COLUMNS, limit=cfg.limit)
     val_rows = read_dataset(data, "val", training_data.SFT_COLUMNS, required=False)
     device, dtype = runtime(model)
-    if cfg.pad_to_multiple_of and backend == "hf":
+    if "pad_to_multiple_of" in cfg.model_fields_set and cfg.pad_to_multiple_of and backend == "hf":
         log.warning("sft.pad_to_multiple_of applies to the Unsloth collator only; TRL's vision collator ignores it")
 
     import trl

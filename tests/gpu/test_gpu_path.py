@@ -113,7 +113,7 @@ def test_the_fused_kernels_give_the_models_own_loss_and_gradients_on_the_gpu(
     import torch
 
     from mathwizard.config import ModelConfig, SFTConfig
-    from mathwizard.models.kernels import KERNELS, apply_kernels, remove_kernels
+    from mathwizard.models.kernels import KERNELS, SDPA, apply_kernels, remove_kernels
     from mathwizard.stages.sft import build_trainer
     from tests.training.builders import teach_folder, use_session_model_cache
 
@@ -124,7 +124,7 @@ def test_the_fused_kernels_give_the_models_own_loss_and_gradients_on_the_gpu(
     model_cfg = ModelConfig(name="tiny", backend="unsloth", dtype="bfloat16", compile="eager")
     trainer, _ = build_trainer(cfg, model_cfg, teach, root / "sft")
     model = trainer.model
-    assert model.config.text_config._attn_implementation == "sdpa"  # Unsloth loads gemma-3n eager; switched
+    assert model.config.text_config._attn_implementation == SDPA  # Unsloth loads gemma-3n eager; switched
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     assert (batch["attention_mask"] == 0).any()  # padded rows are part of it
 
