@@ -292,10 +292,10 @@ class TrainingConfig(_Stage):
     pad_to_multiple_of: int | None = Field(
         64,
         ge=1,
-        description="SFT on the Unsloth path: pad every batch to a multiple of this many tokens, so a few batch"
-        " shapes recur: cuDNN's attention builds its plans once per shape (seconds each on the H200), compiled"
-        " kernels too (= max_length: one shape). None: the longest row. TRL's vision collators (hf SFT, DPO) cannot"
-        " pad this way.",
+        description="Pad every training batch on the right to a multiple of this many tokens (both backends;"
+        " mathwizard.training.padding), so a few batch shapes recur: cuDNN's attention builds its plans once per"
+        " shape (seconds each on the H200), compiled layers recompile per shape (= max_length: one shape). None or"
+        " 1: each batch as long as its longest row.",
     )
     limit: int | None = Field(None, ge=1, description="Train on only the first N examples (for trials).")
 

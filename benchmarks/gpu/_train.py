@@ -78,6 +78,13 @@ def parse_args(stage: str, defaults: dict[str, Any], doc: str) -> argparse.Names
         help="Profile one more optimizer step after the timed ones (torch.profiler; not in the figures): its top "
         "kernels and how busy the GPU was, in <json folder>/<stage>-profile-<variant>.txt.",
     )
+    parser.add_argument(
+        "--summarize",
+        type=Path,
+        default=None,
+        help="Run nothing: summarize the step files a run left in this folder (<stage>-hf.json, <stage>-unsloth.json;"
+        " a run stopped before its summary, e.g. by a timeout).",
+    )
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -410,16 +417,20 @@ def summarize(result: dict[str, Any], warmup: int) -> dict[str, Any]:
 
 
 def parent(args: argparse.Namespace, script: Path) -> None:
-    args.model = ensure_e2b(args.model)
-    ensure_data(args.data)
-    info = env_info()
-    ceilings = card_ceilings()
-    peaks = datasheet(info.get("gpu", ""))
-    say(env_line(info))
-    say(
-        f"card: bf16 matmul {ceilings['matmul_bf16_flops'] / 1e12:.0f} TFLOP/s measured "
-        f"(datasheet {peaks['bf16_flops'] / 1e12:.0f}), copy {ceilings['copy_bytes_s'] / 1e12:.2f} TB/s"
-    )
+    if args.summarize:  # another run's step files: no model, data, card or GPU needed
+        info, ceilings, peaks = {}, {}, datasheet("")
+        say(f"summarizing the step files in {args.summarize} (nothing is run)")
+    else:
+        args.model = ensure_e2b(args.model)
+        ensure_data(args.data)
+        info = env_info()
+        ceilings = card_ceilings()
+        peaks = datasheet(info.get("gpu", ""))
+        say(env_line(info))
+        say(
+            f"card: bf16 matmul {ceilings['matmul_bf16_flops'] / 1e12:.0f} TFLOP/s measured "
+            f"(datasheet {peaks['bf16_flops'] / 1e12:.0f}), copy {ceilings['copy_bytes_s'] / 1e12:.2f} TB/s"
+        )
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     variants = [parse_variant(v) for v in names]
     if args.stage == "dpo" and any(v["kind"] == "plain" for v in variants):
@@ -444,10 +455,10 @@ def parent(args: argparse.Namespace, script: Path) -> None:
     for group, members in groups.items():
         if not members:
             continue
-        result_file = scratch / f"{args.stage}-{group}.json"
+        result_file = (args.summarize or scratch) / f"{args.stage}-{group}.json"
         command = [sys.executable, str(script), "--worker", ",".join(members), "--result", str(result_file)]
         say(f"--- {group} process: {', '.join(members)}")
-        code = subprocess.run([*command, *worker_args]).returncode
+        code = None if args.summarize else subprocess.run([*command, *worker_args]).returncode
         done = _read(result_file)
         flops = flops or done.get("forward_flops")
         for name in members:
@@ -498,7 +509,8 @@ def parent(args: argparse.Namespace, script: Path) -> None:
                 f"{fmt(r.get('peak_allocated_gib'), '.1f')} GiB, MFU {fmt(s.get('mfu'), '.1%')}"
             )
     write_json(args.json, report)
-    say(env_line(info))
+    if info:
+        say(env_line(info))
 
 
 def _read(path: Path) -> dict[str, Any]:

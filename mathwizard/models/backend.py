@@ -404,8 +404,9 @@ def lora_config(model: Any, lora: LoRAConfig) -> Any:
 
 
 # ----------------------------------------------------------------------------------------- training
-def sft_collator(model: Any, processor: Any, backend: Backend, *, max_length: int, pad_to_multiple_of: int | None):
-    """Unsloth's vision collator (prompt/completion: loss on the completion); None lets TRL pick its own."""
+def sft_collator(model: Any, processor: Any, backend: Backend, *, max_length: int):
+    """Unsloth's vision collator (prompt/completion: loss on the completion); None lets TRL pick its own. Either is
+    padded to `pad_to_multiple_of` by `training.padding` afterwards."""
     if backend != "unsloth":
         return None
     from unsloth.trainer import UnslothVisionDataCollator
@@ -415,7 +416,6 @@ def sft_collator(model: Any, processor: Any, backend: Backend, *, max_length: in
         processor,
         max_seq_length=max_length,
         completion_only_loss=True,
-        pad_to_multiple_of=pad_to_multiple_of,
         resize="max",  # the processor resizes to the model's input size itself
     )
 

@@ -113,8 +113,7 @@ def _trl_args(
         beta=cfg.beta,
         max_length=cfg.max_length,
         truncation_mode="keep_start",  # the only mode TRL allows with images: the prompt (and image) stay whole
-        # TRL's vision preference collator cannot pad to a multiple (it raises), on either backend.
-        pad_to_multiple_of=None,
+        pad_to_multiple_of=None,  # TRL's vision collator refuses it: training.padding pads its batches instead
         precompute_ref_log_probs=False,
     )
 
@@ -155,6 +154,7 @@ def build_trainer(
     from mathwizard.models import load_model, resolve_backend
     from mathwizard.training import data as training_data
     from mathwizard.training.callbacks import tensorboard_callback
+    from mathwizard.training.padding import pad_batches
     from mathwizard.training.runner import CHECKPOINTS_DIR, runtime
 
     backend = resolve_backend(model.backend)
@@ -213,6 +213,7 @@ def build_trainer(
             peft_config=peft_config,
             callbacks=[*callbacks, *([tensorboard_callback(out)] if cfg.report_to == "tensorboard" else [])],
         )
+    pad_batches(trainer, cfg.pad_to_multiple_of, processor, cfg.max_length)
     backends.compile_for_training(trainer.model, model.compile)  # model.compile=layers: its decoder layers
     facts = {
         "backend": backend,

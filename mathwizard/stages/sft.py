@@ -114,8 +114,7 @@ def _trl_args(
         max_length=cfg.max_length,
         packing=False,
         completion_only_loss=True,  # the loss covers the solution, not the prompt or the image tokens
-        # TRL's vision prompt-completion collator cannot pad to a multiple; Unsloth's collator gets it instead.
-        pad_to_multiple_of=None,
+        pad_to_multiple_of=None,  # TRL's vision collator refuses it: training.padding pads its batches instead
         dataset_kwargs={"skip_prepare_dataset": True},  # images are processed batch by batch by the collator
     )
 
@@ -135,6 +134,7 @@ def build_trainer(
     from mathwizard.models import load_model, resolve_backend
     from mathwizard.training import data as training_data
     from mathwizard.training.callbacks import tensorboard_callback
+    from mathwizard.training.padding import pad_batches
     from mathwizard.training.runner import CHECKPOINTS_DIR, runtime
 
     backend = resolve_backend(model.backend)
@@ -143,8 +143,6 @@ def build_trainer(
     train_rows = read_dataset(data, "train", training_data.SFT_COLUMNS, limit=cfg.limit)
     val_rows = read_dataset(data, "val", training_data.SFT_COLUMNS, required=False)
     device, dtype = runtime(model)
-    if "pad_to_multiple_of" in cfg.model_fields_set and cfg.pad_to_multiple_of and backend == "hf":
-        log.warning("sft.pad_to_multiple_of applies to the Unsloth collator only; TRL's vision collator ignores it")
 
     import trl
 
@@ -177,11 +175,10 @@ def build_trainer(
         train_dataset=train_ds,
         eval_dataset=val_ds,
         processing_class=processor,
-        data_collator=backends.sft_collator(
-            peft_model, processor, backend, max_length=cfg.max_length, pad_to_multiple_of=cfg.pad_to_multiple_of
-        ),
+        data_collator=backends.sft_collator(peft_model, processor, backend, max_length=cfg.max_length),
         callbacks=[*callbacks, *([tensorboard_callback(out)] if cfg.report_to == "tensorboard" else [])],
     )
+    pad_batches(trainer, cfg.pad_to_multiple_of, processor, cfg.max_length)
     backends.compile_for_training(trainer.model, model.compile)  # model.compile=layers: its decoder layers
     facts = {
         "backend": backend,

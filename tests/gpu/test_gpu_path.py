@@ -128,9 +128,10 @@ def test_the_fused_kernels_give_the_models_own_loss_and_gradients_on_the_gpu(
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     assert (batch["attention_mask"] == 0).any()  # padded rows are part of it
 
-    def loss_and_grads() -> tuple:
+    def loss_and_grads() -> tuple:  # as a training step computes them: under bf16 autocast (accelerate's), TRL's loss
         model.zero_grad(set_to_none=True)
-        loss = model(**batch, use_cache=False).loss
+        with torch.autocast("cuda", dtype=torch.bfloat16), trainer.compute_loss_context_manager():
+            loss = trainer.compute_loss(model, dict(batch))
         loss.backward()
         grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
         return loss.detach().float(), grads
