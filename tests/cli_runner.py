@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 
 from click.testing import Result
@@ -25,3 +26,9 @@ def invoke(args: list[str]) -> Result:
             if isinstance(handler, PrefectConsoleHandler):
                 handler.stream = handler.console.file = sys.stderr
     return result
+
+
+def default_sigint() -> None:
+    """A child's `preexec_fn`: Ctrl-C as a terminal's foreground job gets it, even when the suite itself runs with
+    SIGINT ignored (started as a background job by a non-interactive shell, which children would inherit)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

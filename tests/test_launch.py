@@ -17,6 +17,7 @@ import pytest
 from mathwizard import launch
 from mathwizard.config import ModelConfig
 from mathwizard.errors import ConfigError, DataError
+from tests.cli_runner import default_sigint
 
 
 def test_world_size_from_model_gpus_and_the_visible_devices(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -94,7 +95,9 @@ launch("tests.launch_targets:wait_forever", {"folder": sys.argv[1]}, nprocs=2, w
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL])
 def test_no_rank_outlives_its_launcher(tmp_path: Path, sig: signal.Signals) -> None:
     """Ctrl-C stops the process group; a launcher killed with -9 takes torchrun and the ranks with it (PDEATHSIG)."""
-    launcher = subprocess.Popen([sys.executable, "-c", LAUNCHER, str(tmp_path)], cwd=Path(__file__).parents[1])
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", LAUNCHER, str(tmp_path)], cwd=Path(__file__).parents[1], preexec_fn=default_sigint
+    )
     try:
         deadline = time.monotonic() + 120
         while len(list(tmp_path.glob("rank-*.pid"))) < 2:

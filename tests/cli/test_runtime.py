@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from mathwizard.testing import spawn_test_server
+from tests.cli_runner import default_sigint
 
 CLI = [sys.executable, "-c", "from mathwizard.cli import app; app()"]
 KEY = "sk-runtime-test"
@@ -75,6 +76,7 @@ def start_teach(home: Path, base_url: str) -> subprocess.Popen:
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,  # its own process group, like a shell's foreground job
+        preexec_fn=default_sigint,
     )
 
 
