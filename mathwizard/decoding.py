@@ -85,24 +85,20 @@ def rows_attention(
     Decode step (one query per row): `attention_mask` is each row's count of valid cache slots [rows] (a prefix,
     `decode_lengths`), and `mathwizard.decode_attention` reads just those. Prefill: `attention_mask` is boolean
     [rows, 1, queries, keys] (True = attend; causal, no padding keys, the window on sliding layers), for
-    scaled_dot_product_attention with the KV heads shared (`enable_gqa`).
+    scaled_dot_product_attention with the KV heads shared (`mathwizard.models.kernels.sdpa_attention`).
     """
     import torch
 
     from mathwizard.decode_attention import decode_attention
+    from mathwizard.models.kernels import sdpa_attention
 
     if softcap is not None:
         raise NotImplementedError("attention soft-capping is not supported by the row engine")
-    heads, dim = query.shape[1], query.shape[3]
-    kv_heads = key.shape[1]
-    scale = scaling if scaling is not None else dim**-0.5
+    scale = scaling if scaling is not None else query.shape[3] ** -0.5
     if attention_mask.dtype != torch.bool:  # a decode step's valid slots per row
         return decode_attention(query, key, value, attention_mask, scale), None
     key, value = key.to(query.dtype), value.to(query.dtype)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        query, key, value, attn_mask=attention_mask, scale=scale, enable_gqa=kv_heads != heads
-    )
-    return out.transpose(1, 2).contiguous(), None
+    return sdpa_attention(module, query, key, value, attention_mask, scaling=scale)
 
 
 def _register_attention() -> None:
