@@ -4,14 +4,13 @@ A variant is `<kind>:<micro>x<accum>[:gc][:compile][:k=<kernels>]`: kind `plain`
 PEFT loop, the baseline), `hf` (the stage's transformers + PEFT + TRL trainer) or `unsloth` (the stage's Unsloth
 trainer); micro = rows (DPO: pairs) per micro-batch, accum = micro-batches per optimizer step; `gc` turns gradient
 checkpointing on; `compile` builds it with `model.compile: layers` instead of `eager` (each decoder layer of the
-language model under torch.compile, `compile_decoder_layers`; for `plain` too, whose loop trains the same model);
-`k=` sets `model.kernels` (names joined by `+`, or `none` for the model's own code; default: the setting's default,
-all of them). Each variant builds the
-stage's trainer exactly as the stage does (`build_trainer`: the same collator, LoRA targets, arguments and
-compilation) on the same model and data, then runs `warmup + steps` optimizer steps; every step is timed with the
-GPU synchronised before and after. The `plain` loop takes the same batches from that trainer's data loader and the
-same PEFT model, and trains it with `model(**batch).loss` (full logits, transformers' cross-entropy), backward and
-AdamW: no TRL in the step.
+language model under torch.compile, `compile_decoder_layers`; for `plain` too, whose loop trains the same model); `k=`
+sets `model.kernels` (names joined by `+`, or `none` for the model's own code; default: the setting's default, all of
+them). Each variant builds the stage's trainer exactly as the stage does (`build_trainer`: the same collator, LoRA
+targets, arguments and compilation) on the same model and data, then runs `warmup + steps` optimizer steps; every step
+is timed with the GPU synchronised before and after. The `plain` loop takes the same batches from that trainer's data
+loader and the same PEFT model, and trains it with `model(**batch).loss` (full logits, transformers' cross-entropy),
+backward and AdamW: no TRL in the step.
 
 Reported per variant: median step time and its spread (min-max, IQR) over the timed steps, tokens/s (tokens the
 model processed, attention-mask ones: image soft tokens, prompt and answer, padding excluded, over the timed steps'

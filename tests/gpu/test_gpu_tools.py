@@ -108,6 +108,29 @@ def test_a_variant_stopped_before_its_timed_steps_reports_no_throughput() -> Non
     assert s == {"steps_done": 1, "timed_steps": 0}
 
 
+def test_a_run_stopped_before_its_summary_is_summarized_from_its_step_files(tmp_path: Path) -> None:
+    """`--summarize DIR`: the parent's table and JSON from the worker files a timed-out run left, nothing run."""
+    import json
+
+    steps = [{"seconds": s, "tokens": 1000, "padded": 1100, "loss": None} for s in (9.0, 2.0, 1.0, 2.0)]
+    variants = {
+        "unsloth:8x4:k=none": {"kind": "unsloth", "micro": 8, "accum": 4, "steps": steps, "done": True},
+        "unsloth:8x4": {"kind": "unsloth", "micro": 8, "accum": 4, "steps": [steps[0], {**steps[1], "seconds": 1.0}]},
+    }
+    (tmp_path / "sft-unsloth.json").write_text(json.dumps({"import_s": 30.0, "variants": variants}))
+    out = tmp_path / "sft.json"
+    command = [sys.executable, str(REPO / "benchmarks/gpu/bench_sft.py"), "--summarize", str(tmp_path)]
+    command += ["--variants", "unsloth:8x4:k=none,unsloth:8x4", "--warmup", "1", "--json", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    baseline, kernels = (report["variants"][n]["summary"] for n in ("unsloth:8x4:k=none", "unsloth:8x4"))
+    assert baseline["tokens_per_s"] == 3000 / 5.0 and kernels["tokens_per_s"] == 1000 / 1.0
+    assert kernels["vs_baseline"] == pytest.approx(1000 / 600)
+    assert "sft unsloth:8x4: 1,000 tokens/s vs 600 baseline (unsloth:8x4:k=none) -> 1.67x" in done.stdout
+    assert "unfinished" in done.stdout  # the second variant never set `done`
+
+
 def test_variants_name_backend_micro_batch_accumulation_checkpointing_and_compilation() -> None:
     from _train import parse_variant
 
