@@ -6,9 +6,10 @@ tensors: B*T batched [D, S] x [S, S] products, which on the H200 run on slow 16x
 B*T = 5,200, D = 2,048) plus permute copies, for work that is one memory pass (~50 us). On CUDA a Triton kernel
 instead reads x once and writes the output once, accumulating in float32; the backward reads x and the incoming
 gradient once, writing dx and each token's dP (one program per token summing over d in a fixed order: deterministic,
-no atomics). Measured on the H200 (bf16, B*T = 5,200, D = 2,048): forward ~45 us and backward ~66 us of GPU time,
-against ~1,050 us for the model's formulation forward and backward. Elsewhere (CPU, no Triton, another dtype)
-`reference` is the model's own formulation.
+no atomics). Timed once on the H200 with a scratch script that was not kept (bf16, B*T = 5,200, D = 2,048): forward
+~45 us and backward ~66 us of GPU time, against ~1,050 us for the model's formulation forward and backward; the
+figures this repository stands by are `benchmarks/gpu/bench_sft.py`'s, with and without `model.kernels`. Elsewhere
+(CPU, no Triton, another dtype) `reference` is the model's own formulation.
 """
 
 from __future__ import annotations
