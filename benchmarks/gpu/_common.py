@@ -87,6 +87,16 @@ def fmt(value: Any, spec: str = ",.0f") -> str:
 
 
 # ------------------------------------------------------------------------------------------------ the card
+def parse_kernels(text: str | None) -> list[str]:
+    """`model.kernels` from a benchmark's option: names joined by '+', 'none' for the model's own code, None for the
+    setting's default."""
+    from mathwizard.config import ModelConfig
+
+    if text is None:
+        return ModelConfig().kernels
+    return [name for name in text.split("+") if name != "none"]
+
+
 def datasheet(name: str) -> dict[str, float]:
     for key, peaks in DATASHEET.items():
         if key in name:

@@ -48,6 +48,7 @@ from _common import (
     env_info,
     env_line,
     fmt,
+    parse_kernels,
     say,
     spread,
     write_json,
@@ -95,13 +96,12 @@ VARIANT_FLAGS = ("gc", "compile")  # gradient checkpointing; model.compile: laye
 
 
 def parse_variant(name: str) -> dict[str, Any]:
-    from mathwizard.config import ModelConfig
     from mathwizard.models.kernels import KERNELS
 
     kind, shape, *flags = name.split(":")
     micro, accum = (int(x) for x in shape.split("x"))
     chosen = [f.removeprefix("k=") for f in flags if f.startswith("k=")]
-    kernels = ModelConfig().kernels if not chosen else [k for k in chosen[-1].split("+") if k != "none"]
+    kernels = parse_kernels(chosen[-1] if chosen else None)
     plain = [f for f in flags if not f.startswith("k=")]
     if kind not in ("plain", "hf", "unsloth") or set(plain) - set(VARIANT_FLAGS) or set(kernels) - set(KERNELS):
         raise SystemExit(f"bad variant {name!r}: use plain|hf|unsloth:MICROxACCUM[:gc][:compile][:k=a+b|none]")

@@ -36,6 +36,7 @@ from _common import (
     ensure_e2b,
     env_info,
     env_line,
+    parse_kernels,
     say,
     spread,
     write_json,
@@ -243,9 +244,7 @@ def main() -> None:
     peaks = datasheet(info.get("gpu", ""))
     say(env_line(info))
     loading = time.perf_counter()
-    from mathwizard.config import ModelConfig
-
-    kernels = ModelConfig().kernels if args.kernels is None else [k for k in args.kernels.split("+") if k != "none"]
+    kernels = parse_kernels(args.kernels)
     model, processor = load_model(str(args.model), args.backend, for_training=False, dtype="auto", kernels=kernels)
     model.eval()
     load_s = time.perf_counter() - loading
