@@ -207,13 +207,14 @@ class ModelConfig(_Stage):
         " elementwise kernels; the vision tower stays eager); its compile time counts in the first steps. The Unsloth"
         " switches are read when unsloth is first imported in a process.",
     )
-    kernels: list[Literal["rms_norm", "sdpa", "altup"]] = Field(
-        default_factory=lambda: ["rms_norm", "sdpa", "altup"],
+    kernels: list[Literal["rms_norm", "sdpa", "altup", "sparsity"]] = Field(
+        default_factory=lambda: ["rms_norm", "sdpa", "altup", "sparsity"],
         description="gemma-3n's eager pieces swapped for fused equivalents on the loaded model (the same function up"
         " to float rounding; mathwizard.models.kernels): rms_norm: torch's fused RMSNorm; sdpa: the language model's"
         " attention through scaled_dot_product_attention with the KV heads shared (Unsloth loads gemma-3n eager);"
-        " altup: AltUp's per-token stream mix as one Triton pass on CUDA. [] keeps the model's own code. Not part"
-        " of any fingerprint.",
+        " altup: AltUp's per-token stream mix as one Triton pass on CUDA; sparsity: the first MLPs' activation"
+        " cutoff without a host-to-device copy (a CPU-GPU sync) at every call. [] keeps the model's own code. Not"
+        " part of any fingerprint.",
     )
     decode: Literal["auto", "eager", "compiled", "graphs"] = Field(
         "auto",

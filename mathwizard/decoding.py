@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import os
-import types
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -205,27 +204,6 @@ def decode_lengths(positions: Any, length: int, window: int) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------ the model
-def _capture_safe_sparsity(model: Any) -> None:
-    """gemma-3n's MLP builds a tensor from a Python number on the GPU at every call (activation sparsity), which a
-    CUDA graph cannot capture; give each such MLP the same cut-off as a constant (bf16-rounded like the original)."""
-    import torch
-
-    for module in model.modules():
-        sparsity = getattr(module, "activation_sparsity", 0.0)
-        if not hasattr(module, "_gaussian_topk") or not sparsity or "_gaussian_topk" in vars(module):
-            continue
-        multiplier = torch.distributions.normal.Normal(0, 1).icdf(torch.tensor(sparsity, dtype=torch.float32))
-        dtype = module.gate_proj.weight.dtype
-        constant = float(multiplier.to(dtype))
-
-        def gaussian_topk(self: Any, inputs: Any, constant: float = constant) -> Any:
-            mean = torch.mean(inputs, dim=-1, keepdim=True)
-            std = torch.std(inputs, dim=-1, keepdim=True, unbiased=False)
-            return torch.nn.functional.relu(inputs - (mean + std * constant))
-
-        module._gaussian_topk = types.MethodType(gaussian_topk, module)
-
-
 class _Gemma3n:
     """The pieces of a loaded gemma-3n the engine calls, and its decode-step forward."""
 
@@ -578,8 +556,12 @@ def prompt_ids(processor: Any, texts: Sequence[str]) -> list[list[int]]:
 
 
 def prepare_model(model: Any) -> None:
-    """Once per loaded model: the capture-safe activation-sparsity cut-off (the same numbers as before)."""
-    _capture_safe_sparsity(model)
+    """Once per loaded model: gemma-3n's MLP builds a GPU tensor from a Python number at every call (activation
+    sparsity), which a CUDA graph cannot capture; `model.kernels`' `sparsity` computes the same cut-off without it, so
+    the engine puts it on whatever the setting says."""
+    from mathwizard.models.kernels import apply_kernels
+
+    apply_kernels(model, ["sparsity"])
 
 
 def decode_all(

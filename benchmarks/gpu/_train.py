@@ -53,6 +53,7 @@ from _common import (
     spread,
     write_json,
 )
+from _profile import labelled_modules, module_table, time_by_module
 
 STARTED = time.perf_counter()  # the process's start, for time to first step
 FORWARDS_PER_STEP = {"sft": 3, "dpo": 4}  # model FLOPs of one training step, in forward passes over the batch
@@ -286,6 +287,8 @@ def hooked_train(
         def on_step_begin(self, *_: Any, **__: Any) -> None:
             sync()
             if profile is not None and len(steps_seen()) == profile[0]:
+                self.labels = labelled_modules(trainer.model)
+                self.labels.__enter__()
                 self.profiler = start_profiler()
             self.t0, self.first = time.perf_counter(), len(micro)
 
@@ -294,6 +297,7 @@ def hooked_train(
             seconds = time.perf_counter() - self.t0
             batch = micro[self.first :]
             if self.profiler is not None:
+                self.labels.__exit__(None, None, None)
                 write_profile(self.profiler, seconds, profile[1])  # type: ignore[index]
                 self.profiler = None
                 return  # not a timed step
@@ -341,6 +345,7 @@ def write_profile(profiler: Any, seconds: float, path: Path) -> None:
         f"profiled step: {seconds:.3f} s wall (under the profiler); {len(spans)} kernels, GPU busy {busy / 1e6:.3f} s "
         f"({busy / 1e6 / seconds:.1%} of the step), kernel time summed {kernel_sum / 1e6:.3f} s",
     ]
+    lines.append(module_table(time_by_module(profiler.events(), on_device=bool(spans))))
     averages = profiler.key_averages()
     for key in ("self_device_time_total", "self_cuda_time_total", "self_cpu_time_total"):
         try:

@@ -10,6 +10,10 @@ heads repeated). Each replacement computes the same function, up to float roundi
 - `sdpa`: the language model's attention through `scaled_dot_product_attention` with the KV heads shared, where the
   loader chose eager or transformers' SDPA.
 - `altup`: AltUp's prediction mix as one Triton pass over the streams (`mathwizard.altup_mix`; PyTorch elsewhere).
+- `sparsity`: the activation-sparsity cutoff of the first MLPs (`_gaussian_topk`) with its normal quantile made once
+  per device and dtype; the model's own code builds it with `torch.tensor(..., device=cuda)` at every call, a
+  host-to-device copy that makes the CPU wait for the GPU (10 times a forward on E2B), so the CPU cannot queue the
+  next layers' kernels ahead of the GPU.
 
 The patches are per instance (the module's `forward`/`predict`), so they hold whatever Unsloth patched on the
 classes at import, survive PEFT wrapping and adapter merging, and leave the weights and the state dict untouched.
@@ -24,9 +28,11 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("rms_norm", "sdpa", "altup")
+KERNELS = ("rms_norm", "sdpa", "altup", "sparsity")
 RMS_NORM_CLASS = "Gemma3nRMSNorm"
 ALTUP_CLASS = "Gemma3nTextAltUp"
+MLP_CLASS = "Gemma3nTextMLP"
+_PATCHED = {RMS_NORM_CLASS: ("forward",), ALTUP_CLASS: ("predict",), MLP_CLASS: ("_gaussian_topk",)}
 
 
 def apply_kernels(model: Any, kernels: Sequence[str]) -> dict[str, int]:
@@ -39,6 +45,8 @@ def apply_kernels(model: Any, kernels: Sequence[str]) -> dict[str, int]:
         done["rms_norm"] = _patch_instances(model, RMS_NORM_CLASS, "forward", fused_rms_norm_forward)
     if "altup" in kernels:
         done["altup"] = _patch_instances(model, ALTUP_CLASS, "predict", fused_altup_predict)
+    if "sparsity" in kernels:
+        done["sparsity"] = _patch_instances(model, MLP_CLASS, "_gaussian_topk", cached_gaussian_topk)
     if "sdpa" in kernels:
         done["sdpa"] = int(use_sdpa_attention(model))
     if any(done.values()):
@@ -50,8 +58,8 @@ def remove_kernels(model: Any) -> int:
     """Give the patched modules their class's own methods back (the attention setting stays); returns how many."""
     count = 0
     for module in model.modules():
-        for method in ("forward", "predict"):
-            if type(module).__name__ in (RMS_NORM_CLASS, ALTUP_CLASS) and method in vars(module):
+        for method in _PATCHED.get(type(module).__name__, ()):
+            if method in vars(module):
                 delattr(module, method)
                 count += 1
     return count
@@ -94,6 +102,22 @@ def fused_altup_predict(self: Any, hidden_states: Any) -> Any:
         self.prediction_coefs.weight.data.clamp_(-self.config.altup_coef_clip, self.config.altup_coef_clip)
     coefs = self.prediction_coefs(modalities).reshape(*modalities.shape[:-1], streams, streams)
     return altup_mix(hidden_states, coefs)
+
+
+def cached_gaussian_topk(self: Any, inputs: Any) -> Any:
+    """Gemma3nTextMLP._gaussian_topk: relu(x - (mean + std * z)), z the standard normal quantile of the layer's
+    sparsity rounded to x's dtype as the model rounds it, kept per dtype as a Python number: nothing is copied to the
+    GPU (no sync) and a CUDA graph can capture it. The product is the same: torch multiplies a bf16 tensor by a
+    0-dim bf16 tensor or by that number alike, in float32."""
+    import torch
+
+    quantiles = self.__dict__.setdefault("_sparsity_quantile", {})
+    if inputs.dtype not in quantiles:
+        z = torch.distributions.normal.Normal(0, 1).icdf(torch.tensor(self.activation_sparsity, dtype=torch.float32))
+        quantiles[inputs.dtype] = float(z.to(inputs.dtype))
+    mean = torch.mean(inputs, dim=-1, keepdim=True)
+    std = torch.std(inputs, dim=-1, keepdim=True, unbiased=False)
+    return torch.nn.functional.relu(inputs - (mean + std * quantiles[inputs.dtype]))
 
 
 def use_sdpa_attention(model: Any) -> bool:

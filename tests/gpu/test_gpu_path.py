@@ -108,12 +108,14 @@ def test_the_fused_kernels_give_the_models_own_loss_and_gradients_on_the_gpu(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
     """`model.kernels` on the Unsloth-loaded model at the recipe's settings (bf16, no checkpointing): the loss and
-    the LoRA gradients of one batch with the fused RMSNorm, SDPA and the Triton AltUp mix against gemma-3n's own code
-    with the eager attention Unsloth chose, and the loss finite (no NaN from padded rows)."""
+    every gradient of one batch with the fused RMSNorm, SDPA and the Triton AltUp mix are as close to gemma-3n's own
+    code run in float32 as its own code run in bf16 is (flash-attention's test criterion: at most twice the bf16
+    error, plus a little), and finite (no NaN from padded rows). Two bf16 runs alone cannot be compared tightly: the
+    random model's gradients amplify rounding (one LoRA gradient differed by 5.3 % between them on the H200)."""
     import torch
 
     from mathwizard.config import ModelConfig, SFTConfig
-    from mathwizard.models.kernels import KERNELS, SDPA, apply_kernels, remove_kernels
+    from mathwizard.models.kernels import SDPA, remove_kernels
     from mathwizard.stages.sft import build_trainer
     from tests.training.builders import teach_folder, use_session_model_cache
 
@@ -128,24 +130,36 @@ def test_the_fused_kernels_give_the_models_own_loss_and_gradients_on_the_gpu(
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
     assert (batch["attention_mask"] == 0).any()  # padded rows are part of it
 
-    def loss_and_grads() -> tuple:  # as a training step computes them: under bf16 autocast (accelerate's), TRL's loss
+    def loss_and_grads(dtype: torch.dtype) -> tuple:  # as a training step computes them (accelerate's autocast)
         model.zero_grad(set_to_none=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16), trainer.compute_loss_context_manager():
-            loss = trainer.compute_loss(model, dict(batch))
+        inputs = dict(batch)
+        if dtype == torch.float32:  # the reference: the whole model and its float inputs in float32, no autocast
+            inputs = {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in batch.items()}
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)
+        with autocast, trainer.compute_loss_context_manager():
+            loss = trainer.compute_loss(model, inputs)
         loss.backward()
         grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
         return loss.detach().float(), grads
 
-    fused_loss, fused = loss_and_grads()
+    fused_loss, fused = loss_and_grads(torch.bfloat16)
     remove_kernels(model)
     model.set_attn_implementation({"text_config": "eager"})
-    own_loss, own = loss_and_grads()
-    apply_kernels(model, KERNELS)
-    assert torch.isfinite(fused_loss) and torch.allclose(fused_loss, own_loss, rtol=2e-2), (fused_loss, own_loss)
-    assert fused.keys() == own.keys() and any(".lora_A" in n for n in own)
-    for name, grad in own.items():  # bf16: compare each gradient as a whole
-        error = (fused[name] - grad).norm() / grad.norm().clamp_min(1e-12)
-        assert torch.isfinite(fused[name]).all() and error < 0.05, (name, error.item())
+    own_loss, own = loss_and_grads(torch.bfloat16)
+    model.float()
+    exact_loss, exact = loss_and_grads(torch.float32)
+
+    def error(a: torch.Tensor, b: torch.Tensor) -> float:
+        return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+    assert torch.isfinite(fused_loss), fused_loss
+    assert error(fused_loss, exact_loss) <= 2 * error(own_loss, exact_loss) + 1e-3, (fused_loss, own_loss, exact_loss)
+    assert fused.keys() == own.keys() == exact.keys() and any(".lora_A" in n for n in own)
+    assert all(torch.isfinite(g).all() for g in fused.values())
+    errors = {n: (error(fused[n], g), error(own[n], g)) for n, g in exact.items()}
+    worst = sorted(errors.items(), key=lambda item: item[1][0] - 2 * item[1][1], reverse=True)[:5]
+    print("gradient error against float32 (fused, own bf16), worst five:", worst)
+    assert all(f <= 2 * o + 0.02 for f, o in errors.values()), worst
 
 
 def test_sft_trains_a_lora_adapter_with_unsloth_on_the_gpu(sft_out: Path) -> None:

@@ -292,3 +292,49 @@ def test_the_sft_trainers_loss_is_the_plain_forward_loss_on_the_same_batch(tmp_p
         plain = model(**{k: v for k, v in batch.items()}, use_cache=False).loss
     assert (batch["labels"] == -100).any() and (batch["labels"] != -100).any()  # loss on the answer only
     assert torch.allclose(fused, plain, rtol=1e-5), (fused.item(), plain.item())
+
+
+def test_the_profile_gives_each_operator_to_its_module_forward_and_backward() -> None:
+    """`--profile`'s module table: the decoder layers' modules add up across layers, a backward operator counts for
+    the module whose forward made it, no operator's time is lost, and AltUp's methods are labelled and put back."""
+    import torch
+    from _profile import BACKWARD, labelled_modules, module_label, time_by_module
+    from torch.profiler import ProfilerActivity, profile
+
+    class Gemma3nTextAltUp(torch.nn.Module):  # the method-only module the labels wrap
+        def predict(self, x: torch.Tensor) -> torch.Tensor:
+            return x * 2
+
+    class Layer(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.mlp, self.altup = torch.nn.Linear(64, 64), Gemma3nTextAltUp()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.tanh(self.mlp(self.altup.predict(x))) + x
+
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList([Layer(), Layer()])
+    patched = model.layers[1].altup.predict = types_method(model.layers[1].altup)
+    x = torch.randn(32, 64, requires_grad=True)
+    with labelled_modules(model), profile(activities=[ProfilerActivity.CPU]) as prof:
+        y = x
+        for layer in model.layers:
+            y = layer(y)
+        y.sum().backward()
+    assert model.layers[1].altup.predict is patched and "predict" not in vars(model.layers[0].altup)
+    assert module_label("base_model.model.model.language_model.layers.7.mlp.up_proj.lora_A.default") == (
+        "layer.mlp.up_proj.lora_A"
+    )
+    totals = time_by_module(prof.events(), on_device=False)
+    for label in ("layer.mlp", "layer.altup.predict", "layer"):
+        assert totals.get(label, 0) > 0 and totals.get(label + BACKWARD, 0) > 0, (label, totals)
+    own = sum(e.self_cpu_time_total for e in prof.events() if not e.name.startswith("mw:"))
+    assert sum(totals.values()) == pytest.approx(own)
+
+
+def types_method(module):
+    """An instance patch, as model.kernels puts on AltUp."""
+    import types
+
+    return types.MethodType(lambda self, x: x * 3, module)

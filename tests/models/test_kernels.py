@@ -151,3 +151,47 @@ def test_the_sft_stage_loads_its_model_with_the_configured_kernels(tmp_path: Pat
     assert patched(trainer) == {RMS_NORM_CLASS, "Gemma3nTextAltUp"}
     trainer, _ = sft.build_trainer(cfg, ModelConfig(kernels=[]), teach, tmp_path / "own")
     assert patched(trainer) == set()
+
+
+def test_the_sparsity_cutoff_is_the_models_own_and_builds_no_tensor_from_a_number_after_its_first_call() -> None:
+    """E2B's first 10 MLPs cut activations at mean + z·std. The model's code makes z with `torch.tensor(...,
+    device=cuda)` at every call: a host-to-device copy that makes the CPU wait for the GPU (`aten.lift_fresh` here on
+    the CPU). `sparsity` gives the same values and gradients, float32 and bf16, and makes no tensor after call one."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from transformers import Gemma3nTextConfig
+    from transformers.models.gemma3n.modeling_gemma3n import Gemma3nTextMLP
+
+    from mathwizard.models.kernels import MLP_CLASS, cached_gaussian_topk
+
+    config = Gemma3nTextConfig(
+        hidden_size=64, intermediate_size=256, num_hidden_layers=2, activation_sparsity_pattern=[0.95, 0.0]
+    )
+    torch.manual_seed(0)
+    mlp = Gemma3nTextMLP(config, layer_idx=0)
+    assert type(mlp).__name__ == MLP_CLASS and mlp.activation_sparsity == 0.95
+
+    class Made(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += str(func) == "aten.lift_fresh.default"
+            return func(*args, **(kwargs or {}))
+
+    for dtype in (torch.float32, torch.bfloat16):
+        mlp.to(dtype)
+        x = torch.randn(3, 7, 64, dtype=dtype) * 3
+        want_x, got_x = x.clone().requires_grad_(), x.clone().requires_grad_()
+        want = mlp(want_x)
+        want.square().sum().backward()
+        apply_kernels(mlp, ["sparsity"])
+        got = mlp(got_x)
+        got.square().sum().backward()
+        with Made() as made:
+            mlp(x)
+        remove_kernels(mlp)
+        assert torch.equal(got, want) and torch.equal(got_x.grad, want_x.grad), dtype
+        assert made.count == 0
+    assert cached_gaussian_topk.__doc__ and "_gaussian_topk" not in vars(mlp)
