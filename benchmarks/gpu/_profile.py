@@ -88,7 +88,10 @@ def time_by_module(events: Iterable[Any], on_device: bool = True) -> dict[str, f
     """Own time (µs) of every operator, summed by the innermost labelled range around it; a backward operator by
     the range whose forward operator created its autograd node, with ' [bwd]' added. `on_device`: GPU time, else
     CPU time (what a CPU-only profile has)."""
-    events = sorted(events, key=lambda e: e.time_range.start)
+    from torch.autograd import DeviceType
+
+    # CPU-side operators only: a kernel's own event (device side) repeats the time its operator already counts
+    events = sorted((e for e in events if e.device_type == DeviceType.CPU), key=lambda e: e.time_range.start)
 
     def own_time(event: Any) -> float:
         return event.self_device_time_total if on_device else event.self_cpu_time_total
@@ -119,6 +122,11 @@ def time_by_module(events: Iterable[Any], on_device: bool = True) -> dict[str, f
             label = "(backward of operators outside the modules)"
         totals[label] += spent
     return dict(totals)
+
+
+def is_label(event: Any) -> bool:
+    """A range `labelled_modules` opened (the profiler also puts it on the GPU's timeline, spanning its kernels)."""
+    return getattr(event, "name", getattr(event, "key", "")).startswith(PREFIX)
 
 
 def module_table(totals: dict[str, float], rows: int = 45) -> str:

@@ -53,7 +53,7 @@ from _common import (
     spread,
     write_json,
 )
-from _profile import labelled_modules, module_table, time_by_module
+from _profile import is_label, labelled_modules, module_table, time_by_module
 
 STARTED = time.perf_counter()  # the process's start, for time to first step
 FORWARDS_PER_STEP = {"sft": 3, "dpo": 4}  # model FLOPs of one training step, in forward passes over the batch
@@ -324,14 +324,13 @@ def start_profiler() -> Any:
 def write_profile(profiler: Any, seconds: float, path: Path) -> None:
     """The step's kernels: GPU busy time (union of kernel intervals) against the step's wall time, then the top
     kernels and operators by their own GPU (else CPU) time."""
+    import torch
     from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import EventList
 
     profiler.__exit__(None, None, None)
-    spans = sorted(
-        (e.time_range.start, e.time_range.end)
-        for e in profiler.events()
-        if getattr(e, "device_type", None) == DeviceType.CUDA
-    )
+    events = [e for e in profiler.events() if not is_label(e)]  # the module ranges are no operators nor kernels
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == DeviceType.CUDA)
     busy = kernel_sum = 0.0
     end = float("-inf")
     for start, stop in spans:
@@ -345,8 +344,14 @@ def write_profile(profiler: Any, seconds: float, path: Path) -> None:
         f"profiled step: {seconds:.3f} s wall (under the profiler); {len(spans)} kernels, GPU busy {busy / 1e6:.3f} s "
         f"({busy / 1e6 / seconds:.1%} of the step), kernel time summed {kernel_sum / 1e6:.3f} s",
     ]
+    waits = [e for e in events if e.name in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize")]
+    lines.append(
+        f"host waits for the GPU: {len(waits)} synchronize calls, {sum(e.cpu_time_total for e in waits) / 1e3:.1f} ms"
+        " (each one empties the queue the CPU had built ahead)"
+    )
     lines.append(module_table(time_by_module(profiler.events(), on_device=bool(spans))))
-    averages = profiler.key_averages()
+    device = "cuda" if torch.cuda.is_available() else None
+    averages = EventList([a for a in profiler.key_averages() if not is_label(a)], use_device=device)
     for key in ("self_device_time_total", "self_cuda_time_total", "self_cpu_time_total"):
         try:
             lines.append(averages.table(sort_by=key, row_limit=40, max_name_column_width=90))
@@ -398,9 +403,17 @@ def count_forward_flops(trainer: Any) -> dict[str, Any]:
     tokens, _ = batch_tokens(batch)  # DPO: chosen and rejected sequences, each with its prompt
     model_inputs = ("input_ids", "attention_mask", "pixel_values", "token_type_ids")
     inputs = {k: v for k, v in batch.items() if k in model_inputs}
-    # Eagerly even where the layers are compiled: the counter sees aten ops, which Inductor's kernels are not.
-    with torch.compiler.set_stance("force_eager"), torch.no_grad(), FlopCounterMode(display=False) as counter:
-        trainer.model(**inputs, use_cache=False)
+    # Eagerly even where the layers are compiled: the counter sees aten ops, which Inductor's kernels are not. And
+    # through eager attention: the counter's SDPA formula asserts as many KV heads as query heads (on CUDA), which
+    # `model.kernels`' SDPA with shared KV heads is not; the products it counts are the same.
+    text_config = trainer.model.config.text_config
+    attention = text_config._attn_implementation
+    trainer.model.set_attn_implementation({"text_config": "eager"})
+    try:
+        with torch.compiler.set_stance("force_eager"), torch.no_grad(), FlopCounterMode(display=False) as counter:
+            trainer.model(**inputs, use_cache=False)
+    finally:
+        trainer.model.set_attn_implementation({"text_config": attention})
     trainer.model.zero_grad(set_to_none=True)
     return {"forward_flops": counter.get_total_flops(), "forward_flops_tokens": tokens}
 

@@ -294,6 +294,30 @@ def test_the_sft_trainers_loss_is_the_plain_forward_loss_on_the_same_batch(tmp_p
     assert torch.allclose(fused, plain, rtol=1e-5), (fused.item(), plain.item())
 
 
+def test_the_flop_count_goes_through_eager_attention_and_gives_the_model_its_attention_back(tmp_path_factory) -> None:
+    """MFU's FLOPs: counted through eager attention (on the H200 torch's counter asserted on SDPA with shared KV
+    heads, which `model.kernels` uses, and both hf variants failed before their first step), the same count as the
+    model without the kernels, and the model keeps its attention for the timed steps."""
+    from _train import count_forward_flops
+
+    from mathwizard.config import ModelConfig, SFTConfig
+    from mathwizard.models.kernels import SDPA
+    from mathwizard.stages.sft import build_trainer
+    from tests.training.builders import teach_folder, use_session_model_cache
+
+    use_session_model_cache(tmp_path_factory)
+    root = tmp_path_factory.mktemp("flops")
+    teach = teach_folder(root / "02-teach", n_train=2, n_val=0)
+    cfg = SFTConfig(max_steps=1, per_device_train_batch_size=2, max_length=512, eval_steps=None)
+    counts, attentions = [], []
+    for kernels in (["sdpa"], []):
+        trainer, _ = build_trainer(cfg, ModelConfig(name="tiny", backend="hf", kernels=kernels), teach, root / "sft")
+        attentions.append(trainer.model.config.text_config._attn_implementation)
+        counts.append(count_forward_flops(trainer)["forward_flops"])
+        assert trainer.model.config.text_config._attn_implementation == attentions[-1]
+    assert attentions[0] == SDPA != attentions[1] and counts[0] == counts[1] > 0
+
+
 def test_the_profile_gives_each_operator_to_its_module_forward_and_backward() -> None:
     """`--profile`'s module table: the decoder layers' modules add up across layers, a backward operator counts for
     the module whose forward made it, no operator's time is lost, and AltUp's methods are labelled and put back."""
@@ -326,7 +350,14 @@ def test_the_profile_gives_each_operator_to_its_module_forward_and_backward() ->
     assert module_label("base_model.model.model.language_model.layers.7.mlp.up_proj.lora_A.default") == (
         "layer.mlp.up_proj.lora_A"
     )
-    totals = time_by_module(prof.events(), on_device=False)
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    # a kernel's own (device-side) event repeats its operator's time: on the H200 it doubled the total once
+    kernel = SimpleNamespace(name="gemm", device_type=DeviceType.CUDA, cpu_parent=None, sequence_nr=-1)
+    kernel.time_range, kernel.self_device_time_total, kernel.self_cpu_time_total = SimpleNamespace(start=0), 1e9, 1e9
+    totals = time_by_module([*prof.events(), kernel], on_device=False)
     for label in ("layer.mlp", "layer.altup.predict", "layer"):
         assert totals.get(label, 0) > 0 and totals.get(label + BACKWARD, 0) > 0, (label, totals)
     own = sum(e.self_cpu_time_total for e in prof.events() if not e.name.startswith("mw:"))
