@@ -11,7 +11,7 @@ heads repeated). Each replacement computes the same function, up to float roundi
   loader chose eager or transformers' SDPA.
 - `altup`: AltUp's prediction mix as one Triton pass over the streams (`mathwizard.altup_mix`; PyTorch elsewhere).
 - `sparsity`: the activation-sparsity cutoff of the first MLPs (`_gaussian_topk`) with its normal quantile made once
-  per device and dtype; the model's own code builds it with `torch.tensor(..., device=cuda)` at every call, a
+  per dtype, as a number; the model's own code builds it with `torch.tensor(..., device=cuda)` at every call, a
   host-to-device copy that makes the CPU wait for the GPU (10 times a forward on E2B), so the CPU cannot queue the
   next layers' kernels ahead of the GPU.
 

@@ -321,8 +321,11 @@ def test_the_flop_count_goes_through_eager_attention_and_gives_the_model_its_att
 def test_the_profile_gives_each_operator_to_its_module_forward_and_backward() -> None:
     """`--profile`'s module table: the decoder layers' modules add up across layers, a backward operator counts for
     the module whose forward made it, no operator's time is lost, and AltUp's methods are labelled and put back."""
+    import types
+
     import torch
     from _profile import BACKWARD, labelled_modules, module_label, time_by_module
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     class Gemma3nTextAltUp(torch.nn.Module):  # the method-only module the labels wrap
@@ -339,7 +342,8 @@ def test_the_profile_gives_each_operator_to_its_module_forward_and_backward() ->
 
     model = torch.nn.Module()
     model.layers = torch.nn.ModuleList([Layer(), Layer()])
-    patched = model.layers[1].altup.predict = types_method(model.layers[1].altup)
+    patched = types.MethodType(lambda self, x: x * 3, model.layers[1].altup)  # as model.kernels patches AltUp
+    model.layers[1].altup.predict = patched
     x = torch.randn(32, 64, requires_grad=True)
     with labelled_modules(model), profile(activities=[ProfilerActivity.CPU]) as prof:
         y = x
@@ -350,22 +354,12 @@ def test_the_profile_gives_each_operator_to_its_module_forward_and_backward() ->
     assert module_label("base_model.model.model.language_model.layers.7.mlp.up_proj.lora_A.default") == (
         "layer.mlp.up_proj.lora_A"
     )
-    from types import SimpleNamespace
-
-    from torch.autograd import DeviceType
-
     # a kernel's own (device-side) event repeats its operator's time: on the H200 it doubled the total once
-    kernel = SimpleNamespace(name="gemm", device_type=DeviceType.CUDA, cpu_parent=None, sequence_nr=-1)
-    kernel.time_range, kernel.self_device_time_total, kernel.self_cpu_time_total = SimpleNamespace(start=0), 1e9, 1e9
+    kernel = types.SimpleNamespace(name="gemm", device_type=DeviceType.CUDA, cpu_parent=None, sequence_nr=-1)
+    kernel.time_range = types.SimpleNamespace(start=0)
+    kernel.self_device_time_total = kernel.self_cpu_time_total = 1e9
     totals = time_by_module([*prof.events(), kernel], on_device=False)
     for label in ("layer.mlp", "layer.altup.predict", "layer"):
         assert totals.get(label, 0) > 0 and totals.get(label + BACKWARD, 0) > 0, (label, totals)
     own = sum(e.self_cpu_time_total for e in prof.events() if not e.name.startswith("mw:"))
     assert sum(totals.values()) == pytest.approx(own)
-
-
-def types_method(module):
-    """An instance patch, as model.kernels puts on AltUp."""
-    import types
-
-    return types.MethodType(lambda self, x: x * 3, module)
