@@ -186,3 +186,13 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def set_up(model: Path, data: Path) -> tuple[Path, dict[str, Any], dict[str, float], dict[str, float]]:
+    """What every benchmark does first: the model and the sample's stage folders made if missing, the machine's
+    facts printed; returns (model folder, env info, measured card ceilings, datasheet peaks)."""
+    model = ensure_e2b(model)
+    ensure_data(data)
+    info = env_info()
+    say(env_line(info))
+    return model, info, card_ceilings(), datasheet(info.get("gpu", ""))

@@ -41,15 +41,12 @@ from typing import Any
 
 from _common import (
     DEFAULT_WORK,
-    card_ceilings,
     datasheet,
-    ensure_data,
-    ensure_e2b,
-    env_info,
     env_line,
     fmt,
     parse_kernels,
     say,
+    set_up,
     spread,
     write_json,
 )
@@ -438,12 +435,7 @@ def parent(args: argparse.Namespace, script: Path) -> None:
         info, ceilings, peaks = {}, {}, datasheet("")
         say(f"summarizing the step files in {args.summarize} (nothing is run)")
     else:
-        args.model = ensure_e2b(args.model)
-        ensure_data(args.data)
-        info = env_info()
-        ceilings = card_ceilings()
-        peaks = datasheet(info.get("gpu", ""))
-        say(env_line(info))
+        args.model, info, ceilings, peaks = set_up(args.model, args.data)
         say(
             f"card: bf16 matmul {ceilings['matmul_bf16_flops'] / 1e12:.0f} TFLOP/s measured "
             f"(datasheet {peaks['bf16_flops'] / 1e12:.0f}), copy {ceilings['copy_bytes_s'] / 1e12:.2f} TB/s"

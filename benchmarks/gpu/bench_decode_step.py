@@ -32,7 +32,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import DEFAULT_WORK, card_ceilings, ensure_data, ensure_e2b, env_info, env_line, say, spread, write_json
+from _common import (
+    DEFAULT_WORK,
+    say,
+    set_up,
+    spread,
+    write_json,
+)
 
 from mathwizard.config import ModelConfig
 
@@ -208,11 +214,7 @@ def main() -> None:
     from mathwizard.generation import chat_messages
     from mathwizard.models import load_model
 
-    args.model = ensure_e2b(args.model)
-    ensure_data(args.data)
-    info = env_info()
-    say(env_line(info))
-    card = card_ceilings()
+    args.model, info, card, _ = set_up(args.model, args.data)
     model, processor = load_model(
         str(args.model), "hf", for_training=False, dtype="auto", kernels=ModelConfig().kernels
     )

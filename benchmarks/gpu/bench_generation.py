@@ -30,14 +30,10 @@ from typing import Any
 
 from _common import (
     DEFAULT_WORK,
-    card_ceilings,
-    datasheet,
-    ensure_data,
-    ensure_e2b,
-    env_info,
     env_line,
     parse_kernels,
     say,
+    set_up,
     spread,
     write_json,
 )
@@ -237,12 +233,7 @@ def main() -> None:
 
     from mathwizard.models import load_model
 
-    args.model = ensure_e2b(args.model)
-    ensure_data(args.data)
-    info = env_info()
-    card = card_ceilings()
-    peaks = datasheet(info.get("gpu", ""))
-    say(env_line(info))
+    args.model, info, card, peaks = set_up(args.model, args.data)
     loading = time.perf_counter()
     kernels = parse_kernels(args.kernels)
     model, processor = load_model(str(args.model), args.backend, for_training=False, dtype="auto", kernels=kernels)
