@@ -1,13 +1,17 @@
 """Training throughput of the SFT / DPO stages: variants of backend, micro-batch and gradient checkpointing.
 
-A variant is `<kind>:<micro>x<accum>[:gc][:compile][:k=<kernels>]`: kind `plain` (SFT only: a minimal transformers +
-PEFT loop, the baseline), `hf` (the stage's transformers + PEFT + TRL trainer) or `unsloth` (the stage's Unsloth
-trainer); micro = rows (DPO: pairs) per micro-batch, accum = micro-batches per optimizer step; `gc` turns gradient
-checkpointing on; `compile` builds it with `model.compile: layers` instead of `eager` (each decoder layer of the
-language model under torch.compile, `compile_decoder_layers`; for `plain` too, whose loop trains the same model); `k=`
-sets `model.kernels` (names joined by `+`, or `none` for the model's own code; default: the setting's default, all of
-them). Each variant builds the stage's trainer exactly as the stage does (`build_trainer`: the same collator, LoRA
-targets, arguments and compilation) on the same model and data, then runs `warmup + steps` optimizer steps; every step
+A variant is `<kind>:<micro>x<accum>[:gc][:compile][:fresh][:k=<kernels>]`: kind `plain` (SFT only: a minimal
+transformers + PEFT loop, the baseline), `hf` (the stage's transformers + PEFT + TRL trainer) or `unsloth` (the stage's
+Unsloth trainer); micro = rows (DPO: pairs) per micro-batch, accum = micro-batches per optimizer step; `gc` turns
+gradient checkpointing on; `compile` builds it with `model.compile: layers` instead of `eager` (each decoder layer of
+the language model under torch.compile, `compile_decoder_layers`; for `plain` too, whose loop trains the same model);
+`k=` sets `model.kernels` (names joined by `+`, or `none` for the model's own code; default: the setting's default, all
+of them). `fresh` empties `vision_cache`'s figures before every step, so every figure is a first sighting, as in SFT's
+first epoch and in every DPO step of a real run (the sample's ~50 figures are otherwise all cached after a few steps:
+SFT's later epochs).
+
+Each variant builds the stage's trainer exactly as the stage does (`build_trainer`: the same collator, LoRA targets,
+arguments and compilation) on the same model and data, then runs `warmup + steps` optimizer steps; every step
 is timed with the GPU synchronised before and after. The `plain` loop takes the same batches from that trainer's data
 loader and the same PEFT model, and trains it with `model(**batch).loss` (full logits, transformers' cross-entropy),
 backward and AdamW: no TRL in the step.
@@ -63,7 +67,7 @@ def parse_args(stage: str, defaults: dict[str, Any], doc: str) -> argparse.Names
     parser.add_argument(
         "--variants",
         default=defaults["variants"],
-        help="kind:MICROxACCUM[:gc][:compile][:k=a+b|none], comma-separated.",
+        help="kind:MICROxACCUM[:gc][:compile][:fresh][:k=a+b|none], comma-separated.",
     )
     parser.add_argument("--baseline", default=None, help="Variant the others are compared with (default: first).")
     parser.add_argument("--max-length", type=int, default=defaults["max_length"])
@@ -90,7 +94,7 @@ def parse_args(stage: str, defaults: dict[str, Any], doc: str) -> argparse.Names
     return args
 
 
-VARIANT_FLAGS = ("gc", "compile")  # gradient checkpointing; model.compile: layers
+VARIANT_FLAGS = ("gc", "compile", "fresh")  # gradient checkpointing; model.compile: layers; vision_cache emptied
 
 
 def parse_variant(name: str) -> dict[str, Any]:
@@ -102,7 +106,7 @@ def parse_variant(name: str) -> dict[str, Any]:
     kernels = parse_kernels(chosen[-1] if chosen else None)
     plain = [f for f in flags if not f.startswith("k=")]
     if kind not in ("plain", "hf", "unsloth") or set(plain) - set(VARIANT_FLAGS) or set(kernels) - set(KERNELS):
-        raise SystemExit(f"bad variant {name!r}: use plain|hf|unsloth:MICROxACCUM[:gc][:compile][:k=a+b|none]")
+        raise SystemExit(f"bad variant {name!r}: use plain|hf|unsloth:MICROxACCUM[:gc][:compile][:fresh][:k=a+b|none]")
     return {
         "name": name,
         "kind": kind,
@@ -110,6 +114,7 @@ def parse_variant(name: str) -> dict[str, Any]:
         "accum": accum,
         "gc": "gc" in plain,
         "compile": "compile" in plain,
+        "fresh": "fresh" in plain,
         "kernels": kernels,
     }
 
@@ -229,7 +234,13 @@ def run_variant(
         if args.profile and args.result:
             name = re.sub(r"[^A-Za-z0-9]+", "_", variant["name"])
             profile = (args.warmup + args.steps, args.result.parent / f"{args.stage}-profile-{name}.txt")
-        hooked_train(trainer, sync, record, lambda: steps, profile)
+        hooked_train(trainer, sync, record, lambda: steps, profile, fresh=variant["fresh"])
+    from mathwizard.models.kernels import figure_cache
+
+    cache = figure_cache(trainer.model)
+    if cache is not None:
+        result["figure_cache"] = {"hits": cache.hits, "misses": cache.misses, "held": len(cache.features)}
+        say(f"  {variant['name']}: vision_cache {result['figure_cache']}")
     if cuda:
         result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 2)
     if variant["compile"]:
@@ -263,11 +274,19 @@ def batch_tokens(inputs: dict[str, Any]) -> tuple[int, int]:
 
 
 def hooked_train(
-    trainer: Any, sync: Any, record: Any, steps_seen: Any, profile: tuple[int, Path] | None = None
+    trainer: Any,
+    sync: Any,
+    record: Any,
+    steps_seen: Any,
+    profile: tuple[int, Path] | None = None,
+    fresh: bool = False,
 ) -> None:
     """trainer.train() with each optimizer step timed (GPU synchronised) and its micro-batches' tokens counted;
-    `profile` (step index, file): that step runs under torch.profiler and is left out of the figures."""
+    `profile` (step index, file): that step runs under torch.profiler and is left out of the figures; `fresh`: the
+    cached figures are forgotten before each step (untimed)."""
     from transformers import TrainerCallback
+
+    from mathwizard.models.kernels import clear_figure_cache
 
     micro: list[tuple[int, int]] = []
     original = trainer.training_step
@@ -282,6 +301,8 @@ def hooked_train(
         profiler: Any = None
 
         def on_step_begin(self, *_: Any, **__: Any) -> None:
+            if fresh:
+                clear_figure_cache(trainer.model)
             sync()
             if profile is not None and len(steps_seen()) == profile[0]:
                 self.labels = labelled_modules(trainer.model)

@@ -5,12 +5,14 @@ Usage: python benchmarks/gpu/projection.py --dir <folder with sft.json, dpo.json
 The recipe (deployments/recipes/gemma-3n-e2b.yaml) names the backend, micro-batch, accumulation and checkpointing of
 SFT and DPO; the projection takes the measured variant with exactly those settings. MM_Math-size data: about 5,300
 training items of about 650 tokens per SFT row (image soft tokens included). Per GPU stage:
-- sft: time to first step + max_steps x rows per step x 650 tokens / the variant's tokens/s;
+- sft: time to first step + max_steps x rows per step x 650 tokens / the variant's tokens/s; with `vision_cache` in
+  the recipe's kernels, the first epoch's tokens (every figure new) at the `:fresh` variant's rate, the rest at the
+  plain variant's (every figure cached);
 - pairs: start-up + one sampled answer per training item, every one the full max_new_tokens (a bound: real answers
   end sooner) at the engine's steady decode rate, plus each item's share of the measured call's time outside the
   decode steps (figure, prefill, capture);
 - dpo: time to first step + max_steps x the variant's median step (sample pairs: chosen and rejected about as long
-  as a real run's);
+  as a real run's); with `vision_cache`, the `:fresh` variant's (a real run's 800 pairs are each new);
 - eval: per model (3), start-up + max_new_tokens decode steps of the measured median (all ~300 test items in one
   call; a bound: answers end sooner) + each item's share of the time outside the decode steps.
 Prepare and teach run on CPUs and a teacher API, so they are not part of the GPU time.
@@ -45,13 +47,18 @@ def variant_name(backend: str, cfg: Any) -> str:
 def project(sft: dict[str, Any], dpo: dict[str, Any], gen: dict[str, Any], settings: Any) -> dict[str, Any]:
     """Seconds per GPU stage and in all, with what each figure came from."""
     backend = "unsloth" if settings.model.backend in ("auto", "unsloth") else "hf"
+    cached = "vision_cache" in settings.model.kernels
     stages: dict[str, dict[str, Any]] = {}
 
     name = variant_name(backend, settings.sft)
     measured = _variant(sft, name, "sft")
     rows = settings.sft.per_device_train_batch_size * settings.sft.gradient_accumulation_steps
     tokens = settings.sft.max_steps * rows * tokens_per_sft_row
-    run_s = tokens / measured["summary"]["tokens_per_s"]
+    first_epoch = min(tokens, train_items * tokens_per_sft_row) if cached else 0
+    run_s = (tokens - first_epoch) / measured["summary"]["tokens_per_s"]
+    if first_epoch:
+        run_s += first_epoch / _variant(sft, f"{name}:fresh", "sft")["summary"]["tokens_per_s"]
+        name += f" + {name}:fresh"
     stages["sft"] = {"variant": name, "start_s": measured["first_step_s"], "run_s": run_s, "tokens": tokens}
 
     startup = gen.get("start_to_loaded_s", 0.0)
@@ -60,7 +67,7 @@ def project(sft: dict[str, Any], dpo: dict[str, Any], gen: dict[str, Any], setti
     decode_s = tokens / sampling["steady_tokens_per_s"]  # rows refilled: the decode steps never wait for a batch
     stages["pairs"] = {"start_s": startup, "run_s": decode_s + train_items * _prefill_s(sampling), "tokens": tokens}
 
-    name = variant_name(backend, settings.dpo)
+    name = variant_name(backend, settings.dpo) + (":fresh" if cached else "")
     measured = _variant(dpo, name, "dpo")
     run_s = settings.dpo.max_steps * measured["summary"]["step_s"]["median"]
     stages["dpo"] = {"variant": name, "start_s": measured["first_step_s"], "run_s": run_s}

@@ -132,7 +132,8 @@ def load_model(
         cache_dir: where 'tiny' is built and cached (default $MATHWIZARD_MODELS_DIR or ~/.cache/mathwizard/models).
         max_seq_length: longest sequence (Unsloth sizes its buffers with it).
         merge_adapter: merge an adapter into the weights; default: when loading for inference without 4-bit.
-        kernels: fused equivalents put on the loaded model (`model.kernels`, see `mathwizard.models.kernels`).
+        kernels: fused equivalents put on the loaded model (`model.kernels`, see `mathwizard.models.kernels`); those
+            in `TRAINING_ONLY` only with `for_training`.
 
     Raises:
         ModelError: missing path, unloadable model, or a backend this machine cannot run.
@@ -143,9 +144,9 @@ def load_model(
     options = {"dtype": dtype, "load_in_4bit": load_in_4bit, "cache_dir": cache_dir, "max_seq_length": max_seq_length}
     model, processor = _load(path, chosen, for_training=for_training, merge=merge, **options)
     if kernels:
-        from mathwizard.models.kernels import apply_kernels
+        from mathwizard.models.kernels import TRAINING_ONLY, apply_kernels
 
-        apply_kernels(model, kernels)
+        apply_kernels(model, [k for k in kernels if for_training or k not in TRAINING_ONLY])
     return model, processor
 
 

@@ -14,6 +14,9 @@ heads repeated). Each replacement computes the same function, up to float roundi
   per dtype, as a number; the model's own code builds it with `torch.tensor(..., device=cuda)` at every call, a
   host-to-device copy that makes the CPU wait for the GPU (10 times a forward on E2B), so the CPU cannot queue the
   next layers' kernels ahead of the GPU.
+- `vision_cache`: the frozen vision tower's output kept per figure (training loads only, `FIGURE_CACHE_BYTES` at
+  most). The tower was a third of an SFT step's GPU time, and an SFT run sees each figure once an epoch, DPO four
+  times a step (chosen and rejected, policy and reference). A figure is known by a hash of its pixel values' bits.
 
 The patches are per instance (the module's `forward`/`predict`), so they hold whatever Unsloth patched on the
 classes at import, survive PEFT wrapping and adapter merging, and leave the weights and the state dict untouched.
@@ -28,11 +31,19 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("rms_norm", "sdpa", "altup", "sparsity")
+KERNELS = ("rms_norm", "sdpa", "altup", "sparsity", "vision_cache")
+TRAINING_ONLY = ("vision_cache",)  # generation sees a figure once: its memory is better spent on rows in flight
 RMS_NORM_CLASS = "Gemma3nRMSNorm"
 ALTUP_CLASS = "Gemma3nTextAltUp"
 MLP_CLASS = "Gemma3nTextMLP"
-_PATCHED = {RMS_NORM_CLASS: ("forward",), ALTUP_CLASS: ("predict",), MLP_CLASS: ("_gaussian_topk",)}
+VISION_CLASS = "TimmWrapperModel"  # gemma-3n's vision tower
+_PATCHED = {
+    RMS_NORM_CLASS: ("forward",),
+    ALTUP_CLASS: ("predict",),
+    MLP_CLASS: ("_gaussian_topk",),
+    VISION_CLASS: ("forward",),
+}
+FIGURE_CACHE_BYTES = 8 * 2**30  # E2B: 1 MiB a figure (256 x 2,048 bf16), so ~8,000 figures; MM_Math trains on ~5,300
 
 
 def apply_kernels(model: Any, kernels: Sequence[str]) -> dict[str, int]:
@@ -47,6 +58,9 @@ def apply_kernels(model: Any, kernels: Sequence[str]) -> dict[str, int]:
         done["altup"] = _patch_instances(model, ALTUP_CLASS, "predict", fused_altup_predict)
     if "sparsity" in kernels:
         done["sparsity"] = _patch_instances(model, MLP_CLASS, "_gaussian_topk", cached_gaussian_topk)
+    if "vision_cache" in kernels:
+        patched = _patch_instances(model, VISION_CLASS, "forward", cached_vision_forward, _attach_figure_cache)
+        done["vision_cache"] = patched
     if "sdpa" in kernels:
         done["sdpa"] = int(use_sdpa_attention(model))
     if any(done.values()):
@@ -58,6 +72,7 @@ def remove_kernels(model: Any) -> int:
     """Give the patched modules their class's own methods back (the attention setting stays); returns how many."""
     count = 0
     for module in model.modules():
+        vars(module).pop(_FIGURES, None)
         for method in _PATCHED.get(type(module).__name__, ()):
             if method in vars(module):
                 delattr(module, method)
@@ -65,10 +80,10 @@ def remove_kernels(model: Any) -> int:
     return count
 
 
-def _patch_instances(model: Any, class_name: str, method: str, replacement: Any) -> int:
+def _patch_instances(model: Any, class_name: str, method: str, replacement: Any, check: Any = None) -> int:
     count = 0
     for module in model.modules():
-        if type(module).__name__ == class_name:
+        if type(module).__name__ == class_name and (check is None or check(module)):
             setattr(module, method, types.MethodType(replacement, module))
             count += 1
     return count
@@ -180,3 +195,114 @@ def _register_sdpa() -> None:
 
     AttentionInterface.register(SDPA, sdpa_attention)
     AttentionMaskInterface.register(SDPA, sdpa_mask)
+
+
+# ------------------------------------------------------------------------------------------- vision cache
+_FIGURES = "_mathwizard_figures"  # the instance attribute holding a patched tower's FigureCache
+
+
+class FigureCache:
+    """The vision tower's output per figure (detached; the tower is frozen), with how often it was used."""
+
+    def __init__(self, max_bytes: int = FIGURE_CACHE_BYTES) -> None:
+        self.features: dict[tuple, Any] = {}
+        self.max_bytes, self.bytes, self.hits, self.misses = max_bytes, 0, 0, 0
+        self.full_logged = False
+
+    def store(self, key: tuple, feature: Any) -> None:
+        size = feature.numel() * feature.element_size()
+        if self.bytes + size > self.max_bytes:
+            if not self.full_logged:
+                held, gib = len(self.features), self.bytes / 2**30
+                log.info("vision_cache: full at %d figures (%.1f GiB); new ones are computed each time", held, gib)
+                self.full_logged = True
+            return
+        self.features[key] = feature.detach().clone()
+        self.bytes += size
+
+
+def figure_cache(model: Any) -> FigureCache | None:
+    """The cache of the model's patched vision tower (None: `vision_cache` is not on)."""
+    for module in model.modules():
+        if _FIGURES in vars(module):
+            return vars(module)[_FIGURES]
+    return None
+
+
+def clear_figure_cache(model: Any) -> int:
+    """Forget every cached figure (a benchmark measuring first sightings); returns how many were held."""
+    cache = figure_cache(model)
+    if cache is None:
+        return 0
+    held = len(cache.features)
+    cache.features.clear()
+    cache.bytes, cache.full_logged = 0, False
+    return held
+
+
+def _attach_figure_cache(tower: Any) -> bool:
+    """Give the tower an empty cache if its output depends on its input alone in training mode too (no batch
+    statistics, no active dropout; timm's MobileNetV5 in gemma-3n has RMS norms and dropout of rate 0)."""
+    for module in tower.modules():
+        name = type(module).__name__
+        rate = getattr(module, "p", None) if "Dropout" in name else getattr(module, "drop_prob", None)
+        if "BatchNorm" in name or (rate or 0.0) > 0.0:
+            log.warning("vision_cache: not used, %s in the vision tower changes its output from call to call", name)
+            return False
+    vars(tower)[_FIGURES] = FigureCache()
+    return True
+
+
+def cached_vision_forward(self: Any, pixel_values: Any, *args: Any, **kwargs: Any) -> Any:
+    """TimmWrapperModel.forward with each figure's output computed once: figures seen before come from the cache,
+    the others (each distinct one once) from the tower. Anything but gemma-3n's plain call (last hidden state, no
+    pooling), and a tower with trainable weights, goes to the tower unchanged."""
+    import torch
+    from transformers.models.timm_wrapper.modeling_timm_wrapper import TimmWrapperModelOutput
+
+    own = type(self).forward
+    cache: FigureCache = vars(self)[_FIGURES]
+    plain = not args and kwargs.get("do_pooling") is False and kwargs.get("return_dict", True) is not False
+    plain = plain and not kwargs.get("output_hidden_states") and not kwargs.get("output_attentions")
+    if not plain or any(p.requires_grad for p in self.parameters()):
+        return own(self, pixel_values, *args, **kwargs)
+    keys = figure_keys(pixel_values)  # the one host-device sync
+    first: dict[tuple, int] = {}
+    for row, key in enumerate(keys):
+        if key not in cache.features:
+            first.setdefault(key, row)
+    cache.hits += len(keys) - len(first)
+    cache.misses += len(first)
+    computed: dict[tuple, Any] = {}
+    if first:
+        with torch.no_grad():
+            out = own(self, pixel_values[list(first.values())], **kwargs)
+        for key, feature in zip(first, out.last_hidden_state, strict=True):
+            computed[key] = feature
+            cache.store(key, feature)
+        if len(first) == len(keys):
+            return out
+    features = [computed[key] if key in computed else cache.features[key] for key in keys]
+    return TimmWrapperModelOutput(last_hidden_state=torch.stack(features))
+
+
+_HASH_WEIGHTS: dict[tuple[int, str], Any] = {}
+
+
+def figure_keys(pixel_values: Any) -> list[tuple]:
+    """A key per figure: its dtype and shape, and two sums of its values' bit patterns times fixed random odd
+    64-bit weights. Integer sums wrap exactly and in any order, so the same pixels give the same key in any batch;
+    two different figures share one with probability ~2^-128."""
+    import torch
+
+    flat = pixel_values.detach().reshape(pixel_values.shape[0], -1).contiguous()
+    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()]
+    bits = flat.view(as_int).to(torch.int64)
+    where = (flat.shape[1], str(flat.device))
+    if where not in _HASH_WEIGHTS:
+        generator = torch.Generator().manual_seed(20261201)
+        weights = torch.randint(-(2**62), 2**62, (2, flat.shape[1]), generator=generator, dtype=torch.int64) | 1
+        _HASH_WEIGHTS[where] = weights.to(flat.device)
+    sums = torch.stack([(bits * weights).sum(-1) for weights in _HASH_WEIGHTS[where]], dim=-1)
+    head = (str(pixel_values.dtype), *pixel_values.shape[1:])
+    return [(*head, *row) for row in sums.tolist()]

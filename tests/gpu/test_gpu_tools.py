@@ -144,6 +144,7 @@ def test_variants_name_backend_micro_batch_accumulation_checkpointing_and_compil
         "accum": 4,
         "gc": True,
         "compile": False,
+        "fresh": False,
         "kernels": all_kernels,  # the setting's default
     }
     assert parse_variant("hf:8x4:gc") == expected
@@ -157,8 +158,10 @@ def test_variants_name_backend_micro_batch_accumulation_checkpointing_and_compil
         "accum": 4,
         "gc": False,
         "compile": True,  # built with model.compile: layers
+        "fresh": False,
         "kernels": all_kernels,
     }
+    assert parse_variant("unsloth:4x2:fresh")["fresh"] is True  # vision_cache emptied before every step
     both = parse_variant("hf:8x4:gc:compile")
     assert (both["kind"], both["micro"], both["accum"], both["gc"], both["compile"]) == ("hf", 8, 4, True, True)
     assert parse_variant("plain:8x4:compile")["compile"] is True  # the baseline loop on the compiled layers
@@ -179,9 +182,19 @@ def test_the_projection_takes_the_recipes_own_settings_from_the_measurements() -
         shape = f"{cfg.per_device_train_batch_size}x{cfg.gradient_accumulation_steps}"
         return f"{backend}:{shape}" + (":gc" if cfg.gradient_checkpointing else "")
 
-    sft = {"variants": {name(settings.sft): {"first_step_s": 60, "summary": {"tokens_per_s": 10_000}}}}
+    assert "vision_cache" in settings.model.kernels  # so the first epoch and DPO take the `:fresh` figures
+    sft = {
+        "variants": {
+            name(settings.sft): {"first_step_s": 60, "summary": {"tokens_per_s": 10_000}},
+            name(settings.sft) + ":fresh": {"first_step_s": 61, "summary": {"tokens_per_s": 8_000}},
+        }
+    }
+    dpo_step = {"tokens_per_s": 1, "step_s": {"median": 2}}
     dpo = {
-        "variants": {name(settings.dpo): {"first_step_s": 70, "summary": {"tokens_per_s": 1, "step_s": {"median": 2}}}}
+        "variants": {
+            name(settings.dpo): {"first_step_s": 69, "summary": {**dpo_step, "step_s": {"median": 1}}},
+            name(settings.dpo) + ":fresh": {"first_step_s": 70, "summary": dpo_step},
+        }
     }
     sampling = {"max_new_tokens": 1024, "steady_tokens_per_s": 20_000, "step_ms": {"median": 50.0}}
     sampling.update(requests=1000, seconds=1024 * 0.05 + 10)  # 10 s outside the decode steps: 10 ms a request
@@ -189,13 +202,20 @@ def test_the_projection_takes_the_recipes_own_settings_from_the_measurements() -
     gen = {"start_to_loaded_s": 30, "sampling": {"candidate": sampling}, "eval": {"candidate": evaluation}}
     result = project(sft, dpo, gen, settings)
     rows = settings.sft.per_device_train_batch_size * settings.sft.gradient_accumulation_steps  # 32
-    assert result["stages"]["sft"]["run_s"] == settings.sft.max_steps * rows * 650 / 10_000
+    tokens = settings.sft.max_steps * rows * 650
+    assert tokens > 5_300 * 650  # more than one epoch: the first at the fresh rate, the rest cached
+    assert result["stages"]["sft"]["run_s"] == pytest.approx(5_300 * 650 / 8_000 + (tokens - 5_300 * 650) / 10_000)
     pairs_s = 5_300 * settings.pairs.max_new_tokens / 20_000 + 5_300 * 0.01
     assert result["stages"]["pairs"]["run_s"] == pytest.approx(pairs_s)
-    assert result["stages"]["dpo"]["total_s"] == 70 + settings.dpo.max_steps * 2
+    assert result["stages"]["dpo"]["total_s"] == 70 + settings.dpo.max_steps * 2  # every pair new: fresh
     eval_s = 3 * 30 + 3 * (settings.eval.max_new_tokens * 0.04 + 300 * 0.01)
     assert result["stages"]["eval"]["total_s"] == pytest.approx(eval_s)
     assert result["total_s"] == sum(s["total_s"] for s in result["stages"].values())
+    uncached = settings.model_copy(update={"model": settings.model.model_copy(update={"kernels": []})})
+    assert project(sft, dpo, gen, uncached)["stages"]["sft"]["run_s"] == tokens / 10_000
+    del sft["variants"][name(settings.sft) + ":fresh"]
+    with pytest.raises(SystemExit, match="were not measured"):
+        project(sft, dpo, gen, settings)  # the recipe caches figures: its first epoch must be measured too
     with pytest.raises(SystemExit, match="were not measured"):
         project({"variants": {}}, dpo, gen, settings)
 

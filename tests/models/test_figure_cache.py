@@ -1,0 +1,198 @@
+"""`model.kernels: vision_cache`: the frozen vision tower's output kept per figure for the training stages.
+
+What must hold: the model computes exactly what it computes without the cache (loss, logits, every gradient), a
+figure is computed once however often it recurs (within a batch, across steps, in DPO's reference pass), a figure's
+key changes with any pixel, and the cache stands aside where it would change the function (a trainable or
+stochastic tower, another call form) or waste memory (inference loads)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mathwizard.config import DPOConfig, ModelConfig, SFTConfig
+from mathwizard.models.kernels import (
+    VISION_CLASS,
+    FigureCache,
+    apply_kernels,
+    clear_figure_cache,
+    figure_cache,
+    figure_keys,
+    remove_kernels,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """The tiny model for training (float32, CPU) with its vision tower frozen, as LoRA leaves it, and a batch maker
+    over three figures (left-padded)."""
+    import torch
+    from PIL import Image
+
+    from mathwizard.models import load_model
+
+    torch.set_num_threads(1)
+    model, processor = load_model("tiny", "hf", for_training=True)
+    model.model.vision_tower.requires_grad_(False)
+    model.set_attn_implementation({"text_config": "eager"})  # SDPA gives a left-padding row NaN (test_kernels.py)
+    figures = [Image.new("RGB", (50 + 10 * i, 40), (60 * i, 90, 200)) for i in range(3)]
+
+    def batch(*which: int) -> dict:
+        conversations = [
+            [
+                {"role": "user", "content": [{"type": "image", "image": figures[i]}, {"type": "text", "text": "x?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": f"x = {i}"}]},
+            ]
+            for i in which
+        ]
+        out = processor.apply_chat_template(
+            conversations, tokenize=True, return_dict=True, return_tensors="pt", padding=True
+        )
+        out["labels"] = out["input_ids"].masked_fill(out["attention_mask"] == 0, -100)
+        return out
+
+    return model, batch
+
+
+def _step(model, batch) -> tuple:
+    model.zero_grad(set_to_none=True)
+    out = model(**batch)
+    out.loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return out.loss.detach(), out.logits.detach(), grads
+
+
+def _assert_same(got: tuple, want: tuple, exact: bool = True) -> None:
+    """Equal; or, where the cached figure was computed in a batch of another size (whose convolutions may sum in
+    another order), equal up to rounding: every difference within 0.1 % of the largest value. A wrong figure gives
+    differences of the values' own size."""
+    import torch
+
+    assert got[2].keys() == want[2].keys() and len(want[2]) > 50
+    for a, b, name in [(got[0], want[0], "loss"), (got[1], want[1], "logits")] + [
+        (got[2][name], grad, name) for name, grad in want[2].items()
+    ]:
+        if exact:
+            assert torch.equal(a, b), name
+        else:
+            assert (a - b).abs().max().item() <= 1e-3 * b.abs().max().item() + 1e-7, name
+
+
+def test_figures_are_computed_once_and_the_model_computes_what_it_computes_without_the_cache(tiny) -> None:
+    model, batch = tiny
+    remove_kernels(model)
+    first, again, repeated = batch(0, 1), batch(1, 0), batch(2, 2)
+    want = [_step(model, b) for b in (first, first, again, repeated)]
+
+    assert apply_kernels(model, ["vision_cache"]) == {"vision_cache": 1}
+    cache = figure_cache(model)
+    got = [_step(model, b) for b in (first, first, again, repeated)]
+    remove_kernels(model)
+
+    for g, w in zip(got[:3], want[:3], strict=True):
+        _assert_same(g, w)  # the figures of the first batch, read back in that batch and in another order
+    _assert_same(got[3], want[3], exact=False)  # figure 2 computed alone, then used twice
+    # 0 and 1 computed in the first batch, then read twice each; figure 2 twice in one batch: computed once
+    assert (cache.misses, cache.hits, len(cache.features)) == (3, 5, 3)
+    assert figure_cache(model) is None and "forward" not in vars(model.model.vision_tower)
+
+
+def test_a_trainable_tower_and_other_call_forms_go_to_the_tower_unchanged(tiny) -> None:
+    import torch
+
+    model, batch = tiny
+    remove_kernels(model)
+    apply_kernels(model, ["vision_cache"])
+    tower, cache = model.model.vision_tower, figure_cache(model)
+    pixels = batch(0)["pixel_values"]
+    as_tuple = tower(pixel_values=pixels, do_pooling=False, return_dict=False)
+    assert isinstance(as_tuple, tuple) and cache.misses == cache.hits == 0
+
+    weight = next(tower.parameters())
+    weight.requires_grad_(True)
+    try:
+        out = tower(pixel_values=pixels, do_pooling=False, return_dict=True)
+        assert out.last_hidden_state.requires_grad and cache.misses == cache.hits == 0
+    finally:
+        weight.requires_grad_(False)
+        remove_kernels(model)
+    assert type(tower).__name__ == VISION_CLASS and torch.is_tensor(out.last_hidden_state)
+
+
+def test_a_figures_key_follows_its_pixels_not_its_place_in_the_batch() -> None:
+    import torch
+
+    torch.manual_seed(0)
+    figures = torch.randn(3, 3, 8, 8)
+    keys = figure_keys(figures)
+    assert len(set(keys)) == 3
+    assert figure_keys(figures[[2, 0]]) == [keys[2], keys[0]]
+    assert figure_keys(figures[1:2].clone()) == [keys[1]]
+    touched = figures.clone()
+    touched[1, 2, 7, 7] = torch.nextafter(touched[1, 2, 7, 7], torch.tensor(1e9))  # one pixel, one ulp
+    assert figure_keys(touched) == [keys[0], figure_keys(touched)[1], keys[2]] and figure_keys(touched)[1] != keys[1]
+    assert figure_keys(figures.to(torch.bfloat16))[0] != keys[0]  # dtype is part of the key
+
+
+def test_a_full_cache_keeps_what_it_holds_and_computes_the_rest(tiny) -> None:
+    import torch
+
+    model, batch = tiny
+    remove_kernels(model)
+    want = _step(model, batch(0, 1))
+    apply_kernels(model, ["vision_cache"])
+    tower = model.model.vision_tower
+    one = tower(pixel_values=batch(0)["pixel_values"], do_pooling=False, return_dict=True).last_hidden_state
+    vars(tower)["_mathwizard_figures"] = cache = FigureCache(max_bytes=one.numel() * one.element_size())
+    try:
+        _assert_same(_step(model, batch(0, 1)), want)
+        _assert_same(_step(model, batch(0, 1)), want, exact=False)  # figure 1 computed alone this time
+        assert len(cache.features) == 1 and cache.bytes == cache.max_bytes
+        assert (cache.misses, cache.hits) == (3, 1)  # figure 1 did not fit: computed both times
+        assert clear_figure_cache(model) == 1 and cache.bytes == 0 and not cache.features
+    finally:
+        remove_kernels(model)
+    assert torch.is_tensor(one)
+
+
+def test_a_stochastic_tower_is_left_alone(tiny, caplog) -> None:
+    import torch
+
+    model, _ = tiny
+    remove_kernels(model)
+    dropout = next(m for m in model.model.vision_tower.modules() if isinstance(m, torch.nn.Dropout))
+    dropout.p = 0.1
+    try:
+        assert apply_kernels(model, ["vision_cache"]) == {"vision_cache": 0}
+    finally:
+        dropout.p = 0.0
+    assert "Dropout in the vision tower" in caplog.text and figure_cache(model) is None
+
+
+def test_only_training_loads_get_the_cache() -> None:
+    from mathwizard.models import load_model
+
+    inference, _ = load_model("tiny", "hf", for_training=False, kernels=["vision_cache", "rms_norm"])
+    training, _ = load_model("tiny", "hf", for_training=True, kernels=ModelConfig().kernels)
+    assert figure_cache(inference) is None and figure_cache(training) is not None
+
+
+def test_the_sft_and_dpo_stages_read_figures_from_the_cache(tmp_path: Path) -> None:
+    """SFT's second epoch and DPO's chosen, rejected and reference passes read the figures computed before."""
+    from mathwizard.stages import dpo, sft
+    from tests.training.builders import pairs_folder, teach_folder
+
+    teach = teach_folder(tmp_path / "02-teach", n_train=2, n_val=0)
+    cfg = SFTConfig(max_steps=2, per_device_train_batch_size=2, max_length=512, eval_steps=None, save_steps=10**6)
+    trainer, _ = sft.build_trainer(cfg, ModelConfig(), teach, tmp_path / "sft")
+    trainer.train()
+    cache = figure_cache(trainer.model)
+    assert (cache.misses, cache.hits) == (2, 2)
+
+    pairs = pairs_folder(tmp_path / "04-pairs", n_train=2, n_val=0)
+    cfg = DPOConfig(max_steps=1, per_device_train_batch_size=2, max_length=512, eval_steps=None, save_steps=10**6)
+    trainer, _ = dpo.build_trainer(cfg, ModelConfig(), None, pairs, tmp_path / "dpo")
+    trainer.train()
+    cache = figure_cache(trainer.model)
+    assert cache.misses == 2 and cache.hits >= 6  # 2 figures x (chosen, rejected) x (policy, reference), 2 computed
