@@ -292,7 +292,7 @@ _HASH_WEIGHTS: dict[tuple[int, str], Any] = {}
 def figure_keys(pixel_values: Any) -> list[tuple]:
     """A key per figure: its dtype and shape, and two sums of its values' bit patterns times fixed random odd
     64-bit weights. Integer sums wrap exactly and in any order, so the same pixels give the same key in any batch;
-    two different figures share one with probability ~2^-128."""
+    two different figures share one only by chance (about 2^-120 a pair)."""
     import torch
 
     flat = pixel_values.detach().reshape(pixel_values.shape[0], -1).contiguous()
