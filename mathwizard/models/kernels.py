@@ -16,7 +16,7 @@ heads repeated). Each replacement computes the same function, up to float roundi
   next layers' kernels ahead of the GPU.
 - `vision_cache`: the frozen vision tower's output kept per figure (training loads only, `FIGURE_CACHE_BYTES` at
   most). The tower was a third of an SFT step's GPU time, and an SFT run sees each figure once an epoch, DPO four
-  times a step (chosen and rejected, policy and reference). A figure is known by a hash of its pixel values' bits.
+  times a pair (chosen and rejected, policy and reference). A figure is known by a hash of its pixel values' bits.
 
 The patches are per instance (the module's `forward`/`predict`), so they hold whatever Unsloth patched on the
 classes at import, survive PEFT wrapping and adapter merging, and leave the weights and the state dict untouched.
