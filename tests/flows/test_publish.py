@@ -71,9 +71,13 @@ def test_flow_uploads_with_the_token_from_a_secret_block(
 def test_flow_retries_a_hub_5xx_but_not_a_refusal(
     prefect_harness, run_dir: Path, tmp_path: Path, fake_hub: FakeHub, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import flows.publish
     from flows.publish import publish_flow
     from mathwizard.errors import PublishError
+    from tasks import stages
 
+    # The retry itself, not its 1-3 s wait (the delays are test_stages.py's): as tests/flows/test_teach.py does.
+    monkeypatch.setattr(flows.publish, "publish", stages.publish.with_options(retry_delay_seconds=0))
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     settings = load_settings(
         home=str(tmp_path / "home"), publish={"namespace": "acme", "endpoint": fake_hub.url, "push": True}
