@@ -4,6 +4,7 @@ order and equal to one process's, chunk resume as before."""
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from mathwizard.config import EvalConfig, ModelConfig, PairsConfig
@@ -21,11 +22,16 @@ def test_sharded_greedy_eval_answers_as_one_process(tmp_path: Path) -> None:
 
     data = make_data(tmp_path / "02-teach")  # 6 problems
     cfg = EvalConfig(max_new_tokens=8, batch_size=2)  # 3 batches: rank 0 answers the 1st and 3rd, rank 1 the 2nd
-    one = evaluate.run(cfg, ModelConfig(gpus=1), "tiny", data, tmp_path / "one", "base")
     seen: list[tuple[int, int]] = []
-    two = evaluate.run(
-        cfg, ModelConfig(gpus=2), "tiny", data, tmp_path / "two", "base", progress=lambda d, t: seen.append((d, t))
-    )
+    # The launch waits on its ranks (own processes, mostly imports and loading); the one-process run goes meanwhile.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        launched = pool.submit(
+            evaluate.run,
+            *(cfg, ModelConfig(gpus=2), "tiny", data, tmp_path / "two", "base"),
+            progress=lambda d, t: seen.append((d, t)),
+        )
+        one = evaluate.run(cfg, ModelConfig(gpus=1), "tiny", data, tmp_path / "one", "base")
+        two = launched.result()
 
     single, sharded = _predictions(tmp_path / "one"), _predictions(tmp_path / "two")
     assert [p["id"] for p in sharded] == [p["id"] for p in single] == ["e1", "e2", "m1", "m2", "h1", "h2"]

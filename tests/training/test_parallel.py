@@ -4,6 +4,7 @@ effective batch, and a checkpoint written by one process resumed by two."""
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -38,9 +39,14 @@ def test_sft_on_two_processes_gives_the_losses_of_one_at_the_same_effective_batc
         eval_steps=None,
         lora=NO_DROPOUT,
     )
-    one = sft.run(cfg, ModelConfig(gpus=1), teach, tmp_path / "one")
     seen: list[tuple[int, int]] = []
-    two = sft.run(cfg, ModelConfig(gpus=2), teach, tmp_path / "two", progress=lambda d, t, **m: seen.append((d, t)))
+    # The launch waits on its ranks (own processes, ~20 s of imports and loading); the one-process run goes meanwhile.
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        launched = pool.submit(
+            sft.run, cfg, ModelConfig(gpus=2), teach, tmp_path / "two", progress=lambda d, t, **m: seen.append((d, t))
+        )
+        one = sft.run(cfg, ModelConfig(gpus=1), teach, tmp_path / "one")
+        two = launched.result()
 
     single, parallel = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert sorted(single) == sorted(parallel) == [1, 2]
