@@ -228,7 +228,7 @@ def run_variant(
         say(f"  {variant['name']} step {len(steps)}: {seconds:.2f} s, {tokens} tokens, loss {fmt(loss, '.4f')}")
 
     if variant["kind"] == "plain":
-        plain_loop(trainer, cfg, variant["accum"], args.warmup + args.steps, sync, record)
+        plain_loop(trainer, cfg, variant["accum"], args.warmup + args.steps, sync, record, fresh=variant["fresh"])
     else:
         profile = None
         if args.profile and args.result:
@@ -380,11 +380,14 @@ def write_profile(profiler: Any, seconds: float, path: Path) -> None:
     say(f"  profile: {lines[0]} -> {path}")
 
 
-def plain_loop(trainer: Any, cfg: Any, accum: int, total: int, sync: Any, record: Any) -> None:
-    """The baseline: the same PEFT model and batches, trained by `model(**batch).loss`, backward and AdamW."""
+def plain_loop(trainer: Any, cfg: Any, accum: int, total: int, sync: Any, record: Any, fresh: bool = False) -> None:
+    """The baseline: the same PEFT model and batches, trained by `model(**batch).loss`, backward and AdamW; `fresh`
+    as in `hooked_train`."""
     import itertools
 
     import torch
+
+    from mathwizard.models.kernels import clear_figure_cache
 
     model = trainer.model
     model.train()
@@ -393,6 +396,8 @@ def plain_loop(trainer: Any, cfg: Any, accum: int, total: int, sync: Any, record
     batches = itertools.cycle(trainer.get_train_dataloader())
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=torch.cuda.is_available())
     for _ in range(total):
+        if fresh:
+            clear_figure_cache(model)
         sync()
         started = time.perf_counter()
         tokens = padded = 0

@@ -220,6 +220,13 @@ class FigureCache:
         self.features[key] = feature.detach().clone()
         self.bytes += size
 
+    def clear(self) -> int:
+        """Forget every figure; returns how many were held."""
+        held = len(self.features)
+        self.features.clear()
+        self.bytes, self.full_logged = 0, False
+        return held
+
 
 def figure_cache(model: Any) -> FigureCache | None:
     """The cache of the model's patched vision tower (None: `vision_cache` is not on)."""
@@ -232,12 +239,7 @@ def figure_cache(model: Any) -> FigureCache | None:
 def clear_figure_cache(model: Any) -> int:
     """Forget every cached figure (a benchmark measuring first sightings); returns how many were held."""
     cache = figure_cache(model)
-    if cache is None:
-        return 0
-    held = len(cache.features)
-    cache.features.clear()
-    cache.bytes, cache.full_logged = 0, False
-    return held
+    return 0 if cache is None else cache.clear()
 
 
 def _attach_figure_cache(tower: Any) -> bool:
