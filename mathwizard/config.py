@@ -207,13 +207,16 @@ class ModelConfig(_Stage):
         " elementwise kernels; the vision tower stays eager); its compile time counts in the first steps. The Unsloth"
         " switches are read when unsloth is first imported in a process.",
     )
-    kernels: list[Literal["rms_norm", "sdpa", "altup", "sparsity", "vision_cache"]] = Field(
-        default_factory=lambda: ["rms_norm", "sdpa", "altup", "sparsity", "vision_cache"],
+    kernels: list[Literal["rms_norm", "sdpa", "altup", "sparsity", "vision_attention", "vision_cache"]] = Field(
+        default_factory=lambda: ["rms_norm", "sdpa", "altup", "sparsity", "vision_attention", "vision_cache"],
         description="gemma-3n's eager pieces swapped for fused equivalents on the loaded model (the same function up"
         " to float rounding; mathwizard.models.kernels): rms_norm: torch's fused RMSNorm; sdpa: the language model's"
         " attention through scaled_dot_product_attention with the KV heads shared (Unsloth loads gemma-3n eager);"
         " altup: AltUp's per-token stream mix as one Triton pass on CUDA; sparsity: the first MLPs' activation"
-        " cutoff without a host-to-device copy (a CPU-GPU sync) at every call; vision_cache: SFT and DPO keep the"
+        " cutoff without a host-to-device copy (a CPU-GPU sync) at every call (generation only: the decode step's CUDA"
+        " graph needs it; training measured no gain); vision_attention: the vision tower's multi-query attention"
+        " through a fused SDPA kernel (its query heads folded into the query length) instead of float32 math;"
+        " vision_cache: SFT and DPO keep the"
         " frozen vision tower's output per figure (up to 8 GiB of GPU memory) instead of computing it again every"
         " epoch and for chosen, rejected and the reference. [] keeps the model's own code."
         " Not part of any fingerprint.",

@@ -14,6 +14,11 @@ heads repeated). Each replacement computes the same function, up to float roundi
   per dtype, as a number; the model's own code builds it with `torch.tensor(..., device=cuda)` at every call, a
   host-to-device copy that makes the CPU wait for the GPU (10 times a forward on E2B), so the CPU cannot queue the
   next layers' kernels ahead of the GPU.
+- `vision_attention`: the vision tower's multi-query attention blocks (timm's `MultiQueryAttention2d`) with their
+  query heads folded into the query length, so that `scaled_dot_product_attention` sees one key/value head for one
+  query head and takes a fused kernel. As timm calls it (8 query heads against 1 broadcast key head), PyTorch falls
+  back to its math kernel, which upcasts bf16 to float32: matrix products off the tensor cores and float32 scores,
+  ~1/4 of the tower's time in a prefill profile on the H200.
 - `vision_cache`: the frozen vision tower's output kept per figure (training loads only, `FIGURE_CACHE_BYTES` at
   most). The tower was a third of an SFT step's GPU time, and an SFT run sees each figure once an epoch, DPO four
   times a pair (chosen and rejected, policy and reference). A figure is known by a hash of its pixel values' bits.
@@ -31,17 +36,22 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("rms_norm", "sdpa", "altup", "sparsity", "vision_cache")
+KERNELS = ("rms_norm", "sdpa", "altup", "sparsity", "vision_attention", "vision_cache")
 TRAINING_ONLY = ("vision_cache",)  # generation sees a figure once: its memory is better spent on rows in flight
+# The row engine's CUDA graph needs `sparsity`; SFT measured it at 0.92x and 0.97x without it (two A/Bs on the H200,
+# benchmarks/RESULTS.md), so training loads keep gemma-3n's own cutoff.
+INFERENCE_ONLY = ("sparsity",)
 RMS_NORM_CLASS = "Gemma3nRMSNorm"
 ALTUP_CLASS = "Gemma3nTextAltUp"
 MLP_CLASS = "Gemma3nTextMLP"
 VISION_CLASS = "TimmWrapperModel"  # gemma-3n's vision tower
+MQA_CLASS = "MultiQueryAttention2d"  # timm's, in the tower's attention blocks
 _PATCHED = {
     RMS_NORM_CLASS: ("forward",),
     ALTUP_CLASS: ("predict",),
     MLP_CLASS: ("_gaussian_topk",),
     VISION_CLASS: ("forward",),
+    MQA_CLASS: ("forward",),
 }
 FIGURE_CACHE_BYTES = 8 * 2**30  # E2B: 1 MiB a figure (256 x 2,048 bf16), so ~8,000 figures; MM_Math trains on ~5,300
 
@@ -58,6 +68,8 @@ def apply_kernels(model: Any, kernels: Sequence[str]) -> dict[str, int]:
         done["altup"] = _patch_instances(model, ALTUP_CLASS, "predict", fused_altup_predict)
     if "sparsity" in kernels:
         done["sparsity"] = _patch_instances(model, MLP_CLASS, "_gaussian_topk", cached_gaussian_topk)
+    if "vision_attention" in kernels:
+        done["vision_attention"] = _patch_instances(model, MQA_CLASS, "forward", folded_mqa_forward)
     if "vision_cache" in kernels:
         patched = _patch_instances(model, VISION_CLASS, "forward", cached_vision_forward, _attach_figure_cache)
         done["vision_cache"] = patched
@@ -133,6 +145,26 @@ def cached_gaussian_topk(self: Any, inputs: Any) -> Any:
     mean = torch.mean(inputs, dim=-1, keepdim=True)
     std = torch.std(inputs, dim=-1, keepdim=True, unbiased=False)
     return torch.nn.functional.relu(inputs - (mean + std * quantiles[inputs.dtype]))
+
+
+def folded_mqa_forward(self: Any, x: Any, attn_mask: Any = None) -> Any:
+    """timm's MultiQueryAttention2d.forward with the query heads folded into the query length: the single key and
+    value head is shared by every query head, so attending with [B, 1, heads x L, k] queries is the same function,
+    in a shape SDPA's fused kernels take (timm's [B, heads, L, k] against a broadcast [B, 1, P, k] is math-only, in
+    float32). A mask, the einsum or unfused path, or active attention dropout go to timm's own forward."""
+    import torch.nn.functional as F
+
+    if attn_mask is not None or self.einsum or not self.fused_attn or (self.training and self.attn_drop.p > 0):
+        return type(self).forward(self, x, attn_mask)
+    batch, _, height, width = x.shape
+    query = self._reshape_projected_query(self.query(x), self.num_heads, self.key_dim)  # [B, heads, L, k]
+    key = self._reshape_input(self.key(x))  # [B, 1, P, k]
+    value = self._reshape_input(self.value(x))  # [B, 1, P, v]
+    heads, length = query.shape[1], query.shape[2]
+    out = F.scaled_dot_product_attention(query.reshape(batch, 1, heads * length, -1), key, value, scale=self.scale)
+    out = out.reshape(batch, heads, length, -1)
+    out = self._reshape_output(out, self.num_heads, height // self.query_strides[0], width // self.query_strides[1])
+    return self.output(out)
 
 
 def use_sdpa_attention(model: Any) -> bool:

@@ -170,12 +170,19 @@ def test_a_stochastic_tower_is_left_alone(tiny, caplog) -> None:
     assert "Dropout in the vision tower" in caplog.text and figure_cache(model) is None
 
 
-def test_only_training_loads_get_the_cache() -> None:
+def test_only_training_loads_get_the_cache_and_only_inference_loads_the_sparsity_cutoff() -> None:
     from mathwizard.models import load_model
+    from mathwizard.models.kernels import MLP_CLASS, MQA_CLASS
 
-    inference, _ = load_model("tiny", "hf", for_training=False, kernels=["vision_cache", "rms_norm"])
+    def patched(model, class_name: str, method: str) -> bool:
+        found = [m for m in model.modules() if type(m).__name__ == class_name]
+        return bool(found) and all(method in vars(m) for m in found)
+
+    inference, _ = load_model("tiny", "hf", for_training=False, kernels=ModelConfig().kernels)
     training, _ = load_model("tiny", "hf", for_training=True, kernels=ModelConfig().kernels)
     assert figure_cache(inference) is None and figure_cache(training) is not None
+    assert patched(inference, MLP_CLASS, "_gaussian_topk") and not patched(training, MLP_CLASS, "_gaussian_topk")
+    assert patched(inference, MQA_CLASS, "forward") and patched(training, MQA_CLASS, "forward")
 
 
 def test_the_sft_and_dpo_stages_read_figures_from_the_cache(tmp_path: Path) -> None:

@@ -135,6 +135,51 @@ def test_the_fused_norm_keeps_the_input_dtype_under_autocast_and_with_a_float32_
         assert torch.allclose(same_dtype.float(), norm(x).float(), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("strides", [(1, 1), (2, 2)], ids=["full", "strided"])  # MobileNetV5 has both
+def test_the_folded_vision_attention_is_timms_function_with_one_head_on_each_side(strides: tuple) -> None:
+    """timm hands SDPA 4 query heads against 1 broadcast key/value head; on CUDA no fused kernel takes that (PyTorch
+    falls back to float32 math). Folded, SDPA sees 1 head on each side: the same outputs and gradients."""
+    import torch
+    from timm.layers.attention2d import MultiQueryAttention2d
+    from torch.overrides import TorchFunctionMode
+
+    from mathwizard.models.kernels import MQA_CLASS, folded_mqa_forward
+
+    class Heads(TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[tuple] = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            if func is torch.nn.functional.scaled_dot_product_attention:
+                self.seen.append((args[0].shape[1], args[1].shape[1], args[2].shape[1]))
+            return func(*args, **(kwargs or {}))
+
+    query_strides, kv_stride = strides
+    torch.manual_seed(0)
+    attention = MultiQueryAttention2d(
+        32, num_heads=4, key_dim=8, value_dim=8, query_strides=query_strides, kv_stride=kv_stride, padding="same"
+    )
+    assert type(attention).__name__ == MQA_CLASS and attention.fused_attn
+    x = torch.randn(2, 32, 8, 8)
+    results = []
+    for forward in (attention.forward, lambda t: folded_mqa_forward(attention, t)):
+        attention.zero_grad(set_to_none=True)
+        leaf = x.clone().requires_grad_()
+        with Heads() as heads:
+            out = forward(leaf)
+        out.square().sum().backward()
+        grads = [leaf.grad] + [p.grad for p in attention.parameters()]
+        results.append((out.detach(), grads, heads.seen.pop()))
+    (want, want_grads, timm_heads), (got, got_grads, folded_heads) = results
+    assert timm_heads == (4, 1, 1) and folded_heads == (1, 1, 1)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+    for got_grad, want_grad in zip(got_grads, want_grads, strict=True):
+        assert torch.allclose(got_grad, want_grad, rtol=1e-4, atol=1e-6)
+    mask = torch.zeros(1, 1, (8 // query_strides) ** 2, (8 // kv_stride) ** 2)
+    assert torch.equal(folded_mqa_forward(attention, x, mask), attention(x, mask))  # a mask: timm's own path
+
+
 def test_the_setting_is_validated_and_left_out_of_the_fingerprint() -> None:
     from pydantic import ValidationError
 
