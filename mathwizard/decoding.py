@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -352,6 +353,7 @@ class RowEngine:
         self.graph: Any = None
         self.sampling: tuple[float, int | None, float, bool] = (1.0, None, 1.0, True)
         self.step_events: list[tuple[Any, Any]] = []
+        self.phase_s = {"prefill": 0.0, "capture": 0.0}  # wall seconds, measured with `time_steps` (GPU synced)
 
     # --- the step
     def _step(self) -> None:
@@ -501,9 +503,9 @@ class RowEngine:
         answers: dict[int, Answer],
         time_steps: bool,
     ) -> None:
-        self._fill(free, queue, processor, max_new_tokens, where)
+        self._timed("prefill", time_steps, self._fill, free, queue, processor, max_new_tokens, where)
         if self.graphs and self.graph is None:
-            self._capture()
+            self._timed("capture", time_steps, self._capture)
         while where:
             for _ in range(CHECK_EVERY):
                 self.step(time_it=time_steps)
@@ -519,7 +521,20 @@ class RowEngine:
                 free.append(row)
             # Refill once enough rows are free (each prefill is a forward of its own), or when nothing runs.
             if queue and (len(free) >= max(1, self.rows // 8) or not where):
-                self._fill(free, queue, processor, max_new_tokens, where)
+                self._timed("prefill", time_steps, self._fill, free, queue, processor, max_new_tokens, where)
+
+    def _timed(self, phase: str, timed: bool, run: Any, *args: Any) -> None:
+        """Run `run(*args)`; when timing, add its wall time, the GPU's work included, to `phase_s[phase]`."""
+        import torch
+
+        if not timed:
+            return run(*args)
+        sync = torch.cuda.synchronize if self.tokens.device.type == "cuda" else (lambda: None)
+        sync()
+        began = time.perf_counter()
+        run(*args)
+        sync()
+        self.phase_s[phase] += time.perf_counter() - began
 
     def step_times_ms(self) -> list[float]:
         """Milliseconds of each timed step (`run(..., time_steps=True)`), read after the run."""

@@ -71,7 +71,9 @@ def _render(processor: Any, requests: list[Request]) -> list[str]:
     return [render(chat_messages(r), add_generation_prompt=True, tokenize=False) for r in requests]
 
 
-def _engine_answers(model: Any, processor: Any, requests: list[Request], new: int, rows: int, **sampling: Any):
+def _engine_answers(
+    model: Any, processor: Any, requests: list[Request], new: int, rows: int, engines: list | None = None, **sampling
+):
     texts = _render(processor, requests)
     decoding.prepare_model(model)
     tokens = decoding.decode_all(
@@ -83,6 +85,8 @@ def _engine_answers(model: Any, processor: Any, requests: list[Request], new: in
         eos_ids=sorted(_eos_ids(model, processor)),
         graphs=False,
         rows=rows,
+        on_engine=None if engines is None else engines.append,
+        time_steps=engines is not None,
         **{"temperature": 0.0, "top_p": 1.0, "top_k": None, "seed": 0, **sampling},
     )
     return [processor.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
@@ -106,6 +110,10 @@ def test_greedy_answers_match_generate_with_rows_refilled(tiny: tuple[Any, Any])
     expected = [c.text for c in generate_batch(model, processor, requests, SamplingParams(max_new_tokens=40))]
     # 2 rows for 5 requests: three prompts are prefilled into rows that another answer just left.
     assert _engine_answers(model, processor, requests, 40, rows=2) == expected
+    engines: list = []  # timed as the benchmark times it: the same answers, the prefills' wall time counted
+    assert _engine_answers(model, processor, requests, 40, rows=2, engines=engines) == expected
+    assert engines[0].phase_s["prefill"] > 0 and engines[0].phase_s["capture"] == 0  # no graph on a CPU
+    assert len(engines[0].step_times_ms()) == 0  # CUDA events only
 
 
 def test_greedy_answers_match_generate_with_kv_sharing_sparsity_and_a_wrapping_window(

@@ -186,6 +186,8 @@ def measure(kind: str, model: Any, processor: Any, args: argparse.Namespace, car
         "fraction_of_bound_weights": bound_weights_ms / step["median"] if step else None,
         "fraction_of_bound_weights_kv": bound_all_ms / step["median"] if step else None,
         "peak_allocated_gib": _peak(),
+        # wall seconds of the engine's prefills (figures, vision tower, prompts) and graph capture, the GPU synced
+        "phase_s": {k: round(v, 2) for k, v in engines[0].phase_s.items()} if engines else None,
     }
     c = result["candidate"]
     say(
@@ -199,6 +201,13 @@ def measure(kind: str, model: Any, processor: Any, args: argparse.Namespace, car
             f"steady; decode bound {bound_weights_ms:.2f} ms (weights once: {c['fraction_of_bound_weights']:.1%} of "
             f"it), {bound_all_ms:.2f} ms with the KV cache ({c['fraction_of_bound_weights_kv']:.1%})"
         )
+        if c["phase_s"]:
+            phases = c["phase_s"]
+            say(
+                f"{kind} outside the decode steps: prefill {phases['prefill']:.1f} s ({1e3 * phases['prefill'] / n:.1f}"
+                f" ms a request), graph capture {phases['capture']:.1f} s, the rest"
+                f" {seconds - phases['prefill'] - phases['capture'] - sum(steps) / 1e3:.1f} s"
+            )
     return result
 
 
