@@ -13,7 +13,8 @@ heads repeated). Each replacement computes the same function, up to float roundi
 - `sparsity`: the activation-sparsity cutoff of the first MLPs (`_gaussian_topk`) with its normal quantile made once
   per dtype, as a number; the model's own code builds it with `torch.tensor(..., device=cuda)` at every call, a
   host-to-device copy that makes the CPU wait for the GPU (10 times a forward on E2B), so the CPU cannot queue the
-  next layers' kernels ahead of the GPU.
+  next layers' kernels ahead of the GPU, and a CUDA graph cannot capture it (inference loads only, see
+  `INFERENCE_ONLY`).
 - `vision_attention`: the vision tower's multi-query attention blocks (timm's `MultiQueryAttention2d`) with their
   query heads folded into the query length, so that `scaled_dot_product_attention` sees one key/value head for one
   query head and takes a fused kernel. As timm calls it (8 query heads against 1 broadcast key head), PyTorch falls
