@@ -528,7 +528,8 @@ class RowEngine:
         import torch
 
         if not timed:
-            return run(*args)
+            run(*args)
+            return
         sync = torch.cuda.synchronize if self.tokens.device.type == "cuda" else (lambda: None)
         sync()
         began = time.perf_counter()

@@ -10,7 +10,7 @@ attention blocks through a fused SDPA kernel, `mathwizard.models.kernels.folded_
 (weights and figures in NHWC, the layout cuDNN's tensor-core convolutions use natively), `tuned`
 (`torch.backends.cudnn.benchmark`: cuDNN times its algorithms for each new shape once). Random weights of the real
 architecture (bf16); the output is checked against the baseline's. A step is one forward, timed with the GPU
-synchronised; reported: median ms a figure, spread, ratio. Session 6's first run (7bb3d8d): channels_last 1.05-1.07x,
+synchronised; reported: median ms a figure, spread, ratio. Session 7's first run (7bb3d8d): channels_last 1.05-1.07x,
 tuned 1.00x, so the default set is the attention with and without NHWC.
 """
 

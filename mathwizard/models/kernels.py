@@ -18,8 +18,8 @@ heads repeated). Each replacement computes the same function, up to float roundi
 - `vision_attention`: the vision tower's multi-query attention blocks (timm's `MultiQueryAttention2d`) with their
   query heads folded into the query length, so that `scaled_dot_product_attention` sees one key/value head for one
   query head and takes a fused kernel. As timm calls it (8 query heads against 1 broadcast key head), PyTorch falls
-  back to its math kernel, which upcasts bf16 to float32: matrix products off the tensor cores and float32 scores,
-  ~1/4 of the tower's time in a prefill profile on the H200.
+  back to its math kernel, which upcasts bf16 to float32: matrix products off the tensor cores and float32 scores.
+  Folded, the E2B tower ran 1.78x as fast on the H200 (benchmarks/gpu/bench_vision.py).
 - `vision_cache`: the frozen vision tower's output kept per figure (training loads only, `FIGURE_CACHE_BYTES` at
   most). The tower was a third of an SFT step's GPU time, and an SFT run sees each figure once an epoch, DPO four
   times a pair (chosen and rejected, policy and reference). A figure is known by a hash of its pixel values' bits.
@@ -39,8 +39,8 @@ log = logging.getLogger(__name__)
 
 KERNELS = ("rms_norm", "sdpa", "altup", "sparsity", "vision_attention", "vision_cache")
 TRAINING_ONLY = ("vision_cache",)  # generation sees a figure once: its memory is better spent on rows in flight
-# The row engine's CUDA graph needs `sparsity`; SFT measured it at 0.92x and 0.97x without it (two A/Bs on the H200,
-# benchmarks/RESULTS.md), so training loads keep gemma-3n's own cutoff.
+# The row engine's CUDA graph needs `sparsity`; SFT ran 0.92x and 0.97x as fast with it as without (two A/Bs on the
+# H200, benchmarks/RESULTS.md), so training loads keep gemma-3n's own cutoff.
 INFERENCE_ONLY = ("sparsity",)
 RMS_NORM_CLASS = "Gemma3nRMSNorm"
 ALTUP_CLASS = "Gemma3nTextAltUp"
