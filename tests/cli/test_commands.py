@@ -19,7 +19,7 @@ import typer
 from pydantic import BaseModel
 from typer.testing import CliRunner
 
-from mathwizard.cli import app, handles_errors
+from mathwizard.cli import app, console, handles_errors
 from mathwizard.config import STAGE_DIRS, Settings
 from mathwizard.errors import DataError
 from mathwizard.stages import stage_module
@@ -34,8 +34,12 @@ FP = "0123456789abcdef" * 4
 @pytest.fixture(autouse=True)
 def _environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """A wide terminal, so rich does not wrap a long path inside a line the test reads; and the Prefect defaults
-    the CLI sets with os.environ.setdefault undone after each test."""
+    the CLI sets with os.environ.setdefault undone after each test.
+
+    The CLI's console fixed its width at import (200 when not a terminal), so COLUMNS alone does not reach it: widen
+    it as well. Two tmp paths on one line pass 200 characters under pytest-xdist (`.../popen-gw1/...`)."""
     monkeypatch.setenv("COLUMNS", "240")
+    monkeypatch.setattr(console, "width", 1000)
     for name in ("PREFECT_LOGGING_EXTRA_LOGGERS", "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"):
         monkeypatch.delenv(name, raising=False)
 
