@@ -25,6 +25,7 @@ import importlib
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -169,7 +170,7 @@ def launch(
                 _stop(process)
                 raise
             if code != 0:
-                raise relay.error(description, code, _last_line(errors))
+                raise relay.error(description, code, _stderr_lines(errors))
         return json.loads(result_file.read_text(encoding="utf-8")) if result_file.is_file() else None
     finally:
         for path in (job, result_file):
@@ -192,13 +193,35 @@ def _stop(process: subprocess.Popen) -> None:
             continue
 
 
-def _last_line(errors: Any) -> str:
-    """The last line the ranks wrote to stderr; the last 40 go to the debug log (tracebacks, `-vv`)."""
+def _stderr_lines(errors: Any) -> list[str]:
+    """What the ranks and torchrun wrote to stderr; the last 40 lines go to the debug log (tracebacks, `-vv`)."""
     errors.seek(0)
-    lines = [line for line in errors.read().decode(errors="replace").splitlines() if line.strip()]
+    lines = [line.strip() for line in errors.read().decode(errors="replace").splitlines() if line.strip()]
     if lines:
         log.debug("the ranks' last stderr lines:\n%s", "\n".join(lines[-40:]))
-    return lines[-1].strip() if lines else ""
+    return lines
+
+
+def _first_death(lines: list[str]) -> tuple[int, str] | None:
+    """From torchrun's failure summary, the rank that ended first and how: its "Root Cause" block names them. A rank
+    that dies without a word (the OOM killer, a crash in native code) is otherwise hidden behind the ranks torchrun
+    then stopped."""
+    starts = [i for i, line in enumerate(lines) if line.startswith("Root Cause")]
+    if not starts:
+        return None
+    block = "\n".join(lines[starts[-1] : starts[-1] + 10])
+    found_rank, found_code = re.search(r"rank\s*:\s*(\d+)", block), re.search(r"exitcode\s*:\s*(-?\d+)", block)
+    if not (found_rank and found_code):
+        return None
+    code = int(found_code.group(1))
+    if code < 0:
+        name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+        how = f"was killed by {name}"
+        if -code == signal.SIGKILL:
+            how += " (often the out-of-memory killer: lower the batch size)"
+    else:
+        how = f"exited with code {code}"
+    return int(found_rank.group(1)), how
 
 
 class _Relay:
@@ -248,10 +271,16 @@ class _Relay:
         self.done[message.get("rank", 0)] = message["done"]
         self.progress(sum(self.done.values()), self.total if self.total is not None else message["total"], **metrics)
 
-    def error(self, description: str, code: int, stderr_tail: str) -> MathWizardError:
-        failure = self.failure
+    def error(self, description: str, code: int, stderr: list[str]) -> MathWizardError:
+        failure, first = self.failure, _first_death(stderr)
+        stopped = failure is None or failure.get("type") == "KeyboardInterrupt"  # no rank said what went wrong
+        if stopped and first is not None and (failure is None or first[0] != failure.get("rank")):
+            return MathWizardError(
+                f"{description} on several processes failed: rank {first[0]} {first[1]} without reporting an error"
+                " (its stderr: -vv)"
+            )
         if failure is None:
-            reason = stderr_tail or f"exit code {code}"
+            reason = (stderr[-1] if stderr else "") or f"exit code {code}"
             return MathWizardError(f"{description} on several processes failed: {reason}")
         from mathwizard import errors
 

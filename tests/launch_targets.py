@@ -33,3 +33,13 @@ def wait_forever(folder: str, progress) -> None:
     """Write this rank's pid, then sleep until stopped."""
     Path(folder, f"rank-{rank()}.pid").write_text(str(os.getpid()))
     time.sleep(600)
+
+
+def die_then_wait(code: int, progress) -> None:
+    """Rank 1 ends at once without a word (as the kernel's OOM killer or a crash in native code would end it; `code`
+    < 0: killed by that signal); rank 0 waits to be stopped."""
+    if rank() == 1:
+        if code < 0:
+            os.kill(os.getpid(), -code)
+        os._exit(code)
+    time.sleep(60)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 
 from mathwizard import launch
 from mathwizard.config import ModelConfig
-from mathwizard.errors import ConfigError, DataError
+from mathwizard.errors import ConfigError, DataError, MathWizardError
 from tests.cli_runner import default_sigint
 
 
@@ -83,6 +84,27 @@ def test_a_ranks_failure_is_its_own_one_line_error_and_stops_the_others(
     assert seen == [(1, 3), (2, 3), (3, 3)]  # rank 0's progress only
     relayed = [r.getMessage() for r in caplog.records if r.name == "mathwizard.tests"]
     assert sorted(relayed) == ["rank 0 counted 3 items", "rank 1 counted 3 items"]  # re-logged by the launcher
+
+
+@pytest.mark.parametrize(
+    ("code", "how"),
+    [
+        (3, "exited with code 3"),
+        (-9, r"was killed by SIGKILL \(often the out-of-memory killer: lower the batch size\)"),
+    ],
+    ids=["exit", "killed"],
+)
+def test_a_rank_that_dies_without_a_word_is_named_not_the_rank_stopped_after_it(
+    tmp_path: Path, code: int, how: str
+) -> None:
+    """Rank 1 ends silently (as under the OOM killer); torchrun then stops rank 0, which reports being stopped by a
+    signal. The error names rank 1 and how it ended (from torchrun's summary), not rank 0's interruption."""
+    started = time.monotonic()
+    with pytest.raises(MathWizardError) as info:
+        launch.launch("tests.launch_targets:die_then_wait", {"code": code}, nprocs=2, workdir=tmp_path, description="t")
+    assert re.fullmatch(rf"t on several processes failed: rank 1 {how} without reporting an error \(its stderr: -vv\)",
+                        str(info.value)), str(info.value)  # fmt: skip
+    assert time.monotonic() - started < 55  # rank 0 was stopped, not waited for (it sleeps 60 s)
 
 
 LAUNCHER = """
