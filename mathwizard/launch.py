@@ -11,7 +11,8 @@ the stage's folder, manifest and run lock; its ranks never take the lock (they c
 What comes back over the ranks' stdout, one JSON line each behind a marker: progress reports (relayed to the stage's
 `progress`), the library's log records (re-logged here, so the Prefect UI and `-v` still show them), a failure (raised
 here as the same one-line error), and rank 0's result (written to `<job>.result.json`). Everything else the ranks
-print goes to the debug log; their stderr to a file whose last line names a crash nobody reported.
+print goes to the debug log; their stderr to a file, where torchrun's summary names a rank that died without a word
+(the OOM killer, a native crash): the error names it, not the ranks stopped after it.
 
 The launch dies with its launcher: torchrun is started with PR_SET_PDEATHSIG (as the CLI's Prefect server is, see
 `mathwizard/cli/runtime.py`), each rank asks for the same towards torchrun, and Ctrl-C or an error in the launcher
