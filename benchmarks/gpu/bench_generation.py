@@ -5,6 +5,11 @@ Usage (on a CUDA machine; the E2B-architecture model and the sample's stage fold
     python benchmarks/gpu/bench_generation.py --json generation.json
     python benchmarks/gpu/bench_generation.py --task sampling --prompts 256 --max-new-tokens 1024
     python benchmarks/gpu/bench_generation.py --model tiny --prompts 8 --max-new-tokens 16 --baseline-new-tokens 8
+    python benchmarks/gpu/bench_generation.py --task sampling --prompts 1024 --figures both
+
+`--figures both` runs the candidate twice: every figure through the vision tower in the call (a stage in a process of
+its own), then with every figure's tower output computed before it (`vision_cache` after SFT in a one-GPU pipeline,
+where the pairs and eval stages find SFT's figures).
 
 The stage's own requests (sampling: the flawed-answer instruction + figure + question + reference solution,
 temperature 1.0, top_p 0.95, the checkpoint's top_k; eval: the tutor prompt + figure + question, greedy), cycling over
@@ -99,7 +104,7 @@ def sync() -> None:
 
 def measure(kind: str, model: Any, processor: Any, args: argparse.Namespace, card: dict[str, float]) -> dict[str, Any]:
     from mathwizard import decoding
-    from mathwizard.generation import ModelGenerator, SamplingParams, _eos_ids, _top_k, chat_messages
+    from mathwizard.generation import ModelGenerator, SamplingParams, _top_k, chat_messages
 
     greedy = kind == "eval"
     temperature, top_p = (0.0, 1.0) if greedy else (1.0, 0.95)
@@ -128,14 +133,51 @@ def measure(kind: str, model: Any, processor: Any, args: argparse.Namespace, car
 
     # --- candidate: the row engine, every request through one call
     render = processor.apply_chat_template
-    eos = sorted(_eos_ids(model, processor))
     n = args.prompts
     pool = requests_for(kind, args.data, 64)
     sample = [render(chat_messages(r), add_generation_prompt=True, tokenize=False) for r in pool]
     length = decoding.cache_length(max(len(i) for i in decoding.prompt_ids(processor, sample)), args.max_new_tokens)
     rows = decoding.rows_for(model, n or decoding.MAX_ROWS, length)
-    n = n or rows
-    requests = requests_for(kind, args.data, n)
+    requests = requests_for(kind, args.data, n or rows)
+    shared = {"rows": rows, "length": length, "top_k": top_k, "temperature": temperature, "top_p": top_p}
+    for figures in ("new", "known") if args.figures == "both" else (args.figures,):
+        name = "candidate" if figures == "new" or args.figures == "known" else "candidate_figures_known"
+        from mathwizard.models.kernels import apply_kernels, compute_figures, remove_kernels
+
+        remove_kernels(model, ["vision_cache"])  # the tower as a stage alone loads it: no earlier task's figures
+        if figures == "known":
+            from mathwizard.generation import to_pil
+
+            # as after SFT in a one-GPU pipeline: the process already holds every figure's tower output
+            apply_kernels(model, ["vision_cache"], start_figure_cache=True)
+            distinct = {id(r.image): to_pil(r.image) for r in requests}  # the requests cycle over the sample's items
+            computed = compute_figures(model, processor, list(distinct.values()))
+            say(f"{kind}: {computed} distinct figures computed before the call (figures known)")
+        result[name] = {"figures": figures, **_candidate(kind, model, processor, requests, args, card, **shared)}
+        result[name]["vs_baseline"] = result[name]["tokens_per_s"] / result["baseline"]["tokens_per_s"]
+        _print_candidate(kind, figures, result[name], result["baseline"])
+    return result
+
+
+def _candidate(
+    kind: str,
+    model: Any,
+    processor: Any,
+    requests: list[Any],
+    args: argparse.Namespace,
+    card: dict[str, float],
+    *,
+    rows: int,
+    length: int,
+    top_k: int | None,
+    temperature: float,
+    top_p: float,
+) -> dict[str, Any]:
+    from mathwizard import decoding
+    from mathwizard.generation import _eos_ids, chat_messages
+
+    render = processor.apply_chat_template
+    eos = sorted(_eos_ids(model, processor))
     texts = [render(chat_messages(r), add_generation_prompt=True, tokenize=False) for r in requests]
     engines: list[Any] = []
     decoding.prepare_model(model)
@@ -167,18 +209,17 @@ def measure(kind: str, model: Any, processor: Any, args: argparse.Namespace, car
     kv = kv_bytes_per_row(model, length) * rows
     bound_weights_ms = 1e3 * weights / card["copy_bytes_s"]
     bound_all_ms = 1e3 * (weights + kv) / card["copy_bytes_s"]
-    rate = tokens / seconds
-    result["candidate"] = {
-        "requests": n,
+    return {
+        "requests": len(requests),
         "rows": rows,
         "cache_length": length,
         "max_new_tokens": args.max_new_tokens,
         "tokens": tokens,
         "seconds": round(seconds, 2),
-        "tokens_per_s": rate,
-        "vs_baseline": rate / result["baseline"]["tokens_per_s"],
+        "tokens_per_s": tokens / seconds,
         "step_ms": step,
         "steady_tokens_per_s": rows * 1e3 / step["median"] if step else None,
+        "decode_s": round(sum(steps) / 1e3, 2),  # every decode step's CUDA-event time (none on a CPU)
         "weight_bytes": weights,
         "kv_bytes_per_step": kv,
         "decode_bound_ms_weights": bound_weights_ms,
@@ -189,26 +230,30 @@ def measure(kind: str, model: Any, processor: Any, args: argparse.Namespace, car
         # wall seconds of the engine's prefills (figures, vision tower, prompts) and graph capture, the GPU synced
         "phase_s": {k: round(v, 2) for k, v in engines[0].phase_s.items()} if engines else None,
     }
-    c = result["candidate"]
+
+
+def _print_candidate(kind: str, figures: str, c: dict[str, Any], baseline: dict[str, Any]) -> None:
+    n, rows, tokens, seconds, step = c["requests"], c["rows"], c["tokens"], c["seconds"], c["step_ms"]
     say(
-        f"{kind} graphs: {rate:,.0f} tokens/s vs {result['baseline']['tokens_per_s']:,.0f} baseline -> "
-        f"{c['vs_baseline']:.1f}x ({n} requests, {rows} rows, {tokens:,} tokens in {seconds:.1f} s incl. prefill)"
+        f"{kind} graphs, figures {figures}: {c['tokens_per_s']:,.0f} tokens/s vs {baseline['tokens_per_s']:,.0f} "
+        f"baseline -> {c['vs_baseline']:.1f}x ({n} requests, {rows} rows, {tokens:,} tokens in {seconds:.1f} s incl. "
+        "prefill)"
     )
     if step:
         say(
             f"{kind} decode step: median {step['median']:.2f} ms (IQR {step['p25']:.2f}-{step['p75']:.2f}, min-max "
             f"{step['min']:.2f}-{step['max']:.2f}, {step['n']} steps) = {c['steady_tokens_per_s']:,.0f} tokens/s "
-            f"steady; decode bound {bound_weights_ms:.2f} ms (weights once: {c['fraction_of_bound_weights']:.1%} of "
-            f"it), {bound_all_ms:.2f} ms with the KV cache ({c['fraction_of_bound_weights_kv']:.1%})"
+            f"steady; decode bound {c['decode_bound_ms_weights']:.2f} ms (weights once: "
+            f"{c['fraction_of_bound_weights']:.1%} of it), {c['decode_bound_ms_weights_kv']:.2f} ms with the KV cache "
+            f"({c['fraction_of_bound_weights_kv']:.1%})"
         )
-        if c["phase_s"]:
-            phases = c["phase_s"]
-            say(
-                f"{kind} outside the decode steps: prefill {phases['prefill']:.1f} s ({1e3 * phases['prefill'] / n:.1f}"
-                f" ms a request), graph capture {phases['capture']:.1f} s, the rest"
-                f" {seconds - phases['prefill'] - phases['capture'] - sum(steps) / 1e3:.1f} s"
-            )
-    return result
+    if c["phase_s"]:
+        phases = c["phase_s"]
+        say(
+            f"{kind} outside the decode steps: prefill {phases['prefill']:.1f} s ({1e3 * phases['prefill'] / n:.1f}"
+            f" ms a request), graph capture {phases['capture']:.1f} s, the rest"
+            f" {seconds - phases['prefill'] - phases['capture'] - c['decode_s']:.1f} s"
+        )
 
 
 def _peak() -> float | None:
@@ -229,6 +274,13 @@ def main() -> None:
     parser.add_argument("--baseline-new-tokens", type=int, default=baseline_new_tokens)
     parser.add_argument(
         "--kernels", default=None, help="model.kernels joined by '+', or 'none' (default: the setting's default)."
+    )
+    parser.add_argument(
+        "--figures",
+        default="new",
+        choices=["new", "known", "both"],
+        help="new: every figure through the vision tower in the call (a stage in its own process); known: their tower"
+        " output computed before the call (`vision_cache`: after SFT in a one-GPU pipeline); both: one call each.",
     )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()

@@ -133,7 +133,8 @@ def load_model(
         max_seq_length: longest sequence (Unsloth sizes its buffers with it).
         merge_adapter: merge an adapter into the weights; default: when loading for inference without 4-bit.
         kernels: fused equivalents put on the loaded model (`model.kernels`, see `mathwizard.models.kernels`); those
-            in `TRAINING_ONLY` only with `for_training`, those in `INFERENCE_ONLY` only without.
+            in `INFERENCE_ONLY` only without `for_training`. `vision_cache`: a training load starts the process's
+            figure cache, an inference load joins it (figures computed by an earlier load of the same tower).
 
     Raises:
         ModelError: missing path, unloadable model, or a backend this machine cannot run.
@@ -144,10 +145,10 @@ def load_model(
     options = {"dtype": dtype, "load_in_4bit": load_in_4bit, "cache_dir": cache_dir, "max_seq_length": max_seq_length}
     model, processor = _load(path, chosen, for_training=for_training, merge=merge, **options)
     if kernels:
-        from mathwizard.models.kernels import INFERENCE_ONLY, TRAINING_ONLY, apply_kernels
+        from mathwizard.models.kernels import INFERENCE_ONLY, apply_kernels
 
-        left_out = INFERENCE_ONLY if for_training else TRAINING_ONLY
-        apply_kernels(model, [k for k in kernels if k not in left_out])
+        chosen = [k for k in kernels if not (for_training and k in INFERENCE_ONLY)]
+        apply_kernels(model, chosen, start_figure_cache=for_training)
     return model, processor
 
 

@@ -20,9 +20,13 @@ heads repeated). Each replacement computes the same function, up to float roundi
   query head and takes a fused kernel. As timm calls it (8 query heads against 1 broadcast key head), PyTorch falls
   back to its math kernel, which upcasts bf16 to float32: matrix products off the tensor cores and float32 scores.
   Folded, the E2B tower ran 1.78x as fast on the H200 (benchmarks/gpu/bench_vision.py).
-- `vision_cache`: the frozen vision tower's output kept per figure (training loads only, `FIGURE_CACHE_BYTES` at
-  most). The tower was a third of an SFT step's GPU time, and an SFT run sees each figure once an epoch, DPO four
-  times a pair (chosen and rejected, policy and reference). A figure is known by a hash of its pixel values' bits.
+- `vision_cache`: the frozen vision tower's output kept per figure (`FIGURE_CACHE_BYTES` at most). The tower was a
+  third of an SFT step's GPU time, and an SFT run sees each figure once an epoch, DPO four times a pair (chosen and
+  rejected, policy and reference). A figure is known by a hash of its pixel values' bits. The figures belong to the
+  process, keyed by a hash of the tower's weights, so every later load of the same tower in the process reads them:
+  LoRA leaves the tower as it is, so a one-GPU pipeline's pairs, DPO and eval stages find every training figure
+  already computed by SFT. A training load starts the process's cache (dropping another tower's); an inference load
+  only joins one that a training load started (a lone generation sees each figure once).
 
 The patches are per instance (the module's `forward`/`predict`), so they hold whatever Unsloth patched on the
 classes at import, survive PEFT wrapping and adapter merging, and leave the weights and the state dict untouched.
@@ -30,15 +34,17 @@ classes at import, survive PEFT wrapping and adapter merging, and leave the weig
 
 from __future__ import annotations
 
+import functools
+import itertools
 import logging
 import types
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 log = logging.getLogger(__name__)
 
 KERNELS = ("rms_norm", "sdpa", "altup", "sparsity", "vision_attention", "vision_cache")
-TRAINING_ONLY = ("vision_cache",)  # generation sees a figure once: its memory is better spent on rows in flight
 # The row engine's CUDA graph needs `sparsity`; SFT ran 0.92x and 0.97x as fast with it as without (two A/Bs on the
 # H200, benchmarks/RESULTS.md), so training loads keep gemma-3n's own cutoff.
 INFERENCE_ONLY = ("sparsity",)
@@ -54,11 +60,20 @@ _PATCHED = {
     VISION_CLASS: ("forward",),
     MQA_CLASS: ("forward",),
 }
+_KERNEL_CLASS = {
+    "rms_norm": RMS_NORM_CLASS,
+    "altup": ALTUP_CLASS,
+    "sparsity": MLP_CLASS,
+    "vision_attention": MQA_CLASS,
+    "vision_cache": VISION_CLASS,
+}
 FIGURE_CACHE_BYTES = 8 * 2**30  # E2B: 1 MiB a figure (256 x 2,048 bf16), so ~8,000 figures; MM_Math trains on ~5,300
 
 
-def apply_kernels(model: Any, kernels: Sequence[str]) -> dict[str, int]:
-    """Put the chosen replacements on `model`; returns how many modules each one changed (0: nothing to change)."""
+def apply_kernels(model: Any, kernels: Sequence[str], *, start_figure_cache: bool = True) -> dict[str, int]:
+    """Put the chosen replacements on `model`; returns how many modules each one changed (0: nothing to change).
+    `start_figure_cache`: `vision_cache` may start the process's figure cache (training loads); without it the tower
+    is patched only when the process already holds figures of this same tower."""
     unknown = set(kernels) - set(KERNELS)
     if unknown:
         raise ValueError(f"unknown kernels {sorted(unknown)}; choose from {', '.join(KERNELS)}")
@@ -72,7 +87,8 @@ def apply_kernels(model: Any, kernels: Sequence[str]) -> dict[str, int]:
     if "vision_attention" in kernels:
         done["vision_attention"] = _patch_instances(model, MQA_CLASS, "forward", folded_mqa_forward)
     if "vision_cache" in kernels:
-        patched = _patch_instances(model, VISION_CLASS, "forward", cached_vision_forward, _attach_figure_cache)
+        attach = functools.partial(_attach_figure_cache, start=start_figure_cache)
+        patched = _patch_instances(model, VISION_CLASS, "forward", cached_vision_forward, attach)
         done["vision_cache"] = patched
     if "sdpa" in kernels:
         done["sdpa"] = int(use_sdpa_attention(model))
@@ -81,12 +97,17 @@ def apply_kernels(model: Any, kernels: Sequence[str]) -> dict[str, int]:
     return done
 
 
-def remove_kernels(model: Any) -> int:
-    """Give the patched modules their class's own methods back (the attention setting stays); returns how many."""
+def remove_kernels(model: Any, kernels: Sequence[str] = KERNELS) -> int:
+    """Give the patched modules of `kernels` their class's own methods back (the attention setting stays); returns
+    how many."""
+    classes = {_KERNEL_CLASS[name] for name in kernels if name in _KERNEL_CLASS}
     count = 0
     for module in model.modules():
-        vars(module).pop(_FIGURES, None)
-        for method in _PATCHED.get(type(module).__name__, ()):
+        if type(module).__name__ not in classes:
+            continue
+        if type(module).__name__ == VISION_CLASS:
+            vars(module).pop(_FIGURES, None)
+        for method in _PATCHED[type(module).__name__]:
             if method in vars(module):
                 delattr(module, method)
                 count += 1
@@ -250,7 +271,10 @@ class FigureCache:
                 log.info("vision_cache: full at %d figures (%.1f GiB); new ones are computed each time", held, gib)
                 self.full_logged = True
             return
-        self.features[key] = feature.detach().clone()
+        import torch
+
+        with torch.inference_mode(False):  # a normal tensor even from generation: training may read it later
+            self.features[key] = feature.detach().clone()
         self.bytes += size
 
     def clear(self) -> int:
@@ -275,23 +299,100 @@ def clear_figure_cache(model: Any) -> int:
     return 0 if cache is None else cache.clear()
 
 
-def _attach_figure_cache(tower: Any) -> bool:
-    """Give the tower an empty cache if its output depends on its input alone in training mode too (no batch
-    statistics, no active dropout; timm's MobileNetV5 in gemma-3n has RMS norms and dropout of rate 0)."""
+class _ProcessFigures:
+    """The process's figures: one tower's at a time (a pipeline trains one base model), known by its weights."""
+
+    tower: tuple | None = None
+    cache: FigureCache | None = None
+
+
+def forget_figures() -> int:
+    """Drop the process's figure cache (its memory returns once no loaded model holds it); returns how many figures it
+    held. Benchmarks call it between variants that must each start with no figure known."""
+    held = 0 if _ProcessFigures.cache is None else len(_ProcessFigures.cache.features)
+    _ProcessFigures.tower = _ProcessFigures.cache = None
+    return held
+
+
+def _attach_figure_cache(tower: Any, start: bool = True) -> bool:
+    """Give the tower the process's cache for its weights (a new one if `start` and there is none) if its output
+    depends on its input alone in training mode too (no batch statistics, no active dropout; timm's MobileNetV5 in
+    gemma-3n has RMS norms and dropout of rate 0)."""
     for module in tower.modules():
         name = type(module).__name__
         rate = getattr(module, "p", None) if "Dropout" in name else getattr(module, "drop_prob", None)
         if "BatchNorm" in name or (rate or 0.0) > 0.0:
             log.warning("vision_cache: not used, %s in the vision tower changes its output from call to call", name)
             return False
-    vars(tower)[_FIGURES] = FigureCache()
+    weights = tower_fingerprint(tower)
+    if weights != _ProcessFigures.tower:
+        if not start:
+            return False
+        if _ProcessFigures.cache is not None:
+            log.info("vision_cache: another vision tower; the %d figures of the last one are dropped", forget_figures())
+        _ProcessFigures.tower, _ProcessFigures.cache = weights, FigureCache()
+    elif _ProcessFigures.cache is not None and (held := len(_ProcessFigures.cache.features)):
+        log.info("vision_cache: %d figures of this vision tower already computed in this process", held)
+    vars(tower)[_FIGURES] = _ProcessFigures.cache
     return True
+
+
+def compute_figures(model: Any, processor: Any, images: Iterable[Any], *, batch_size: int = 32) -> int:
+    """Put the figures of `images` (PIL) into the model's figure cache ahead of training, `batch_size` at a time
+    without gradients; returns how many were new (0: no cache on the model, or all known). The first epoch's steps
+    then read every figure as the later epochs' do, and the tower runs fuller batches than a micro-batch; the next
+    chunk's figures are decoded and resized on CPU threads while the tower runs."""
+    import torch
+
+    tower = next((m for m in model.modules() if _FIGURES in vars(m)), None)
+    if tower is None:
+        return 0
+    cache: FigureCache = vars(tower)[_FIGURES]
+    before = cache.misses
+
+    def pixels(chunk: list[Any]) -> Any:
+        if not chunk:
+            return None
+        return processor.image_processor([[image] for image in chunk], return_tensors="pt")["pixel_values"]
+
+    images = iter(images)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="mathwizard-figures") as pool, torch.no_grad():
+        ahead = pool.submit(pixels, list(itertools.islice(images, batch_size)))
+        while (chunk := ahead.result()) is not None:
+            ahead = pool.submit(pixels, list(itertools.islice(images, batch_size)))
+            if cache.full_logged:  # no room left: the rest are computed when training meets them
+                break
+            tower(pixel_values=chunk, do_pooling=False, return_dict=True)
+    return cache.misses - before
+
+
+def tower_fingerprint(tower: Any) -> tuple:
+    """Which weights the tower holds: each tensor's name, shape and dtype, the device, and two sums of each tensor's
+    bit patterns times fixed random odd 64-bit weights (repeating every 2^16 elements), as for figures. An adapter
+    merged elsewhere and saved, then loaded again, gives the same tuple; any changed weight another one."""
+    import torch
+
+    tensors = [(name, t) for name, t in [*tower.named_parameters(), *tower.named_buffers()] if t.is_floating_point()]
+    if not tensors:
+        return ()
+    device = tensors[0][1].device
+    generator = torch.Generator().manual_seed(20261202)
+    period = 2**16
+    weights = (torch.randint(-(2**62), 2**62, (2, period), generator=generator, dtype=torch.int64) | 1).to(device)
+    sums = []
+    for _, tensor in tensors:
+        flat = tensor.detach().reshape(-1)
+        bits = flat.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()])
+        bits = torch.nn.functional.pad(bits.to(torch.int64), (0, -flat.numel() % period)).view(-1, period)
+        sums.append((bits.unsqueeze(1) * weights).sum(dim=(0, 2)))
+    layout = tuple((name, tuple(t.shape), str(t.dtype)) for name, t in tensors)
+    return (str(device), layout, tuple(torch.stack(sums).reshape(-1).tolist()))
 
 
 def cached_vision_forward(self: Any, pixel_values: Any, *args: Any, **kwargs: Any) -> Any:
     """TimmWrapperModel.forward with each figure's output computed once: figures seen before come from the cache,
     the others (each distinct one once) from the tower. Anything but gemma-3n's plain call (last hidden state, no
-    pooling), and a tower with trainable weights, goes to the tower unchanged."""
+    pooling), and a tower with trainable weights while gradients are on, goes to the tower unchanged."""
     import torch
     from transformers.models.timm_wrapper.modeling_timm_wrapper import TimmWrapperModelOutput
 
@@ -299,8 +400,9 @@ def cached_vision_forward(self: Any, pixel_values: Any, *args: Any, **kwargs: An
     cache: FigureCache = vars(self)[_FIGURES]
     plain = not args and kwargs.get("do_pooling") is False and kwargs.get("return_dict", True) is not False
     plain = plain and not kwargs.get("output_hidden_states") and not kwargs.get("output_attentions")
-    if not plain or any(p.requires_grad for p in self.parameters()):
+    if not plain or (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())):
         return own(self, pixel_values, *args, **kwargs)
+    pixel_values = pixel_values.to(self.device, self.dtype)  # as the tower takes them: the key follows what it sees
     keys = figure_keys(pixel_values)  # the one host-device sync
     first: dict[tuple, int] = {}
     for row, key in enumerate(keys):

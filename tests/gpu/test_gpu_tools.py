@@ -182,7 +182,7 @@ def test_the_projection_takes_the_recipes_own_settings_from_the_measurements() -
         shape = f"{cfg.per_device_train_batch_size}x{cfg.gradient_accumulation_steps}"
         return f"{backend}:{shape}" + (":gc" if cfg.gradient_checkpointing else "")
 
-    assert "vision_cache" in settings.model.kernels  # so the first epoch and DPO take the `:fresh` figures
+    assert "vision_cache" in settings.model.kernels  # per stage: the first epoch and DPO take the `:fresh` figures
     sft = {
         "variants": {
             name(settings.sft): {"first_step_s": 60, "summary": {"tokens_per_s": 10_000}},
@@ -199,8 +199,13 @@ def test_the_projection_takes_the_recipes_own_settings_from_the_measurements() -
     sampling = {"max_new_tokens": 1024, "steady_tokens_per_s": 20_000, "step_ms": {"median": 50.0}}
     sampling.update(requests=1000, seconds=1024 * 0.05 + 10)  # 10 s outside the decode steps: 10 ms a request
     evaluation = {"max_new_tokens": 1024, "step_ms": {"median": 40.0}, "requests": 500, "seconds": 1024 * 0.04 + 5}
-    gen = {"start_to_loaded_s": 30, "sampling": {"candidate": sampling}, "eval": {"candidate": evaluation}}
-    result = project(sft, dpo, gen, settings)
+    gen = {
+        "start_to_loaded_s": 30,
+        "load_s": 12,
+        "sampling": {"candidate": sampling},
+        "eval": {"candidate": evaluation},
+    }
+    result = project(sft, dpo, gen, settings, "per-stage")
     rows = settings.sft.per_device_train_batch_size * settings.sft.gradient_accumulation_steps  # 32
     tokens = settings.sft.max_steps * rows * 650
     assert tokens > 5_300 * 650  # more than one epoch: the first at the fresh rate, the rest cached
@@ -212,8 +217,31 @@ def test_the_projection_takes_the_recipes_own_settings_from_the_measurements() -
     assert result["stages"]["eval"]["total_s"] == pytest.approx(eval_s)
     assert result["total_s"] == sum(s["total_s"] for s in result["stages"].values())
     uncached = settings.model_copy(update={"model": settings.model.model_copy(update={"kernels": []})})
-    assert project(sft, dpo, gen, uncached)["stages"]["sft"]["run_s"] == tokens / 10_000
+    assert project(sft, dpo, gen, uncached, "per-stage")["stages"]["sft"]["run_s"] == tokens / 10_000
+
+    # One process (mathwizard run): imports once, SFT's figures first, the later stages find them.
+    sft["variants"][name(settings.sft)]["figures_first"] = {"per_figure_s": {"median": 0.007}}
+    dpo["variants"][name(settings.dpo)]["import_s"] = 30
+    known = {"figures": "known", "seconds": 1024 * 0.05 + 4}  # 4 ms a request outside the decode steps
+    gen["sampling"]["candidate_figures_known"] = {**sampling, **known}
+    gen["eval"]["candidate_figures_known"] = {**evaluation, "seconds": 1024 * 0.04 + 1}  # 2 ms a request
+    one = project(sft, dpo, gen, settings)
+    assert one["layout"] == "one-process" and one["stages"]["sft"]["start_s"] == 60  # SFT pays the imports
+    assert one["stages"]["sft"]["run_s"] == pytest.approx(tokens / 10_000 + 5_300 * 0.007)
+    assert one["stages"]["pairs"]["start_s"] == 12 and one["stages"]["pairs"]["figures"] == "known"
+    assert one["stages"]["pairs"]["run_s"] == pytest.approx(
+        5_300 * settings.pairs.max_new_tokens / 20_000 + 5_300 * 0.004
+    )
+    assert one["stages"]["dpo"]["total_s"] == 69 - 30 + settings.dpo.max_steps * 1  # SFT computed every figure
+    per_model = settings.eval.max_new_tokens * 0.04
+    eval_s = 3 * 12 + 3 * per_model + 300 * 0.01 + 2 * 300 * 0.002  # the base model's run computes the test figures
+    assert one["stages"]["eval"]["total_s"] == pytest.approx(eval_s)
+    apart = project(sft, dpo, gen, settings, "per-stage")["stages"]  # SFT's figures first there too, nothing shared
+    assert apart["sft"]["run_s"] == one["stages"]["sft"]["run_s"] and apart["pairs"] == result["stages"]["pairs"]
+    assert apart["dpo"] == result["stages"]["dpo"] and apart["eval"] == result["stages"]["eval"]
     del sft["variants"][name(settings.sft) + ":fresh"]
+    project(sft, dpo, gen, settings)  # measured with its figures first: no `:fresh` variant needed
+    del sft["variants"][name(settings.sft)]["figures_first"]
     with pytest.raises(SystemExit, match="were not measured"):
         project(sft, dpo, gen, settings)  # the recipe caches figures: its first epoch must be measured too
     with pytest.raises(SystemExit, match="were not measured"):

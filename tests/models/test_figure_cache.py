@@ -1,9 +1,10 @@
 """`model.kernels: vision_cache`: the frozen vision tower's output kept per figure for the training stages.
 
 What must hold: the model computes exactly what it computes without the cache (loss, logits, every gradient), a
-figure is computed once however often it recurs (within a batch, across steps, in DPO's reference pass), a figure's
-key changes with any pixel, and the cache stands aside where it would change the function (a trainable or
-stochastic tower, another call form) or waste memory (inference loads)."""
+figure is computed once however often it recurs (within a batch, across steps, in DPO's reference pass, in later
+loads of the same tower in the process), a figure's key changes with any pixel, the cache follows the tower's
+weights, and it stands aside where it would change the function (a trainable or stochastic tower, another call form,
+another tower) or waste memory (an inference load with nothing computed before it)."""
 
 from __future__ import annotations
 
@@ -19,8 +20,18 @@ from mathwizard.models.kernels import (
     clear_figure_cache,
     figure_cache,
     figure_keys,
+    forget_figures,
     remove_kernels,
+    tower_fingerprint,
 )
+
+
+@pytest.fixture(autouse=True)
+def no_figures_known():
+    """The figures belong to the process: each test starts and ends without any."""
+    forget_figures()
+    yield
+    forget_figures()
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +181,7 @@ def test_a_stochastic_tower_is_left_alone(tiny, caplog) -> None:
     assert "Dropout in the vision tower" in caplog.text and figure_cache(model) is None
 
 
-def test_only_training_loads_get_the_cache_and_only_inference_loads_the_sparsity_cutoff() -> None:
+def test_only_inference_loads_get_the_sparsity_cutoff_and_only_training_loads_start_a_figure_cache() -> None:
     from mathwizard.models import load_model
     from mathwizard.models.kernels import MLP_CLASS, MQA_CLASS
 
@@ -178,28 +189,108 @@ def test_only_training_loads_get_the_cache_and_only_inference_loads_the_sparsity
         found = [m for m in model.modules() if type(m).__name__ == class_name]
         return bool(found) and all(method in vars(m) for m in found)
 
-    inference, _ = load_model("tiny", "hf", for_training=False, kernels=ModelConfig().kernels)
+    alone, _ = load_model("tiny", "hf", for_training=False, kernels=ModelConfig().kernels)
     training, _ = load_model("tiny", "hf", for_training=True, kernels=ModelConfig().kernels)
-    assert figure_cache(inference) is None and figure_cache(training) is not None
-    assert patched(inference, MLP_CLASS, "_gaussian_topk") and not patched(training, MLP_CLASS, "_gaussian_topk")
-    assert patched(inference, MQA_CLASS, "forward") and patched(training, MQA_CLASS, "forward")
+    assert figure_cache(alone) is None and figure_cache(training) is not None  # nothing computed before: no cache
+    assert patched(alone, MLP_CLASS, "_gaussian_topk") and not patched(training, MLP_CLASS, "_gaussian_topk")
+    assert patched(alone, MQA_CLASS, "forward") and patched(training, MQA_CLASS, "forward")
+
+
+def test_later_loads_of_the_same_tower_read_its_figures_and_another_tower_starts_afresh(tiny, tmp_path: Path) -> None:
+    """SFT's figures serve the pairs, DPO and eval stages of a one-GPU pipeline: the same tower's weights, loaded
+    again (here: saved and loaded back, as a merged model is), find them; a tower with any other weight does not."""
+    import torch
+
+    from mathwizard.models import load_model
+
+    _, batch = tiny
+    figures = {k: v for k, v in batch(0, 1).items() if k != "labels"}
+    training, processor = load_model("tiny", "hf", for_training=True, kernels=["vision_cache"])
+    training.requires_grad_(False)
+    with torch.no_grad():
+        training(**figures)
+    cache = figure_cache(training)
+    assert (cache.misses, cache.hits, len(cache.features)) == (2, 0, 2)
+
+    inference, _ = load_model("tiny", "hf", for_training=False, kernels=["vision_cache"])
+    assert figure_cache(inference) is cache
+    with torch.no_grad():
+        got = inference(**figures).logits
+        assert (cache.misses, cache.hits) == (2, 2)  # both read, none computed
+        remove_kernels(inference)
+        want = inference(**figures).logits
+    assert torch.equal(got, want)
+
+    inference.save_pretrained(tmp_path / "same")
+    processor.save_pretrained(tmp_path / "same")
+    again, _ = load_model(str(tmp_path / "same"), "hf", for_training=False, kernels=["vision_cache"])
+    assert figure_cache(again) is cache and tower_fingerprint(again.model.vision_tower) == tower_fingerprint(
+        training.model.vision_tower
+    )
+    with torch.inference_mode():  # as the generation engine runs: a new figure is kept, as a normal tensor
+        again(**{k: v for k, v in batch(2).items() if k != "labels"})
+    assert cache.misses == 3 and not any(feature.is_inference() for feature in cache.features.values())
+
+    weight = next(inference.model.vision_tower.parameters())
+    with torch.no_grad():
+        weight.view(-1)[0] = torch.nextafter(weight.view(-1)[0], torch.tensor(1e9))  # one weight, one ulp
+    inference.save_pretrained(tmp_path / "other")
+    processor.save_pretrained(tmp_path / "other")
+    other, _ = load_model(str(tmp_path / "other"), "hf", for_training=False, kernels=["vision_cache"])
+    assert figure_cache(other) is None and "forward" not in vars(other.model.vision_tower)
+    trained, _ = load_model(str(tmp_path / "other"), "hf", for_training=True, kernels=["vision_cache"])
+    assert figure_cache(trained) is not cache and not figure_cache(trained).features  # the old figures dropped
+    assert forget_figures() == 0 and figure_cache(trained) is not None  # loaded models keep their own reference
 
 
 def test_the_sft_and_dpo_stages_read_figures_from_the_cache(tmp_path: Path) -> None:
-    """SFT's second epoch and DPO's chosen, rejected and reference passes read the figures computed before."""
+    """SFT's every step (the figures computed before the first one) and DPO's chosen, rejected and reference passes
+    read the figures computed before."""
     from mathwizard.stages import dpo, sft
     from tests.training.builders import pairs_folder, teach_folder
 
-    teach = teach_folder(tmp_path / "02-teach", n_train=2, n_val=0)
+    teach = teach_folder(tmp_path / "02-teach", n_train=3, n_val=0)
     cfg = SFTConfig(max_steps=2, per_device_train_batch_size=2, max_length=512, eval_steps=None, save_steps=10**6)
+    cfg.gradient_accumulation_steps = 1
     trainer, _ = sft.build_trainer(cfg, ModelConfig(), teach, tmp_path / "sft")
-    trainer.train()
+    trainer.args.max_steps = 1
+    assert sft.compute_figures_first(trainer) == 0  # 2 of 3 rows: each figure computed when a step meets it
+    trainer.args.max_steps = 2
+    assert sft.compute_figures_first(trainer) == 3  # 4 rows' worth: all 3 before the first step
     cache = figure_cache(trainer.model)
-    assert (cache.misses, cache.hits) == (2, 2)
+    trainer.train()
+    assert (cache.misses, cache.hits) == (3, 3)  # steps of 2 rows and the epoch's last: read, none computed
 
-    pairs = pairs_folder(tmp_path / "04-pairs", n_train=2, n_val=0)
+    pairs = pairs_folder(tmp_path / "04-pairs", n_train=2, n_val=0)  # the same two figures
     cfg = DPOConfig(max_steps=1, per_device_train_batch_size=2, max_length=512, eval_steps=None, save_steps=10**6)
     trainer, _ = dpo.build_trainer(cfg, ModelConfig(), None, pairs, tmp_path / "dpo")
     trainer.train()
+    assert figure_cache(trainer.model) is cache  # the same tower in the same process: SFT's figures
+    assert cache.misses == 3 and cache.hits >= 3 + 8  # 2 figures x (chosen, rejected) x (policy, reference), all read
+
+    forget_figures()
+    trainer, _ = dpo.build_trainer(cfg, ModelConfig(), None, pairs, tmp_path / "dpo-alone")
+    trainer.train()
     cache = figure_cache(trainer.model)
-    assert cache.misses == 2 and cache.hits >= 6  # 2 figures x (chosen, rejected) x (policy, reference), 2 computed
+    assert cache.misses == 2 and cache.hits >= 6  # alone (another process): each figure computed once
+
+
+def test_the_generation_engine_reads_the_figures_an_earlier_training_load_computed() -> None:
+    """The pairs and eval stages after SFT in one process: the engine's prefills find SFT's figures (the same keys
+    from the engine's own figure processing) and answer as without them."""
+    from mathwizard.generation import to_pil
+    from mathwizard.models import load_model
+    from mathwizard.models.kernels import compute_figures
+    from tests.test_decoding import _engine_answers, _requests
+
+    requests = _requests(3)
+    alone, processor = load_model("tiny", "hf", for_training=False, kernels=["vision_cache"])
+    assert figure_cache(alone) is None  # nothing computed before it in this process
+    want = _engine_answers(alone, processor, requests, 12, rows=2)
+
+    training, _ = load_model("tiny", "hf", for_training=True, kernels=["vision_cache"])
+    assert compute_figures(training, processor, [to_pil(r.image) for r in requests]) == 3
+    after, _ = load_model("tiny", "hf", for_training=False, kernels=["vision_cache"])
+    cache = figure_cache(after)
+    assert _engine_answers(after, processor, requests, 12, rows=2) == want
+    assert (cache.misses, cache.hits) == (3, 3)
