@@ -295,7 +295,8 @@ def compute_figures_first(trainer: Any) -> int:
         return 0  # a run shorter than an epoch: each figure is computed when a step first meets it
     started = time.perf_counter()
     figures = (row["images"][0] for row in rows.select_columns(["images"]) if row["images"])
-    computed = compute_figures(trainer.model, trainer.processing_class, figures)
+    with trainer.accelerator.autocast():  # the training forward's autocast (Unsloth keeps some weights in float32)
+        computed = compute_figures(trainer.model, trainer.processing_class, figures)
     log.info("vision_cache: %d figures computed before training in %.1f s", computed, time.perf_counter() - started)
     return computed
 
