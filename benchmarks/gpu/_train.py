@@ -209,9 +209,6 @@ def run_variant(
         cfg = DPOConfig(**common)
         trainer, facts = build_trainer(cfg, model_cfg, None, args.data / "04-pairs", out)
     result["build_s"] = round(time.perf_counter() - begun, 1)
-    if args.stage == "sft" and not variant["fresh"]:  # as the stage runs it: its first pass is part of the start
-        result["figures_first"] = found = time_figures_first(trainer, cuda)
-        begun += found["repeats_s"] if found else 0.0  # the extra timed passes are not
     result["facts"] = facts
     result["trainable_parameters"] = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     result["lora"] = cfg.lora.model_dump(mode="json")
@@ -254,41 +251,6 @@ def run_variant(
         say(f"  {variant['name']}: dynamo {result['dynamo']}")
     result["done"] = True
     del trainer
-
-
-def time_figures_first(trainer: Any, cuda: bool, repeats: int = 20) -> dict[str, Any] | None:
-    """The SFT stage's pass over every training figure before the first step (`compute_figures_first`): once as the
-    stage runs it (the tower's first use in the process), then `repeats` times more, the figures forgotten before
-    each, for the seconds a figure costs (median and spread). None: the variant has no figure cache."""
-    import torch
-
-    from mathwizard.models.kernels import clear_figure_cache
-    from mathwizard.stages.sft import compute_figures_first
-
-    def timed() -> tuple[int, float]:
-        if cuda:
-            torch.cuda.synchronize()
-        begun = time.perf_counter()
-        computed = compute_figures_first(trainer)
-        if cuda:
-            torch.cuda.synchronize()
-        return computed, time.perf_counter() - begun
-
-    figures, first_s = timed()
-    if not figures:
-        return None
-    per_figure, begun = [], time.perf_counter()
-    for _ in range(repeats):
-        clear_figure_cache(trainer.model)
-        per_figure.append(timed()[1] / figures)
-    found = {"figures": figures, "first_s": round(first_s, 3), "per_figure_s": spread(per_figure)}
-    found["repeats_s"] = time.perf_counter() - begun
-    ms = {k: 1e3 * v for k, v in found["per_figure_s"].items() if k != "n"}
-    say(
-        f"  figures first: {figures} in {first_s:.2f} s at first, then {ms['median']:.2f} ms a figure (IQR"
-        f" {ms['p25']:.2f}-{ms['p75']:.2f}, {repeats} passes)"
-    )
-    return found
 
 
 def dynamo_stats() -> dict[str, int]:

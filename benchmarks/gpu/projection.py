@@ -12,10 +12,9 @@ stage in one Python process on one GPU, so the imports (Unsloth's ~30 s) are pai
 `vision_cache` the later stages find SFT's figures (the same frozen tower: `mathwizard.models.kernels`).
 `per-stage`: each GPU stage a process of its own (`gpu_deployments` on a `cuda` work pool): every stage pays its
 imports and computes its own figures. Per GPU stage:
-- sft: time to first step + max_steps x rows per step x 650 tokens / the variant's tokens/s (every figure cached);
-  with `vision_cache`, the figures first: the training figures' pass before the first step at its measured seconds a
-  figure (the variant's `figures_first`); where a measurement has no such pass, the first epoch's tokens at the
-  `:fresh` variant's rate instead;
+- sft: time to first step + max_steps x rows per step x 650 tokens / the variant's tokens/s; with `vision_cache`, the
+  first epoch's tokens (every figure new) at the `:fresh` variant's rate, the rest at the plain variant's (every
+  figure cached);
 - pairs: start-up + one sampled answer per training item, every one the full max_new_tokens (a bound: real answers
   end sooner) at the engine's steady decode rate, plus each item's share of the measured call's time outside the
   decode steps (figure, prefill, capture), from the call with the figures known in one process;
@@ -70,11 +69,7 @@ def project(
     rows = settings.sft.per_device_train_batch_size * settings.sft.gradient_accumulation_steps
     tokens = settings.sft.max_steps * rows * tokens_per_sft_row
     run_s = tokens / measured["summary"]["tokens_per_s"]
-    first = measured.get("figures_first")
-    if cached and first:  # every training figure through the tower before the first step, then all cached
-        run_s += train_items * first["per_figure_s"]["median"]
-        name += " (figures first)"
-    elif cached:  # the first epoch's figures computed inside its steps
+    if cached:  # the first epoch's figures computed inside its steps, the later epochs' read
         first_epoch = min(tokens, train_items * tokens_per_sft_row)
         run_s -= first_epoch / measured["summary"]["tokens_per_s"]
         run_s += first_epoch / _variant(sft, f"{name}:fresh", "sft")["summary"]["tokens_per_s"]

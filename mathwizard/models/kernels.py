@@ -338,10 +338,12 @@ def _attach_figure_cache(tower: Any, start: bool = True) -> bool:
 
 
 def compute_figures(model: Any, processor: Any, images: Iterable[Any], *, batch_size: int = 32) -> int:
-    """Put the figures of `images` (PIL) into the model's figure cache ahead of training, `batch_size` at a time
-    without gradients; returns how many were new (0: no cache on the model, or all known). The first epoch's steps
-    then read every figure as the later epochs' do, and the tower runs fuller batches than a micro-batch; the next
-    chunk's figures are decoded and resized on CPU threads while the tower runs."""
+    """Put the figures of `images` (PIL) into the model's figure cache, `batch_size` at a time without gradients;
+    returns how many were new (0: no cache on the model, or all known). What a stage finds after SFT in one process
+    (`benchmarks/gpu/bench_generation.py --figures known`). Computing a training run's figures this way before its
+    first step was measured and dropped: 18.6 ms a figure on the H200 under Unsloth's autocast, no less than inside
+    the first epoch's steps (benchmarks/RESULTS.md, session 8). The next chunk's figures are decoded and resized on a
+    CPU thread while the tower runs."""
     import torch
 
     tower = next((m for m in model.modules() if _FIGURES in vars(m)), None)

@@ -275,30 +275,9 @@ def train_and_save(
     out = Path(out)
     extra_callbacks = [*callbacks, *([progress_callback(progress)] if progress is not None else [])]
     trainer, facts = build_trainer(cfg, model, data, out, callbacks=extra_callbacks)
-    compute_figures_first(trainer)
     base_model = resolve(model.name).location
     fields, _ = fit_and_save(trainer, facts, out, SFT_PLOTS, merged=cfg.save_merged, base_model=base_model)
     return {**fields, "base_model": base_model}
-
-
-def compute_figures_first(trainer: Any) -> int:
-    """With `vision_cache` on and a run that meets every training row, the vision tower's output for every figure,
-    computed before the first step in batches of 32: the first epoch then reads them as the later epochs do (on the
-    H200 a figure cost ~7 ms this way against ~12 ms inside a training step). Returns how many were computed."""
-    from mathwizard.models.kernels import compute_figures, figure_cache
-
-    args, rows = trainer.args, trainer.train_dataset
-    if figure_cache(trainer.model) is None or rows is None or "images" not in rows.column_names:
-        return 0
-    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-    if args.max_steps > 0 and args.max_steps * per_step < len(rows):
-        return 0  # a run shorter than an epoch: each figure is computed when a step first meets it
-    started = time.perf_counter()
-    figures = (row["images"][0] for row in rows.select_columns(["images"]) if row["images"])
-    with trainer.accelerator.autocast():  # the training forward's autocast (Unsloth keeps some weights in float32)
-        computed = compute_figures(trainer.model, trainer.processing_class, figures)
-    log.info("vision_cache: %d figures computed before training in %.1f s", computed, time.perf_counter() - started)
-    return computed
 
 
 def _train_rank(cfg: dict[str, Any], model: dict[str, Any], data: str, out: str, progress: Progress) -> dict[str, Any]:

@@ -219,15 +219,14 @@ def test_the_projection_takes_the_recipes_own_settings_from_the_measurements() -
     uncached = settings.model_copy(update={"model": settings.model.model_copy(update={"kernels": []})})
     assert project(sft, dpo, gen, uncached, "per-stage")["stages"]["sft"]["run_s"] == tokens / 10_000
 
-    # One process (mathwizard run): imports once, SFT's figures first, the later stages find them.
-    sft["variants"][name(settings.sft)]["figures_first"] = {"per_figure_s": {"median": 0.007}}
+    # One process (mathwizard run): imports once, the later stages find SFT's figures.
     dpo["variants"][name(settings.dpo)]["import_s"] = 30
     known = {"figures": "known", "seconds": 1024 * 0.05 + 4}  # 4 ms a request outside the decode steps
     gen["sampling"]["candidate_figures_known"] = {**sampling, **known}
     gen["eval"]["candidate_figures_known"] = {**evaluation, "seconds": 1024 * 0.04 + 1}  # 2 ms a request
     one = project(sft, dpo, gen, settings)
     assert one["layout"] == "one-process" and one["stages"]["sft"]["start_s"] == 60  # SFT pays the imports
-    assert one["stages"]["sft"]["run_s"] == pytest.approx(tokens / 10_000 + 5_300 * 0.007)
+    assert one["stages"]["sft"]["run_s"] == result["stages"]["sft"]["run_s"]
     assert one["stages"]["pairs"]["start_s"] == 12 and one["stages"]["pairs"]["figures"] == "known"
     assert one["stages"]["pairs"]["run_s"] == pytest.approx(
         5_300 * settings.pairs.max_new_tokens / 20_000 + 5_300 * 0.004
@@ -236,12 +235,10 @@ def test_the_projection_takes_the_recipes_own_settings_from_the_measurements() -
     per_model = settings.eval.max_new_tokens * 0.04
     eval_s = 3 * 12 + 3 * per_model + 300 * 0.01 + 2 * 300 * 0.002  # the base model's run computes the test figures
     assert one["stages"]["eval"]["total_s"] == pytest.approx(eval_s)
-    apart = project(sft, dpo, gen, settings, "per-stage")["stages"]  # SFT's figures first there too, nothing shared
-    assert apart["sft"]["run_s"] == one["stages"]["sft"]["run_s"] and apart["pairs"] == result["stages"]["pairs"]
+    apart = project(sft, dpo, gen, settings, "per-stage")["stages"]  # nothing shared: as before
+    assert apart["sft"] == result["stages"]["sft"] and apart["pairs"] == result["stages"]["pairs"]
     assert apart["dpo"] == result["stages"]["dpo"] and apart["eval"] == result["stages"]["eval"]
     del sft["variants"][name(settings.sft) + ":fresh"]
-    project(sft, dpo, gen, settings)  # measured with its figures first: no `:fresh` variant needed
-    del sft["variants"][name(settings.sft)]["figures_first"]
     with pytest.raises(SystemExit, match="were not measured"):
         project(sft, dpo, gen, settings)  # the recipe caches figures: its first epoch must be measured too
     with pytest.raises(SystemExit, match="were not measured"):

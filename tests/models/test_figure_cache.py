@@ -244,29 +244,24 @@ def test_later_loads_of_the_same_tower_read_its_figures_and_another_tower_starts
 
 
 def test_the_sft_and_dpo_stages_read_figures_from_the_cache(tmp_path: Path) -> None:
-    """SFT's every step (the figures computed before the first one) and DPO's chosen, rejected and reference passes
-    read the figures computed before."""
+    """SFT's second epoch and DPO's chosen, rejected and reference passes read the figures computed before: in the
+    same process SFT's own, alone its own first sightings."""
     from mathwizard.stages import dpo, sft
     from tests.training.builders import pairs_folder, teach_folder
 
-    teach = teach_folder(tmp_path / "02-teach", n_train=3, n_val=0)
+    teach = teach_folder(tmp_path / "02-teach", n_train=2, n_val=0)
     cfg = SFTConfig(max_steps=2, per_device_train_batch_size=2, max_length=512, eval_steps=None, save_steps=10**6)
-    cfg.gradient_accumulation_steps = 1
     trainer, _ = sft.build_trainer(cfg, ModelConfig(), teach, tmp_path / "sft")
-    trainer.args.max_steps = 1
-    assert sft.compute_figures_first(trainer) == 0  # 2 of 3 rows: each figure computed when a step meets it
-    trainer.args.max_steps = 2
-    assert sft.compute_figures_first(trainer) == 3  # 4 rows' worth: all 3 before the first step
-    cache = figure_cache(trainer.model)
     trainer.train()
-    assert (cache.misses, cache.hits) == (3, 3)  # steps of 2 rows and the epoch's last: read, none computed
+    cache = figure_cache(trainer.model)
+    assert (cache.misses, cache.hits) == (2, 2)
 
     pairs = pairs_folder(tmp_path / "04-pairs", n_train=2, n_val=0)  # the same two figures
     cfg = DPOConfig(max_steps=1, per_device_train_batch_size=2, max_length=512, eval_steps=None, save_steps=10**6)
     trainer, _ = dpo.build_trainer(cfg, ModelConfig(), None, pairs, tmp_path / "dpo")
     trainer.train()
     assert figure_cache(trainer.model) is cache  # the same tower in the same process: SFT's figures
-    assert cache.misses == 3 and cache.hits >= 3 + 8  # 2 figures x (chosen, rejected) x (policy, reference), all read
+    assert cache.misses == 2 and cache.hits >= 2 + 8  # 2 figures x (chosen, rejected) x (policy, reference), all read
 
     forget_figures()
     trainer, _ = dpo.build_trainer(cfg, ModelConfig(), None, pairs, tmp_path / "dpo-alone")
