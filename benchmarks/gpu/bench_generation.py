@@ -149,6 +149,7 @@ def measure(kind: str, model: Any, processor: Any, args: argparse.Namespace, car
             from mathwizard.generation import to_pil
 
             # as after SFT in a one-GPU pipeline: the process already holds every figure's tower output
+            model.model.vision_tower.requires_grad_(False)  # frozen, as LoRA leaves it and inference loads have it
             apply_kernels(model, ["vision_cache"], start_figure_cache=True)
             distinct = {id(r.image): to_pil(r.image) for r in requests}  # the requests cycle over the sample's items
             computed = compute_figures(model, processor, list(distinct.values()))

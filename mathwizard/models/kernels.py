@@ -333,6 +333,8 @@ def _attach_figure_cache(tower: Any, start: bool = True) -> bool:
         _ProcessFigures.tower, _ProcessFigures.cache = weights, FigureCache()
     elif _ProcessFigures.cache is not None and (held := len(_ProcessFigures.cache.features)):
         log.info("vision_cache: %d figures of this vision tower already computed in this process", held)
+    if not start:
+        tower.requires_grad_(False)  # an inference load never trains it (loaded weights require grad by default)
     vars(tower)[_FIGURES] = _ProcessFigures.cache
     return True
 
@@ -394,7 +396,7 @@ def tower_fingerprint(tower: Any) -> tuple:
 def cached_vision_forward(self: Any, pixel_values: Any, *args: Any, **kwargs: Any) -> Any:
     """TimmWrapperModel.forward with each figure's output computed once: figures seen before come from the cache,
     the others (each distinct one once) from the tower. Anything but gemma-3n's plain call (last hidden state, no
-    pooling), and a tower with trainable weights while gradients are on, goes to the tower unchanged."""
+    pooling), and a tower with trainable weights, goes to the tower unchanged."""
     import torch
     from transformers.models.timm_wrapper.modeling_timm_wrapper import TimmWrapperModelOutput
 
@@ -402,7 +404,7 @@ def cached_vision_forward(self: Any, pixel_values: Any, *args: Any, **kwargs: An
     cache: FigureCache = vars(self)[_FIGURES]
     plain = not args and kwargs.get("do_pooling") is False and kwargs.get("return_dict", True) is not False
     plain = plain and not kwargs.get("output_hidden_states") and not kwargs.get("output_attentions")
-    if not plain or (torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())):
+    if not plain or any(p.requires_grad for p in self.parameters()):  # a tower in training: its output changes
         return own(self, pixel_values, *args, **kwargs)
     pixel_values = pixel_values.to(self.device, self.dtype)  # as the tower takes them: the key follows what it sees
     keys = figure_keys(pixel_values)  # the one host-device sync

@@ -284,8 +284,10 @@ def test_the_generation_engine_reads_the_figures_an_earlier_training_load_comput
     want = _engine_answers(alone, processor, requests, 12, rows=2)
 
     training, _ = load_model("tiny", "hf", for_training=True, kernels=["vision_cache"])
+    training.model.vision_tower.requires_grad_(False)  # as LoRA leaves it
     assert compute_figures(training, processor, [to_pil(r.image) for r in requests]) == 3
     after, _ = load_model("tiny", "hf", for_training=False, kernels=["vision_cache"])
     cache = figure_cache(after)
+    assert not any(p.requires_grad for p in after.model.vision_tower.parameters())  # joined: frozen, never trained
     assert _engine_answers(after, processor, requests, 12, rows=2) == want
     assert (cache.misses, cache.hits) == (3, 3)
