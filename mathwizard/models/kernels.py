@@ -364,7 +364,7 @@ def compute_figures(model: Any, processor: Any, images: Iterable[Any], *, batch_
         ahead = pool.submit(pixels, list(itertools.islice(images, batch_size)))
         while (chunk := ahead.result()) is not None:
             ahead = pool.submit(pixels, list(itertools.islice(images, batch_size)))
-            if cache.full_logged:  # no room left: the rest are computed when training meets them
+            if cache.full_logged:  # no room left: the rest are computed when a forward meets them
                 break
             tower(pixel_values=chunk, do_pooling=False, return_dict=True)
     return cache.misses - before
