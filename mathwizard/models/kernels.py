@@ -379,18 +379,15 @@ def tower_fingerprint(tower: Any) -> tuple:
     tensors = [(name, t) for name, t in [*tower.named_parameters(), *tower.named_buffers()] if t.is_floating_point()]
     if not tensors:
         return ()
-    device = tensors[0][1].device
-    generator = torch.Generator().manual_seed(20261202)
     period = 2**16
-    weights = (torch.randint(-(2**62), 2**62, (2, period), generator=generator, dtype=torch.int64) | 1).to(device)
+    weights = _odd_weights(period, seed=20261202, device=tensors[0][1].device)
     sums = []
     for _, tensor in tensors:
-        flat = tensor.detach().reshape(-1)
-        bits = flat.view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()])
-        bits = torch.nn.functional.pad(bits.to(torch.int64), (0, -flat.numel() % period)).view(-1, period)
+        bits = _bits(tensor.detach().reshape(-1))
+        bits = torch.nn.functional.pad(bits, (0, -bits.numel() % period)).view(-1, period)
         sums.append((bits.unsqueeze(1) * weights).sum(dim=(0, 2)))
     layout = tuple((name, tuple(t.shape), str(t.dtype)) for name, t in tensors)
-    return (str(device), layout, tuple(torch.stack(sums).reshape(-1).tolist()))
+    return (str(tensors[0][1].device), layout, tuple(torch.stack(sums).reshape(-1).tolist()))
 
 
 def cached_vision_forward(self: Any, pixel_values: Any, *args: Any, **kwargs: Any) -> Any:
@@ -437,13 +434,26 @@ def figure_keys(pixel_values: Any) -> list[tuple]:
     import torch
 
     flat = pixel_values.detach().reshape(pixel_values.shape[0], -1).contiguous()
-    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()]
-    bits = flat.view(as_int).to(torch.int64)
+    bits = _bits(flat)
     where = (flat.shape[1], str(flat.device))
     if where not in _HASH_WEIGHTS:
-        generator = torch.Generator().manual_seed(20261201)
-        weights = torch.randint(-(2**62), 2**62, (2, flat.shape[1]), generator=generator, dtype=torch.int64) | 1
-        _HASH_WEIGHTS[where] = weights.to(flat.device)
+        _HASH_WEIGHTS[where] = _odd_weights(flat.shape[1], seed=20261201, device=flat.device)
     sums = torch.stack([(bits * weights).sum(-1) for weights in _HASH_WEIGHTS[where]], dim=-1)
     head = (str(pixel_values.dtype), *pixel_values.shape[1:])
     return [(*head, *row) for row in sums.tolist()]
+
+
+def _bits(values: Any) -> Any:
+    """The values' bit patterns as int64 (exact: integer sums of them wrap the same in any order)."""
+    import torch
+
+    as_int = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[values.element_size()]
+    return values.view(as_int).to(torch.int64)
+
+
+def _odd_weights(length: int, *, seed: int, device: Any) -> Any:
+    """Two rows of fixed random odd 64-bit weights (odd: no bit of a value is lost to the product's wrap)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randint(-(2**62), 2**62, (2, length), generator=generator, dtype=torch.int64) | 1).to(device)
