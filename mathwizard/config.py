@@ -207,10 +207,22 @@ class ModelConfig(_Stage):
         " elementwise kernels; the vision tower stays eager); its compile time counts in the first steps. The Unsloth"
         " switches are read when unsloth is first imported in a process.",
     )
-    kernels: list[Literal["rms_norm", "sdpa", "altup", "sparsity", "vision_attention", "vision_cache"]] = Field(
-        default_factory=lambda: ["rms_norm", "sdpa", "altup", "sparsity", "vision_attention", "vision_cache"],
+    kernels: list[
+        Literal["uniform_dtype", "rms_norm", "sdpa", "altup", "sparsity", "vision_attention", "vision_cache"]
+    ] = Field(
+        default_factory=lambda: [
+            "uniform_dtype",
+            "rms_norm",
+            "sdpa",
+            "altup",
+            "sparsity",
+            "vision_attention",
+            "vision_cache",
+        ],
         description="gemma-3n's eager pieces swapped for fused equivalents on the loaded model (the same function up"
-        " to float rounding; mathwizard.models.kernels): rms_norm: torch's fused RMSNorm; sdpa: the language model's"
+        " to float rounding; mathwizard.models.kernels): uniform_dtype: a bf16 model's float32 weights (Unsloth's"
+        " norms) cast to bf16, exactly, as the hf backend loads them, so the vision tower runs in bf16 and generation"
+        " without autocast; rms_norm: torch's fused RMSNorm; sdpa: the language model's"
         " attention through scaled_dot_product_attention with the KV heads shared (Unsloth loads gemma-3n eager);"
         " altup: AltUp's per-token stream mix as one Triton pass on CUDA; sparsity: the first MLPs' activation"
         " cutoff without a host-to-device copy (a CPU-GPU sync) at every call (generation only: the decode step's CUDA"

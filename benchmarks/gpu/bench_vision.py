@@ -12,6 +12,13 @@ attention blocks through a fused SDPA kernel, `mathwizard.models.kernels.folded_
 architecture (bf16); the output is checked against the baseline's. A step is one forward, timed with the GPU
 synchronised; reported: median ms a figure, spread, ratio. Session 7's first run (7bb3d8d): channels_last 1.05-1.07x,
 tuned 1.00x, so the default set is the attention with and without NHWC.
+
+`--load unsloth|hf --model <folder>` times the tower of a model loaded for training as the stages load it (the
+weights' dtypes as that backend leaves them; printed), with two more flags: `autocast` (the forward under
+`torch.autocast(cuda, bf16)`, as the trainers run it) and `uniform` (the tower's float32 weights cast to bf16, what
+`model.kernels: uniform_dtype` does). Its default variants: the tower as SFT's first epoch ran it before
+`uniform_dtype` (`folded+autocast`), the same weights cast (`folded+uniform+autocast`), and the cast tower outside
+autocast as the figure cache now computes it (`folded+uniform`).
 """
 
 from __future__ import annotations
@@ -28,7 +35,8 @@ from _common import env_info, env_line, say, spread, write_json  # noqa: E402
 
 SIZE = 768  # gemma-3n's figures
 VARIANTS = "nchw,folded,folded+channels_last"
-FLAGS = ("nchw", "folded", "channels_last", "tuned")
+LOADED_VARIANTS = "folded+autocast,folded+uniform+autocast,folded+uniform"
+FLAGS = ("nchw", "folded", "channels_last", "tuned", "autocast", "uniform")
 
 
 def time_variant(tower, batch: int, variant: str, warmup: int, steps: int, reference, size: int = SIZE) -> dict:
@@ -47,10 +55,16 @@ def time_variant(tower, batch: int, variant: str, warmup: int, steps: int, refer
     if "folded" in flags:
         assert apply_kernels(tower, ["vision_attention"])["vision_attention"] > 0
     tower.to(memory_format=layout)
+    dtypes = {name: p.dtype for name, p in tower.named_parameters()}
+    if "uniform" in flags:
+        for param in tower.parameters():
+            if param.dtype == torch.float32:
+                param.data = param.data.to(torch.bfloat16)
     pixels = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device, torch.bfloat16)
     pixels = pixels.contiguous(memory_format=layout)
+    mixed = torch.autocast(device.type, dtype=torch.bfloat16, enabled="autocast" in flags)
     began = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), mixed:
         for _ in range(warmup):
             out = tower(pixel_values=pixels, do_pooling=False, return_dict=True).last_hidden_state
         sync()
@@ -61,16 +75,54 @@ def time_variant(tower, batch: int, variant: str, warmup: int, steps: int, refer
             out = tower(pixel_values=pixels, do_pooling=False, return_dict=True).last_hidden_state
             sync()
             times.append((time.perf_counter() - t0) * 1e3)
+    for name, param in tower.named_parameters():  # as loaded again, for the next variant
+        param.data = param.data.to(dtypes[name])
     error = None
     if reference is not None:
         error = ((out.float() - reference).abs().max() / reference.abs().max()).item()
     return {"ms": spread(times), "warmup_s": round(first_s, 2), "max_rel_diff": error, "out": out.float()}
 
 
+def loaded_tower(model_dir: Path, backend: str):
+    """The vision tower of the model as SFT loads it (training mode, the attention folded; no other kernel)."""
+    from mathwizard.models import backend as backends
+
+    if backend == "unsloth":
+        backends.configure_compile("eager")
+        backends.activate("unsloth")
+    from mathwizard.models import load_model
+
+    model, _ = load_model(str(model_dir), backend, for_training=True, dtype="auto", kernels=["vision_attention"])
+    return model.model.vision_tower
+
+
+def dtype_summary(tower) -> dict:
+    """Per dtype: how many weight tensors and elements, and the kinds of module holding float32 ones."""
+    summary: dict = {}
+    for name, param in tower.named_parameters():
+        entry = summary.setdefault(str(param.dtype), {"tensors": 0, "elements": 0, "modules": set()})
+        entry["tensors"] += 1
+        entry["elements"] += param.numel()
+        if str(param.dtype) == "torch.float32":
+            owner = tower.get_submodule(name.rsplit(".", 1)[0]) if "." in name else tower
+            entry["modules"].add(type(owner).__name__)
+    for entry in summary.values():
+        entry["modules"] = sorted(entry["modules"])
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", default="8,32")
-    parser.add_argument("--variants", default=VARIANTS, help="Comma-separated; the first is the baseline.")
+    parser.add_argument("--variants", default=None, help="Comma-separated; the first is the baseline.")
+    parser.add_argument(
+        "--load",
+        default="random",
+        choices=["random", "hf", "unsloth"],
+        help="random: the tower"
+        " alone, built in bf16; hf/unsloth: the tower of --model loaded for training by that backend",
+    )
+    parser.add_argument("--model", type=Path, default=REPO / ".gpu/work/e2b")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--json", type=Path, default=None)
@@ -82,8 +134,14 @@ def main() -> None:
 
     from mathwizard.models.random_e2b import e2b_config
 
-    tower = AutoModel.from_config(e2b_config().vision_config).to(args.device, torch.bfloat16).eval()
-    report: dict = {"env": env_info(), "batches": {}}
+    report: dict = {"env": env_info(), "batches": {}, "load": args.load}
+    if args.load == "random":
+        tower = AutoModel.from_config(e2b_config().vision_config).to(args.device, torch.bfloat16).eval()
+    else:
+        tower = loaded_tower(args.model, args.load)
+        report["tower_dtypes"] = dtype_summary(tower)
+        say(f"vision tower of {args.model} loaded by {args.load} for training: {report['tower_dtypes']}")
+    args.variants = args.variants or (VARIANTS if args.load == "random" else LOADED_VARIANTS)
     for batch in (int(b) for b in args.batches.split(",")):
         results: dict = {}
         variants = args.variants.split(",")

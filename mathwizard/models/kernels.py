@@ -20,6 +20,13 @@ heads repeated). Each replacement computes the same function, up to float roundi
   query head and takes a fused kernel. As timm calls it (8 query heads against 1 broadcast key head), PyTorch falls
   back to its math kernel, which upcasts bf16 to float32: matrix products off the tensor cores and float32 scores.
   Folded, the E2B tower ran 1.78x as fast on the H200 (benchmarks/gpu/bench_vision.py).
+- `uniform_dtype`: every weight of a bf16 model in bf16. Unsloth loads gemma-3n's norm weights in float32
+  (`UNSLOTH_HIGH_PRECISION_LAYERNORM`), which changes nothing in the language model's norms (they compute in float32
+  from either) but makes every activation of timm's vision tower after a norm float32, so that its convolutions cast
+  back and forth and its elementwise work runs in float32; and a model holding float32 weights has to generate under
+  autocast. The checkpoint holds these weights in bf16, so the cast is exact: the weights the hf backend loads.
+  With it the figure cache also computes new figures outside the trainers' autocast (which would run the tower's RMS
+  norms, `pow` and `rsqrt`, in float32), as a generation load does.
 - `vision_cache`: the frozen vision tower's output kept per figure (`FIGURE_CACHE_BYTES` at most). The tower was a
   third of an SFT step's GPU time, and an SFT run sees each figure once an epoch, DPO four times a pair (chosen and
   rejected, policy and reference). A figure is known by a hash of its pixel values' bits. The figures belong to the
@@ -34,6 +41,7 @@ classes at import, survive PEFT wrapping and adapter merging, and leave the weig
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import logging
@@ -44,7 +52,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-KERNELS = ("rms_norm", "sdpa", "altup", "sparsity", "vision_attention", "vision_cache")
+KERNELS = ("uniform_dtype", "rms_norm", "sdpa", "altup", "sparsity", "vision_attention", "vision_cache")
 # The row engine's CUDA graph needs `sparsity`; SFT ran 0.92x and 0.97x as fast with it as without (two A/Bs on the
 # H200, benchmarks/RESULTS.md), so training loads keep gemma-3n's own cutoff.
 INFERENCE_ONLY = ("sparsity",)
@@ -78,6 +86,8 @@ def apply_kernels(model: Any, kernels: Sequence[str], *, start_figure_cache: boo
     if unknown:
         raise ValueError(f"unknown kernels {sorted(unknown)}; choose from {', '.join(KERNELS)}")
     done: dict[str, int] = {}
+    if "uniform_dtype" in kernels:  # first: the other kernels see the weights' final dtypes
+        done["uniform_dtype"] = cast_to_bf16(model)
     if "rms_norm" in kernels:
         done["rms_norm"] = _patch_instances(model, RMS_NORM_CLASS, "forward", fused_rms_norm_forward)
     if "altup" in kernels:
@@ -112,6 +122,28 @@ def remove_kernels(model: Any, kernels: Sequence[str] = KERNELS) -> int:
                 delattr(module, method)
                 count += 1
     return count
+
+
+def cast_to_bf16(model: Any) -> int:
+    """`uniform_dtype`: the float32 weights of a model whose weights are mostly bf16 cast to bf16 in place (the same
+    Parameter objects, so tied weights stay tied); returns how many. Buffers keep their dtype (rotary frequencies
+    are float32 in every load), and so do adapters and fully trained copies (PEFT's `lora_`, `modules_to_save`),
+    whose float32 is the trainer's choice. A float16 model is left alone: Unsloth's float32 there avoids overflow."""
+    import torch
+
+    sizes: dict[Any, int] = {}
+    for param in model.parameters():
+        if param.is_floating_point():
+            sizes[param.dtype] = sizes.get(param.dtype, 0) + param.numel()
+    if not sizes or max(sizes, key=sizes.__getitem__) != torch.bfloat16:
+        return 0
+    cast = 0
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dtype == torch.float32 and "lora_" not in name and "modules_to_save" not in name:
+                param.data = param.data.to(torch.bfloat16)
+                cast += 1
+    return cast
 
 
 def _patch_instances(model: Any, class_name: str, method: str, replacement: Any, check: Any = None) -> int:
@@ -413,7 +445,11 @@ def cached_vision_forward(self: Any, pixel_values: Any, *args: Any, **kwargs: An
     cache.misses += len(first)
     computed: dict[tuple, Any] = {}
     if first:
-        with torch.no_grad():
+        # In the tower's one dtype, outside a trainer's autocast (which would run its norms in float32), as a
+        # generation load computes a figure; a tower of mixed dtypes needs the autocast to run at all.
+        uniform = all(p.dtype == self.dtype for p in self.parameters() if p.is_floating_point())
+        outside = torch.autocast(self.device.type, enabled=False) if uniform else contextlib.nullcontext()
+        with torch.no_grad(), outside:
             out = own(self, pixel_values[list(first.values())], **kwargs)
         for key, feature in zip(first, out.last_hidden_state, strict=True):
             computed[key] = feature

@@ -218,6 +218,34 @@ def test_batched_generation_on_the_gpu(sft_out: Path) -> None:
     assert completions == eager(requests, SamplingParams(max_new_tokens=8))  # greedy: the same answers
 
 
+def test_the_generation_load_of_the_sft_model_finds_the_figures_its_training_load_computed(
+    sft_out: Path, model_cfg
+) -> None:
+    """`mathwizard run` in one process: SFT's Unsloth training load computes the figures, and pairs and eval load the
+    SFT model merged and saved, through Unsloth for inference, and read them. That needs the same tower weights in
+    the same dtype in both loads: Unsloth leaves the tower's norm weights float32, `uniform_dtype` gives both loads
+    the checkpoint's bf16. Otherwise every later stage computes its figures again, with no error."""
+    import torch
+
+    from mathwizard.generation import to_pil
+    from mathwizard.models import load_model
+    from mathwizard.models.kernels import compute_figures, figure_cache, forget_figures
+    from mathwizard.models.ref import resolve
+    from tests.training.builders import png
+
+    forget_figures()
+    images = [to_pil(png(i)) for i in range(4)]
+    trained, processor = load_model(model_cfg.name, "unsloth", for_training=True, kernels=model_cfg.kernels)
+    assert {p.dtype for p in trained.model.vision_tower.parameters()} == {torch.bfloat16}
+    trained.model.vision_tower.requires_grad_(False)  # as LoRA leaves it
+    assert compute_figures(trained, processor, images) == len(images)
+    generator = resolve(sft_out).generator(model_cfg, batch_size=4)
+    assert {p.dtype for p in generator.model.model.vision_tower.parameters()} == {torch.bfloat16}
+    assert figure_cache(generator.model) is figure_cache(trained) is not None
+    assert compute_figures(generator.model, generator.processor, images) == 0
+    forget_figures()
+
+
 def test_the_row_engine_under_a_cuda_graph_answers_like_generate(tmp_path_factory: pytest.TempPathFactory) -> None:
     """The row engine with its CUDA graph (float32, so kernel choice cannot flip a near tie) gives the greedy answers
     of transformers' generate, with 3 rows for 6 requests (rows refilled) and prompts past the sliding window."""

@@ -291,3 +291,33 @@ def test_the_generation_engine_reads_the_figures_an_earlier_training_load_comput
     assert not any(p.requires_grad for p in after.model.vision_tower.parameters())  # joined: frozen, never trained
     assert _engine_answers(after, processor, requests, 12, rows=2) == want
     assert (cache.misses, cache.hits) == (3, 3)
+
+
+def test_new_figures_are_computed_outside_a_trainers_autocast_when_the_tower_has_one_dtype(tiny) -> None:
+    """Under the trainers' autocast the tower's RMS norms (`pow`, `rsqrt`) would run in float32 (1.58x slower on the
+    H200); a tower of one dtype computes its figures without it, as a generation load does. A tower of mixed dtypes
+    (Unsloth's float32 norms without `uniform_dtype`) keeps the autocast it needs to run at all."""
+    import torch
+
+    model, batch = tiny
+    remove_kernels(model)
+    apply_kernels(model, ["vision_cache"])
+    tower = model.model.vision_tower
+    seen: list[bool] = []
+    norm = next(m for m in tower.modules() if "RmsNorm" in type(m).__name__)
+    hook = norm.register_forward_pre_hook(lambda *_: seen.append(torch.is_autocast_enabled("cpu")))
+    norm_weight = norm.weight
+    try:
+        pixels = batch(0)["pixel_values"]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            tower(pixel_values=pixels, do_pooling=False, return_dict=True)
+            norm_weight.data = norm_weight.data.to(torch.bfloat16)  # one weight of another dtype
+            forget_figures()
+            remove_kernels(model)
+            apply_kernels(model, ["vision_cache"])
+            tower(pixel_values=pixels, do_pooling=False, return_dict=True)
+    finally:
+        norm_weight.data = norm_weight.data.to(torch.float32)
+        hook.remove()
+        remove_kernels(model)
+    assert seen == [False, True]

@@ -78,9 +78,12 @@ def own_result(tiny_batch) -> tuple:
     return _forward_backward(model, batch)
 
 
-# `sparsity` alone is left to its own test below: the tiny model's MLPs have no activation sparsity.
+# `sparsity` and `uniform_dtype` are left to their own tests below: the tiny model's MLPs have no activation
+# sparsity, and in float32 it has nothing to cast.
 @pytest.mark.parametrize(
-    "kernels", [[name] for name in KERNELS if name != "sparsity"] + [list(KERNELS)], ids=lambda k: "+".join(k)
+    "kernels",
+    [[name] for name in KERNELS if name not in ("sparsity", "uniform_dtype")] + [list(KERNELS)],
+    ids=lambda k: "+".join(k),
 )
 def test_each_kernel_computes_the_models_own_function(tiny_batch, own_result, kernels: list[str]) -> None:
     model, batch = tiny_batch
@@ -88,7 +91,8 @@ def test_each_kernel_computes_the_models_own_function(tiny_batch, own_result, ke
     _unpatched(model)
 
     done = apply_kernels(model, kernels)
-    assert set(done) == set(kernels) and all(done.values())  # each one found its modules in gemma-3n
+    assert set(done) == set(kernels)  # each one found its modules in gemma-3n (float32: nothing to cast)
+    assert all(count for name, count in done.items() if name != "uniform_dtype")
     got_loss, got_logits, got_grads = _forward_backward(model, batch)
     _unpatched(model)
 
@@ -251,3 +255,43 @@ def test_the_sparsity_cutoff_is_the_models_own_and_builds_no_tensor_from_a_numbe
         assert torch.equal(got, want) and torch.equal(got_x.grad, want_x.grad), dtype
         assert made.count == 0
     assert cached_gaussian_topk.__doc__ and "_gaussian_topk" not in vars(mlp)
+
+
+def test_uniform_dtype_casts_a_bf16_models_float32_weights_exactly_and_nothing_else() -> None:
+    """Unsloth loads gemma-3n's norm weights in float32; `uniform_dtype` gives them back the checkpoint's bf16 (an
+    exact cast: they were bf16 values), keeps the float32 buffers (rotary frequencies) and a trainer's float32
+    adapters, and leaves float32 and float16 models alone."""
+    import torch
+
+    from mathwizard.models import load_model
+
+    model, _ = load_model("tiny", "hf", for_training=True, dtype="bfloat16")
+    norms = {name: p for name, p in model.named_parameters() if "norm" in name}
+    assert len(norms) > 20 and any("vision_tower" in name for name in norms)
+    for param in norms.values():  # what Unsloth's load leaves: bf16 values held in float32
+        param.data = param.data.to(torch.float32)
+    before = {name: p.detach().clone() for name, p in norms.items()}
+    buffers = {name: b.dtype for name, b in model.named_buffers()}
+    assert torch.float32 in buffers.values()
+
+    assert apply_kernels(model, ["uniform_dtype"]) == {"uniform_dtype": len(norms)}
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    for name, param in norms.items():
+        assert torch.equal(param.float(), before[name]), name
+    assert {name: b.dtype for name, b in model.named_buffers()} == buffers
+    assert apply_kernels(model, ["uniform_dtype"]) == {"uniform_dtype": 0}
+
+    from peft import LoraConfig, get_peft_model
+
+    adapted = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    for name, param in adapted.named_parameters():
+        if "lora_" in name:
+            param.data = param.data.to(torch.float32)  # the trainer's float32 copy of what it trains
+    lora = sum(1 for name, p in adapted.named_parameters() if "lora_" in name and p.dtype == torch.float32)
+    assert lora > 0 and apply_kernels(adapted, ["uniform_dtype"]) == {"uniform_dtype": 0}
+
+    half, _ = load_model("tiny", "hf", for_training=True, dtype="float16")
+    next(half.parameters()).data = next(half.parameters()).data.float()
+    assert apply_kernels(half, ["uniform_dtype"]) == {"uniform_dtype": 0}
+    full, _ = load_model("tiny", "hf", for_training=True)  # float32 on a CPU
+    assert apply_kernels(full, ["uniform_dtype"]) == {"uniform_dtype": 0}
