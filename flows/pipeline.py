@@ -60,7 +60,8 @@ def run_stage(
     """
     logger = get_run_logger()
     inputs = inputs or {}
-    deployment = settings.orchestration.gpu_deployments.get(stage)
+    orchestration = settings.orchestration
+    deployment = orchestration.gpu_deployments.get(stage) if orchestration.dispatch_gpu_stages else None
     name = f"{stage} ({params['label']})" if "label" in params else stage
     where = f"deployment {deployment}" if deployment else "this flow run"
     logger.info("stage %s: starting on %s → %s", name, where, out)

@@ -129,9 +129,9 @@ def resolve_decode(decode: str, backend: str = "hf") -> str:
 
 
 def _needs_autocast(model: Any) -> bool:
-    """Whether a half-precision model keeps some float32 weights (Unsloth does, for gemma-3n's vision convolutions):
-    then only autocast reconciles them with half-precision activations. A uniform model runs without it, since
-    autocast would leave some outputs float32 and a static KV cache then holds mixed dtypes."""
+    """Whether a half-precision model keeps some float32 weights (Unsloth's gemma-3n norms, unless `model.kernels`
+    has `uniform_dtype`): then only autocast reconciles them with half-precision activations. A uniform model runs
+    without it, since autocast would leave some outputs float32 and a static KV cache then holds mixed dtypes."""
     import torch
 
     cached = getattr(model, "_mathwizard_needs_autocast", None)

@@ -1,7 +1,7 @@
 """The real recipe's GPU wall time on MM_Math-size data, projected from the rates the GPU benchmarks measured.
 
 Usage: python benchmarks/gpu/projection.py --dir <folder with sft.json, dpo.json, generation.json> [--json out.json]
-           [--layout one-process|per-stage]
+           [--layout one-process|per-stage] [--figures shared|own]
 
 The recipe (deployments/recipes/gemma-3n-e2b.yaml) names the backend, micro-batch, accumulation and checkpointing of
 SFT and DPO; the projection takes the measured variant with exactly those settings. MM_Math-size data: about 5,300
@@ -25,7 +25,9 @@ imports and computes its own figures. Per GPU stage:
   call; a bound: answers end sooner) + each item's share of the time outside the decode steps; in one process the
   base model's evaluation computes the test figures and the two after it find them.
 Start-up in one process: SFT's time to first step, imports included; each later stage's load and build alone (DPO:
-its time to first step less its process's imports; generation: the model's load).
+its time to first step less its process's imports; generation: the model's load). `--figures own` projects one
+process whose later stages do not find SFT's figures (as if the loads' tower weights differed): a bound for when
+that sharing is not in place.
 Prepare and teach run on CPUs and a teacher API, so they are not part of the GPU time.
 """
 
@@ -56,12 +58,17 @@ def variant_name(backend: str, cfg: Any) -> str:
 
 
 def project(
-    sft: dict[str, Any], dpo: dict[str, Any], gen: dict[str, Any], settings: Any, layout: str = "one-process"
+    sft: dict[str, Any],
+    dpo: dict[str, Any],
+    gen: dict[str, Any],
+    settings: Any,
+    layout: str = "one-process",
+    figures: str = "shared",
 ) -> dict[str, Any]:
     """Seconds per GPU stage and in all, with what each figure came from."""
     backend = "unsloth" if settings.model.backend in ("auto", "unsloth") else "hf"
     cached = "vision_cache" in settings.model.kernels
-    shared = cached and layout == "one-process"  # later stages find SFT's figures
+    shared = cached and layout == "one-process" and figures == "shared"  # later stages find SFT's figures
     stages: dict[str, dict[str, Any]] = {}
 
     name = variant_name(backend, settings.sft)
@@ -135,13 +142,20 @@ def main() -> None:
         choices=["one-process", "per-stage"],
         help="one-process: every stage in one process (mathwizard run); per-stage: one process a stage.",
     )
+    parser.add_argument(
+        "--figures",
+        default="shared",
+        choices=["shared", "own"],
+        help="one-process: the later stages find SFT's figures (shared) or compute their own (a bound).",
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     from mathwizard.config import load_settings
 
     settings = load_settings(args.recipe)
     reports = {name: json.loads((args.dir / f"{name}.json").read_text()) for name in ("sft", "dpo", "generation")}
-    result = project(reports["sft"], reports["dpo"], reports["generation"], settings, args.layout)
+    result = project(reports["sft"], reports["dpo"], reports["generation"], settings, args.layout, args.figures)
+    result["figures"] = args.figures
     result["recipe"] = str(args.recipe.relative_to(REPO)) if args.recipe.is_relative_to(REPO) else str(args.recipe)
     result["env"] = reports["sft"].get("env")
     for stage, s in result["stages"].items():
@@ -149,7 +163,8 @@ def main() -> None:
         times = f"start {s['start_s']:6.0f} s + run {s['run_s']:7.0f} s = {s['total_s']:7.0f} s"
         print(f"projection {stage:<6}{what:<20} {times}")
     minutes = result["total_s"] / 60
-    print(f"projection ({args.layout}): the recipe's GPU stages on MM_Math-size data: {minutes:.1f} min of one GPU")
+    layout = args.layout + (", figures own" if args.figures == "own" and args.layout == "one-process" else "")
+    print(f"projection ({layout}): the recipe's GPU stages on MM_Math-size data: {minutes:.1f} min of one GPU")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
 

@@ -21,12 +21,12 @@ heads repeated). Each replacement computes the same function, up to float roundi
   back to its math kernel, which upcasts bf16 to float32: matrix products off the tensor cores and float32 scores.
   Folded, the E2B tower ran 1.78x as fast on the H200 (benchmarks/gpu/bench_vision.py).
 - `uniform_dtype`: every weight of a bf16 model in bf16. Unsloth loads gemma-3n's norm weights in float32
-  (`UNSLOTH_HIGH_PRECISION_LAYERNORM`), which changes nothing in the language model's norms (they compute in float32
-  from either) but makes every activation of timm's vision tower after a norm float32, so that its convolutions cast
-  back and forth and its elementwise work runs in float32; and a model holding float32 weights has to generate under
-  autocast. The checkpoint holds these weights in bf16, so the cast is exact: the weights the hf backend loads.
-  With it the figure cache also computes new figures outside the trainers' autocast (which would run the tower's RMS
-  norms, `pow` and `rsqrt`, in float32), as a generation load does.
+  (`UNSLOTH_HIGH_PRECISION_LAYERNORM`; on E2B 62 tensors of timm's `RmsNorm2d`/`RmsNormAct2d` in the vision tower),
+  so the activation after each of them is float32 and the tower runs only under autocast, which computes timm's RMS
+  norm (`pow`, `mean`, `rsqrt`) in float32; a model holding float32 weights also has to generate under autocast.
+  The checkpoint holds these weights in bf16, so the cast is exact: the weights the hf backend loads. With it the
+  figure cache computes new figures outside the trainers' autocast, as a generation load does: the Unsloth-loaded
+  E2B tower 1.58x as fast on the H200, SFT's first epoch 1.12x, 4.8 GiB less (benchmarks/RESULTS.md, session 9).
 - `vision_cache`: the frozen vision tower's output kept per figure (`FIGURE_CACHE_BYTES` at most). The tower was a
   third of an SFT step's GPU time, and an SFT run sees each figure once an epoch, DPO four times a pair (chosen and
   rejected, policy and reference). A figure is known by a hash of its pixel values' bits. The figures belong to the
@@ -375,9 +375,9 @@ def compute_figures(model: Any, processor: Any, images: Iterable[Any], *, batch_
     """Put the figures of `images` (PIL) into the model's figure cache, `batch_size` at a time without gradients;
     returns how many were new (0: no cache on the model, or all known). What a stage finds after SFT in one process
     (`benchmarks/gpu/bench_generation.py --figures known`). Computing a training run's figures this way before its
-    first step was measured and dropped: 18.6 ms a figure on the H200 under Unsloth's autocast, no less than inside
-    the first epoch's steps (benchmarks/RESULTS.md, session 8). The next chunk's figures are decoded and resized on a
-    CPU thread while the tower runs."""
+    first step was measured and dropped: 18.6 ms a figure on the H200 (the tower still under Unsloth's autocast,
+    before `uniform_dtype`), no less than inside the first epoch's steps (benchmarks/RESULTS.md, session 8). The next
+    chunk's figures are decoded and resized on a CPU thread while the tower runs."""
     import torch
 
     tower = next((m for m in model.modules() if _FIGURES in vars(m)), None)

@@ -273,6 +273,37 @@ def test_gpu_stage_is_dispatched_with_locations(prefect_harness, tmp_path: Path,
     assert manifest["fingerprint"] == "f" * 64  # read back from the stage folder, not from Prefect's result
 
 
+def test_gpu_stages_run_here_when_dispatch_is_off(prefect_harness, tmp_path: Path, monkeypatch) -> None:
+    """One GPU machine: the recipe keeps its gpu_deployments and the stage runs in the pipeline's process."""
+    fake = FakeDeployments()
+    monkeypatch.setattr(pipeline, "run_deployment", fake)
+    ran: list[str] = []
+
+    def run_here(stage: str, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        ran.append(stage)
+        return {"fingerprint": "e" * 64}
+
+    monkeypatch.setattr(pipeline, "run_on_storage", run_here)
+    settings = gpu_settings(tmp_path)
+    settings = settings.model_copy(
+        update={"orchestration": settings.orchestration.model_copy(update={"dispatch_gpu_stages": False})}
+    )
+
+    @pipeline.flow
+    def parent() -> dict[str, Any]:
+        inputs = {"data": settings.stage_dir("teach")}
+        return pipeline.run_stage("sft", settings, settings.stage_dir("sft"), inputs, lock_holder="holder-1")
+
+    manifest = parent()
+    assert ran == ["sft"] and fake.calls == [] and manifest["where"] == "this flow run"
+
+
+def test_dispatch_can_be_switched_off_from_the_environment(monkeypatch) -> None:
+    monkeypatch.setenv("MATHWIZARD_ORCHESTRATION__DISPATCH_GPU_STAGES", "false")
+    settings = load_settings(REPO / "deployments" / "recipes" / "gemma-3n-e2b.yaml")
+    assert settings.orchestration.gpu_deployments and not settings.orchestration.dispatch_gpu_stages
+
+
 @pytest.mark.parametrize(
     ("fake", "message"),
     [

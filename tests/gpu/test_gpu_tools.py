@@ -238,6 +238,14 @@ def test_the_projection_takes_the_recipes_own_settings_from_the_measurements() -
     apart = project(sft, dpo, gen, settings, "per-stage")["stages"]  # nothing shared: as before
     assert apart["sft"] == result["stages"]["sft"] and apart["pairs"] == result["stages"]["pairs"]
     assert apart["dpo"] == result["stages"]["dpo"] and apart["eval"] == result["stages"]["eval"]
+
+    # One process whose later loads do not find SFT's figures: one process's start-ups, every figure new.
+    dpo["variants"][name(settings.dpo) + ":fresh"]["import_s"] = 30
+    own = project(sft, dpo, gen, settings, "one-process", "own")["stages"]
+    assert own["pairs"]["run_s"] == result["stages"]["pairs"]["run_s"] and own["pairs"]["start_s"] == 12
+    assert own["dpo"]["total_s"] == 70 - 30 + settings.dpo.max_steps * 2  # every pair new, the imports paid
+    assert own["eval"]["run_s"] == pytest.approx(result["stages"]["eval"]["run_s"])
+    assert own["sft"] == one["stages"]["sft"]
     del sft["variants"][name(settings.sft) + ":fresh"]
     with pytest.raises(SystemExit, match="were not measured"):
         project(sft, dpo, gen, settings)  # the recipe caches figures: its first epoch must be measured too
