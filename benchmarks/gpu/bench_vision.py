@@ -42,7 +42,7 @@ FLAGS = ("nchw", "folded", "channels_last", "tuned", "autocast", "uniform")
 def time_variant(tower, batch: int, variant: str, warmup: int, steps: int, reference, size: int = SIZE) -> dict:
     import torch
 
-    from mathwizard.models.kernels import apply_kernels, remove_kernels
+    from mathwizard.models.kernels import apply_kernels, cast_to_bf16, remove_kernels
 
     flags = set(variant.split("+"))
     if flags - set(FLAGS):
@@ -57,9 +57,7 @@ def time_variant(tower, batch: int, variant: str, warmup: int, steps: int, refer
     tower.to(memory_format=layout)
     dtypes = {name: p.dtype for name, p in tower.named_parameters()}
     if "uniform" in flags:
-        for param in tower.parameters():
-            if param.dtype == torch.float32:
-                param.data = param.data.to(torch.bfloat16)
+        cast_to_bf16(tower)
     pixels = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)).to(device, torch.bfloat16)
     pixels = pixels.contiguous(memory_format=layout)
     mixed = torch.autocast(device.type, dtype=torch.bfloat16, enabled="autocast" in flags)
@@ -119,8 +117,8 @@ def main() -> None:
         "--load",
         default="random",
         choices=["random", "hf", "unsloth"],
-        help="random: the tower"
-        " alone, built in bf16; hf/unsloth: the tower of --model loaded for training by that backend",
+        help="random: the tower alone, built in bf16; hf/unsloth: the tower of --model loaded for training by that"
+        " backend",
     )
     parser.add_argument("--model", type=Path, default=REPO / ".gpu/work/e2b")
     parser.add_argument("--warmup", type=int, default=3)
