@@ -416,3 +416,23 @@ def test_the_profile_gives_each_operator_to_its_module_forward_and_backward() ->
         assert totals.get(label, 0) > 0 and totals.get(label + BACKWARD, 0) > 0, (label, totals)
     own = sum(e.self_cpu_time_total for e in prof.events() if not e.name.startswith("mw:"))
     assert sum(totals.values()) == pytest.approx(own)
+
+
+def test_bench_vision_reports_a_loaded_towers_dtypes_and_gives_each_variant_the_tower_as_loaded() -> None:
+    """`bench_vision.py --load`: the tower as a backend left it (here: bf16 with float32 norms, as Unsloth leaves
+    gemma-3n's) is reported, a `uniform` variant runs it cast to bf16, and the next variant gets it back as loaded."""
+    import torch
+    from bench_vision import dtype_summary, loaded_tower, time_variant
+
+    tower = loaded_tower(Path("tiny"), "hf").to(torch.bfloat16)
+    norms = [m.weight for m in tower.modules() if "RmsNorm" in type(m).__name__]
+    for weight in norms:
+        weight.data = weight.data.float()
+    summary = dtype_summary(tower)
+    assert summary["torch.float32"]["tensors"] == len(norms) > 0
+    assert set(summary["torch.float32"]["modules"]) <= {"RmsNorm2d", "RmsNormAct2d"}
+    as_loaded = {name: p.dtype for name, p in tower.named_parameters()}
+
+    result = time_variant(tower, 1, "folded+uniform", 0, 1, None, size=64)
+    assert result["ms"]["n"] == 1 and result["out"].isfinite().all()
+    assert {name: p.dtype for name, p in tower.named_parameters()} == as_loaded
