@@ -31,7 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path[:0] = [str(REPO), str(Path(__file__).parent)]
 
-from _common import env_info, env_line, say, spread, write_json  # noqa: E402
+from _common import DEFAULT_WORK, env_info, env_line, say, spread, write_json  # noqa: E402
 
 SIZE = 768  # gemma-3n's figures
 VARIANTS = "nchw,folded,folded+channels_last"
@@ -120,7 +120,7 @@ def main() -> None:
         help="random: the tower alone, built in bf16; hf/unsloth: the tower of --model loaded for training by that"
         " backend",
     )
-    parser.add_argument("--model", type=Path, default=REPO / ".gpu/work/e2b")
+    parser.add_argument("--model", type=Path, default=DEFAULT_WORK / "e2b")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--json", type=Path, default=None)
