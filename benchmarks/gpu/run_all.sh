@@ -71,7 +71,8 @@ part_dpo() {
 part_pipeline() {
   local home=$WORK/home
   rm -rf "$home/runs/e2b-unsloth"  # a fresh run each time: every stage really runs
-  MATHWIZARD_MODEL__NAME=$E2B "${MW[@]}" run --config benchmarks/gpu/e2b-unsloth.yaml --home "$home"
+  # -v: the stages' log lines too, among them each load's `model.kernels` and whether it found SFT's figures
+  MATHWIZARD_MODEL__NAME=$E2B "${MW[@]}" -v run --config benchmarks/gpu/e2b-unsloth.yaml --home "$home"
   local rc=$?
   "$PY" benchmarks/gpu/pipeline_summary.py "$home/runs/e2b-unsloth" --json "$OUT/pipeline.json" || true
   return $rc
