@@ -13,12 +13,19 @@ from mathwizard.launch import rank
 log = logging.getLogger("mathwizard.tests")
 
 
-def count_then_fail(items: int, progress) -> dict:
-    """Each rank reports `items` done one by one and logs a line; rank 1 then fails, rank 0 waits to be stopped."""
+def count_then_fail(items: int, folder: str, progress) -> dict:
+    """Each rank reports `items` done one by one and logs a line; rank 1 then fails once rank 0 has counted (a file
+    in `folder` says so: on a busy machine rank 0 may start late), rank 0 waits to be stopped."""
     for done in range(1, items + 1):
         progress(done, items)
     log.warning("rank %d counted %d items", rank(), items)
+    counted = Path(folder, "rank-0.counted")
+    if rank() == 0:
+        counted.write_text("")
     if rank() == 1:
+        deadline = time.monotonic() + 30
+        while not counted.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
         raise DataError("x.parquet has no rows; run `mathwizard teach` first")
     time.sleep(60)
     return {"rank": rank()}

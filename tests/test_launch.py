@@ -73,7 +73,7 @@ def test_a_ranks_failure_is_its_own_one_line_error_and_stops_the_others(
     with caplog.at_level(logging.INFO, logger="mathwizard"), pytest.raises(DataError) as info:
         launch.launch(
             "tests.launch_targets:count_then_fail",
-            {"items": 3},
+            {"items": 3, "folder": str(tmp_path)},
             nprocs=2,
             workdir=tmp_path,
             description="test",
