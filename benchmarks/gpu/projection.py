@@ -7,9 +7,10 @@ The recipe (deployments/recipes/gemma-3n-e2b.yaml) names the backend, micro-batc
 SFT and DPO; the projection takes the measured variant with exactly those settings. MM_Math-size data: about 5,300
 training items of about 650 tokens per SFT row (image soft tokens included).
 
-Two layouts. `one-process` (default): `mathwizard run`, and the Prefect pipeline without `gpu_deployments`, run every
-stage in one Python process on one GPU, so the imports (Unsloth's ~30 s) are paid once, by SFT, and with
-`vision_cache` the later stages find SFT's figures (the same frozen tower: `mathwizard.models.kernels`).
+Two layouts. `one-process` (default): `mathwizard run` and the Prefect pipeline, with `gpu_deployments` unset or
+`orchestration.dispatch_gpu_stages: false`, run every stage in one Python process on one GPU, so the imports
+(Unsloth's ~30 s) are paid once, by SFT, and with `vision_cache` the later stages find SFT's figures (the same frozen
+tower: `mathwizard.models.kernels`).
 `per-stage`: each GPU stage a process of its own (`gpu_deployments` on a `cuda` work pool): every stage pays its
 imports and computes its own figures. Per GPU stage:
 - sft: time to first step + max_steps x rows per step x 650 tokens / the variant's tokens/s; with `vision_cache`, the
@@ -140,7 +141,7 @@ def main() -> None:
         "--layout",
         default="one-process",
         choices=["one-process", "per-stage"],
-        help="one-process: every stage in one process (mathwizard run); per-stage: one process a stage.",
+        help="one-process: every stage in one process (dispatch_gpu_stages false); per-stage: one process a stage.",
     )
     parser.add_argument(
         "--figures",
