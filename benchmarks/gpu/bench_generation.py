@@ -104,7 +104,8 @@ def sync() -> None:
 
 def measure(kind: str, model: Any, processor: Any, args: argparse.Namespace, card: dict[str, float]) -> dict[str, Any]:
     from mathwizard import decoding
-    from mathwizard.generation import ModelGenerator, SamplingParams, _top_k, chat_messages
+    from mathwizard.generation import ModelGenerator, SamplingParams, _top_k, chat_messages, to_pil
+    from mathwizard.models.kernels import apply_kernels, compute_figures, remove_kernels
 
     greedy = kind == "eval"
     temperature, top_p = (0.0, 1.0) if greedy else (1.0, 0.95)
@@ -142,12 +143,8 @@ def measure(kind: str, model: Any, processor: Any, args: argparse.Namespace, car
     shared = {"rows": rows, "length": length, "top_k": top_k, "temperature": temperature, "top_p": top_p}
     for figures in ("new", "known") if args.figures == "both" else (args.figures,):
         name = "candidate" if figures == "new" or args.figures == "known" else "candidate_figures_known"
-        from mathwizard.models.kernels import apply_kernels, compute_figures, remove_kernels
-
         remove_kernels(model, ["vision_cache"])  # the tower as a stage alone loads it: no earlier task's figures
         if figures == "known":
-            from mathwizard.generation import to_pil
-
             # as after SFT in a one-GPU pipeline: the process already holds every figure's tower output
             model.model.vision_tower.requires_grad_(False)  # frozen, as LoRA leaves it and inference loads have it
             apply_kernels(model, ["vision_cache"], start_figure_cache=True)
