@@ -11,10 +11,11 @@ first epoch and in every DPO step of a real run (the sample's ~50 figures are ot
 SFT's later epochs).
 
 Each variant builds the stage's trainer exactly as the stage does (`build_trainer`: the same collator, LoRA targets,
-arguments and compilation) on the same model and data, then runs `warmup + steps` optimizer steps; every step
-is timed with the GPU synchronised before and after. The `plain` loop takes the same batches from that trainer's data
-loader and the same PEFT model, and trains it with `model(**batch).loss` (full logits, transformers' cross-entropy),
-backward and AdamW: no TRL in the step.
+arguments and compilation) on the same model and data, then runs `warmup + steps` optimizer steps, each of the
+variant's full micro x accum rows (`fill_every_step`: the sample's rows repeated and read in order, so every variant
+trains the same steps); every step is timed with the GPU synchronised before and after. The `plain` loop takes the
+same batches from that trainer's data loader and the same PEFT model, and trains it with `model(**batch).loss` (full
+logits, transformers' cross-entropy), backward and AdamW: no TRL in the step.
 
 Reported per variant: median step time and its spread (min-max, IQR) over the timed steps, tokens/s (tokens the
 model processed, attention-mask ones: image soft tokens, prompt and answer, padding excluded, over the timed steps'
@@ -210,6 +211,7 @@ def run_variant(
         trainer, facts = build_trainer(cfg, model_cfg, None, args.data / "04-pairs", out)
     result["build_s"] = round(time.perf_counter() - begun, 1)
     result["facts"] = facts
+    result["dataset_rows"] = fill_every_step(trainer, variant["micro"] * variant["accum"], args.warmup + args.steps)
     result["trainable_parameters"] = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     result["lora"] = cfg.lora.model_dump(mode="json")
     if count_flops and backend == "hf":
@@ -220,8 +222,9 @@ def run_variant(
     result["steps"] = steps
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
-    def record(seconds: float, tokens: int, padded: int, loss: float | None) -> None:
-        steps.append({"seconds": round(seconds, 4), "tokens": tokens, "padded": padded, "loss": loss})
+    def record(seconds: float, tokens: int, padded: int, sequences: int, loss: float | None) -> None:
+        step = {"seconds": round(seconds, 4), "tokens": tokens, "padded": padded, "sequences": sequences}
+        steps.append({**step, "loss": loss})
         if len(steps) == 1:  # a fresh process: its imports, then this variant's load, build and first step
             result["first_step_s"] = round(report_import_s + time.perf_counter() - begun, 1)
         result["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None
@@ -253,6 +256,26 @@ def run_variant(
     del trainer
 
 
+def fill_every_step(trainer: Any, rows: int, steps: int) -> int:
+    """Give every step the variant's full `rows` (micro x accum), as a real run's steps have them.
+
+    The sample's ~50 rows end an epoch every other step, and the trainer's last step of an epoch takes only the rows
+    left (SFT: 19 of 32), so half the timed steps were short, where MM_Math's 5,300-row epoch has one short step in
+    166; and the plain loop, cycling micro-batches across epochs, trained other steps than the trainers. The rows are
+    repeated, in order, to `rows x steps`, and read in order (no shuffle), so every variant trains the same steps and
+    no row comes twice within a step while the sample has more rows than a step: a `fresh` step's figures are all
+    new, as in a first epoch. Returns the training set's rows."""
+    import datasets
+    from torch.utils.data import SequentialSampler
+
+    rows_needed = rows * steps
+    original = trainer.train_dataset
+    if len(original) < rows_needed:
+        trainer.train_dataset = datasets.concatenate_datasets([original] * -(-rows_needed // len(original)))
+    trainer._get_train_sampler = lambda *_, **__: SequentialSampler(trainer.train_dataset)
+    return len(trainer.train_dataset)
+
+
 def dynamo_stats() -> dict[str, int]:
     """Dynamo's counts so far in this process: graphs compiled and graph breaks (a compiled variant reports what it
     added: 0 graphs means its layers ran eagerly after all)."""
@@ -264,8 +287,9 @@ def dynamo_stats() -> dict[str, int]:
     }
 
 
-def batch_tokens(inputs: dict[str, Any]) -> tuple[int, int]:
-    """(real tokens, padded tokens) of a collated batch (SFT: input_ids; DPO: prompt + chosen + rejected)."""
+def batch_tokens(inputs: dict[str, Any]) -> tuple[int, int, int]:
+    """(real tokens, padded tokens, sequences) of a collated batch (SFT: input_ids, a sequence a row; DPO: prompt +
+    chosen + rejected, TRL's collator stacking chosen and rejected: two sequences a pair)."""
     pairs = [("input_ids", "attention_mask")]
     pairs += [(f"{p}_input_ids", f"{p}_attention_mask") for p in ("prompt", "chosen", "rejected", "completion")]
     real = padded = 0
@@ -273,7 +297,8 @@ def batch_tokens(inputs: dict[str, Any]) -> tuple[int, int]:
         if ids in inputs:
             padded += inputs[ids].numel()
             real += int(inputs[mask].sum()) if mask in inputs else inputs[ids].numel()
-    return real, padded
+    sequences = next((len(inputs[k]) for k in ("input_ids", "prompt_input_ids") if k in inputs), 0)
+    return real, padded, sequences
 
 
 def hooked_train(
@@ -291,7 +316,7 @@ def hooked_train(
 
     from mathwizard.models.kernels import clear_figure_cache
 
-    micro: list[tuple[int, int]] = []
+    micro: list[tuple[int, int, int]] = []
     original = trainer.training_step
 
     def counting_step(model: Any, inputs: dict[str, Any], *a: Any, **k: Any) -> Any:
@@ -322,7 +347,7 @@ def hooked_train(
                 write_profile(self.profiler, seconds, profile[1])  # type: ignore[index]
                 self.profiler = None
                 return  # not a timed step
-            record(seconds, sum(m[0] for m in batch), sum(m[1] for m in batch), None)
+            record(seconds, *(sum(m[i] for m in batch) for i in range(3)), None)
 
         def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **_: Any) -> None:
             if logs and "loss" in logs and steps_seen():
@@ -403,12 +428,12 @@ def plain_loop(trainer: Any, cfg: Any, accum: int, total: int, sync: Any, record
             clear_figure_cache(model)
         sync()
         started = time.perf_counter()
-        tokens = padded = 0
+        tokens = padded = sequences = 0
         losses = []
         for _ in range(accum):
             batch = trainer._prepare_inputs(next(batches))
-            real, pad = batch_tokens(batch)
-            tokens, padded = tokens + real, padded + pad
+            real, pad, n = batch_tokens(batch)
+            tokens, padded, sequences = tokens + real, padded + pad, sequences + n
             with autocast:
                 loss = model(**batch, use_cache=False).loss / accum
             loss.backward()
@@ -417,7 +442,7 @@ def plain_loop(trainer: Any, cfg: Any, accum: int, total: int, sync: Any, record
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         sync()
-        record(time.perf_counter() - started, tokens, padded, float(sum(losses)))
+        record(time.perf_counter() - started, tokens, padded, sequences, float(sum(losses)))
 
 
 def count_forward_flops(trainer: Any) -> dict[str, Any]:
@@ -426,7 +451,7 @@ def count_forward_flops(trainer: Any) -> dict[str, Any]:
     from torch.utils.flop_counter import FlopCounterMode
 
     batch = trainer._prepare_inputs(next(iter(trainer.get_train_dataloader())))
-    tokens, _ = batch_tokens(batch)  # DPO: chosen and rejected sequences, each with its prompt
+    tokens, _, _ = batch_tokens(batch)  # DPO: chosen and rejected sequences, each with its prompt
     model_inputs = ("input_ids", "attention_mask", "pixel_values", "token_type_ids")
     inputs = {k: v for k, v in batch.items() if k in model_inputs}
     # Eagerly even where the layers are compiled: the counter sees aten ops, which Inductor's kernels are not. And

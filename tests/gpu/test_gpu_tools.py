@@ -347,6 +347,38 @@ def test_the_sft_trainers_loss_is_the_plain_forward_loss_on_the_same_batch(tmp_p
     assert torch.allclose(fused, plain, rtol=1e-5), (fused.item(), plain.item())
 
 
+def test_every_benchmark_step_trains_the_variants_full_rows_each_row_once(tmp_path_factory) -> None:
+    """The sample ends an epoch every other step and the trainer's last step of an epoch is short (SFT: 19 of 32
+    rows); `fill_every_step` repeats the rows in order so that every step has micro x accum distinct rows, as in a
+    5,300-row MM_Math epoch, and the plain loop (cycling the same loader) trains the same steps."""
+    import itertools
+
+    from _train import batch_tokens, fill_every_step
+
+    from mathwizard.config import ModelConfig, SFTConfig
+    from mathwizard.stages.sft import build_trainer
+    from tests.training.builders import teach_folder, use_session_model_cache
+
+    use_session_model_cache(tmp_path_factory)
+    root = tmp_path_factory.mktemp("full-steps")
+    teach = teach_folder(root / "02-teach", n_train=5, n_val=0)
+    cfg = SFTConfig(max_steps=3, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_length=512)
+    trainer, _ = build_trainer(cfg, ModelConfig(name="tiny", backend="hf"), teach, root / "03-sft")
+    rows_of = lambda dataset: [str(row["prompt"]) + str(row["completion"]) for row in dataset]  # noqa: E731
+    original = rows_of(trainer.train_dataset)
+    assert len(set(original)) == 5
+    # 5 rows and a step of 4: the trainer's second step would take the epoch's last row only
+
+    assert fill_every_step(trainer, rows=4, steps=3) == 15  # 12 rows needed: the 5 rows three times
+    micro = list(itertools.islice(trainer.get_train_dataloader(), 6))
+    assert [batch_tokens(batch)[2] for batch in micro] == [2] * 6  # every micro-batch full: every step 4 rows
+    order = rows_of(trainer.train_dataset)
+    assert order == original * 3  # the rows repeated in order, and read in order (not shuffled):
+    assert list(trainer._get_train_sampler()) == list(range(15))
+    for step in range(3):  # no row twice within a step: a `fresh` step's figures are all new
+        assert len(set(order[4 * step : 4 * step + 4])) == 4
+
+
 def test_the_flop_count_goes_through_eager_attention_and_gives_the_model_its_attention_back(tmp_path_factory) -> None:
     """MFU's FLOPs: counted through eager attention (on the H200 torch's counter asserted on SDPA with shared KV
     heads, which `model.kernels` uses, and both hf variants failed before their first step), the same count as the
