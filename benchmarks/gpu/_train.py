@@ -223,8 +223,9 @@ def run_variant(
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def record(seconds: float, tokens: int, padded: int, sequences: int, loss: float | None) -> None:
-        step = {"seconds": round(seconds, 4), "tokens": tokens, "padded": padded, "sequences": sequences}
-        steps.append({**step, "loss": loss})
+        steps.append(
+            {"seconds": round(seconds, 4), "tokens": tokens, "padded": padded, "sequences": sequences, "loss": loss}
+        )
         if len(steps) == 1:  # a fresh process: its imports, then this variant's load, build and first step
             result["first_step_s"] = round(report_import_s + time.perf_counter() - begun, 1)
         result["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None
