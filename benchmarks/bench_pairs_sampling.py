@@ -1,14 +1,17 @@
-"""Flawed-answer sampling: batched (many left-padded prompts per `generate`) vs one at a time (the original script).
+"""Flawed-answer sampling: batched `generate`, and the row engine, vs one prompt at a time (the original script).
 
 Usage:
     .venv/bin/python benchmarks/bench_pairs_sampling.py                      # tiny model, CPU
     python benchmarks/bench_pairs_sampling.py --model <run>/03-sft --device cuda --n 64 --batch-size 32 \\
         --max-new-tokens 1024 --json bench.json                          # the real SFT model on a GPU
 
-Both modes run in one process on the same model, prompts (the pairs stage's real prompts: flawed-answer
-instruction + figure + question + reference solution) and sampling settings (temperature 1.0, top_p 0.95, the
-same max_new_tokens). Throughput counts generated tokens up to each answer's end-of-turn, so the compute a batch
-spends on rows that already finished counts against batching, as it does in the stage.
+Modes: `one_at_a_time` (one prompt per `generate` call, the baseline), `batched` (`batch_size` left-padded prompts
+per `generate` call: `model.decode: eager`) and `rows` (`mathwizard.decoding`'s row engine with `batch_size` rows:
+`model.decode: graphs`, which `auto` picks; CUDA graphs on a GPU only). All run in one process on the same model,
+prompts (the pairs stage's real prompts: flawed-answer instruction + figure + question + reference solution) and
+sampling settings (temperature 1.0, top_p 0.95, the same max_new_tokens). Throughput counts generated tokens up to
+each answer's end-of-turn, so the compute a batch spends on rows that already finished counts against batching, as
+it does in the stage.
 """
 
 from __future__ import annotations
@@ -90,6 +93,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
     parser.add_argument("--repeats", type=int, default=repeats)
     parser.add_argument("--threads", type=int, default=threads)
+    parser.add_argument("--modes", default="batched,rows,one_at_a_time", help="Comma-separated, timed in this order.")
     parser.add_argument("--json", type=Path, default=None, help="Also write the numbers to this file.")
     args = parser.parse_args()
 
@@ -105,15 +109,19 @@ def main() -> None:
         model.to(args.device)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
     requests = build_requests(args.n)
-    batched = ModelGenerator(model=model, processor=processor, batch_size=args.batch_size)
-    one_at_a_time = ModelGenerator(model=model, processor=processor, batch_size=1)
+    generators = {
+        "batched": ModelGenerator(model=model, processor=processor, batch_size=args.batch_size),
+        "rows": ModelGenerator(model=model, processor=processor, batch_size=args.batch_size, decode="graphs"),
+        "one_at_a_time": ModelGenerator(model=model, processor=processor, batch_size=1),
+    }
+    generators = {name: generators[name] for name in args.modes.split(",")}
 
-    # Warm-up: kernels, allocator, the image processor's first call.
-    for generator in (batched, one_at_a_time):
-        generator(requests[: min(2, args.n)], SamplingParams(8, 1.0, 0.95, seed))
+    # Warm-up: kernels, allocator, the image processor's first call, every figure through the vision tower.
+    for generator in generators.values():
+        generator(requests, SamplingParams(8, 1.0, 0.95, seed))
 
     results: dict[str, dict[str, float]] = {}
-    for name, generator in (("batched", batched), ("one_at_a_time", one_at_a_time)):
+    for name, generator in generators.items():
         runs = [
             timed_pass(generator, requests, SamplingParams(args.max_new_tokens, 1.0, 0.95, seed + r), sync)
             for r in range(args.repeats)
@@ -121,17 +129,24 @@ def main() -> None:
         rates = [tokens / seconds for seconds, tokens in runs]
         results[name] = {
             "seconds_median": statistics.median(s for s, _ in runs),
+            "seconds_min": min(s for s, _ in runs),
+            "seconds_max": max(s for s, _ in runs),
             "tokens_median": statistics.median(t for _, t in runs),
             "tokens_per_s_median": statistics.median(rates),
         }
-    ratio = results["batched"]["tokens_per_s_median"] / results["one_at_a_time"]["tokens_per_s_median"]
-
     for name, r in results.items():
         print(
-            f"{name:>14}: {r['tokens_per_s_median']:8.1f} tokens/s "
-            f"({r['tokens_median']:.0f} tokens in {r['seconds_median']:.2f} s, median of {args.repeats})"
+            f"{name:>14}: {r['tokens_per_s_median']:8.1f} tokens/s ({r['tokens_median']:.0f} tokens in"
+            f" {r['seconds_median']:.2f} s, median of {args.repeats}; {r['seconds_min']:.2f}-{r['seconds_max']:.2f} s)"
         )
-    print(f"pairs sampling: batched (batch {args.batch_size}) {ratio:.2f}x the one-at-a-time throughput")
+    ratios = {
+        f"{a}/{b}": results[a]["tokens_per_s_median"] / results[b]["tokens_per_s_median"]
+        for a, b in (("batched", "one_at_a_time"), ("rows", "one_at_a_time"), ("rows", "batched"))
+        if a in results and b in results
+    }
+    for pair, ratio in ratios.items():
+        a, b = pair.split("/")
+        print(f"pairs sampling: {a} (batch {args.batch_size}) {ratio:.2f}x the {b.replace('_', '-')} throughput")
     env = {
         "device": torch.cuda.get_device_name(0) if args.device == "cuda" else f"cpu ({args.threads} thread(s))",
         "torch": torch.__version__,
@@ -144,11 +159,12 @@ def main() -> None:
         "batch_size": args.batch_size,
         "max_new_tokens": args.max_new_tokens,
         "repeats": args.repeats,
+        "threads": args.threads,
     }
     print("env: " + " · ".join(f"{k} {v}" for k, v in env.items()))
     if args.json:
         args.json.write_text(
-            json.dumps({"settings": settings, "results": results, "ratio": ratio, "env": env}, indent=2)
+            json.dumps({"settings": settings, "results": results, "ratios": ratios, "env": env}, indent=2)
         )
 
 

@@ -240,8 +240,8 @@ class ModelConfig(_Stage):
         " graph attending over each row's valid cache slots (a Triton kernel), top-p over the top-k logits; gemma-3n"
         " only, falls back to eager on any failure. compiled: static KV"
         " cache in 512-token buckets and the step under torch.compile (backend hf only). eager: transformers'"
-        " generate. auto: graphs on CUDA, eager elsewhere. Not part of any fingerprint: it changes speed, not which"
-        " answers are possible.",
+        " generate. auto: graphs (on a CPU without the CUDA graph, batch_size rows at once), eager for a model other"
+        " than gemma-3n. Not part of any fingerprint: it changes speed, not which answers are possible.",
     )
     gpus: int | None = Field(
         None,

@@ -104,12 +104,15 @@ def _eos_ids(model: Any, processor: Any) -> set[int]:
 CACHE_BUCKET = 512  # compiled decoding: the static KV cache grows in steps of this many tokens, so shapes repeat
 
 
-def resolve_decode(decode: str, backend: str = "hf") -> str:
-    """'graphs', 'compiled' or 'eager' for `decode` (auto | eager | compiled | graphs) with the model's `backend`.
+def resolve_decode(decode: str, backend: str = "hf", model: Any = None) -> str:
+    """'graphs', 'compiled' or 'eager' for `decode` (auto | eager | compiled | graphs) with the model's `backend`, and
+    once it is loaded, the `model` itself.
 
-    auto is graphs on a CUDA machine (`mathwizard.decoding`: per-row KV cache, finished rows refilled, the decode step
-    one CUDA graph; 58-73x eager's rate on the H200, with no compile time, where compiled reached 2-5x eager's on the
-    H100 after minutes of compiling: benchmarks/RESULTS.md) and eager elsewhere.
+    auto is graphs (`mathwizard.decoding`: per-row KV cache, finished rows refilled): on CUDA the decode step is one
+    CUDA graph, 58-73x eager's rate on the H200 with no compile time, where compiled reached 2-5x eager's on the H100
+    after minutes of compiling (benchmarks/RESULTS.md); on a CPU the same engine runs without the graph, 1.10x
+    generate's rate, and the offline demo's pairs stage took 52 s against 64 s. Given a `model` the engine does not
+    support (not gemma-3n), auto is eager.
 
     Raises:
         ConfigError: an unknown mode, or compiled with the Unsloth backend.
@@ -121,11 +124,14 @@ def resolve_decode(decode: str, backend: str = "hf") -> str:
             "model.decode: compiled does not work with model.backend: unsloth (Unsloth's compiled gemma-3n forward sets"
             " torch.compile's stance inside the graph); set model.decode: graphs or eager, or model.backend: hf"
         )
-    if decode == "auto":
-        import torch
+    if decode != "auto":
+        return decode
+    if model is not None:
+        from mathwizard import decoding
 
-        return "graphs" if torch.cuda.is_available() else "eager"
-    return decode
+        if not decoding.supports(model):
+            return "eager"
+    return "graphs"
 
 
 def _needs_autocast(model: Any) -> bool:
@@ -277,7 +283,10 @@ class ModelGenerator:
         return [c for c in results if c is not None]
 
     def _decode_rows(self, requests: Sequence[Request], params: SamplingParams) -> list[Completion]:
-        """All requests through `mathwizard.decoding` (rows refilled as answers end; CUDA graph on a GPU)."""
+        """All requests through `mathwizard.decoding` (rows refilled as answers end; CUDA graph on a GPU).
+
+        On CUDA the engine sizes its rows from free GPU memory; elsewhere there is no such measure, so `batch_size`
+        bounds the rows in flight, as it bounds eager's batches."""
         import torch
 
         from mathwizard import decoding
@@ -308,6 +317,7 @@ class ModelGenerator:
                 seed=params.seed,
                 eos_ids=sorted(eos_ids),
                 graphs=model.device.type == "cuda",
+                rows=None if model.device.type == "cuda" else min(len(requests), self.batch_size),
             )
         self.seconds += time.perf_counter() - started
         self.generate_calls += 1
@@ -360,7 +370,7 @@ def load_generator(
     kernels: Sequence[str] = (),
 ) -> ModelGenerator:
     """Load a model for inference (a Hub id, a model dir, `tiny`, or a stage folder / its adapter) in eval mode;
-    `decode` (auto | eager | compiled) picks how batches decode on the device it lands on.
+    `decode` (auto | eager | compiled | graphs) picks how batches decode (see `resolve_decode`).
 
     Raises:
         ConfigError: an unknown `decode`, or compiled decoding with the Unsloth backend (before anything loads).
@@ -370,7 +380,7 @@ def load_generator(
     from mathwizard.models.ref import resolve
 
     location = resolve(name_or_dir).location
-    mode = resolve_decode(decode, resolve_backend(backend))  # a bad setting fails before minutes of loading
+    resolve_decode(decode, resolve_backend(backend))  # a bad setting fails before minutes of loading
     try:
         model, processor = load_model(
             location, backend, for_training=False, dtype=dtype, load_in_4bit=load_in_4bit, kernels=kernels
@@ -381,7 +391,9 @@ def load_generator(
         reason = " ".join(str(exc).split())[:300]
         raise ModelError(f"cannot load model {location!r}: {reason}") from None
     model.eval()
-    log.info("loaded %s for generation on %s (%s decoding)", location, model.device, mode)
+    mode = resolve_decode(decode, resolve_backend(backend), model)
+    shown = "row engine without CUDA graphs" if mode == "graphs" and model.device.type != "cuda" else mode
+    log.info("loaded %s for generation on %s (%s decoding)", location, model.device, shown)
     return ModelGenerator(model=model, processor=processor, batch_size=batch_size, name=str(name_or_dir), decode=mode)
 
 

@@ -125,14 +125,37 @@ def test_greedy_answers_match_generate_with_kv_sharing_sparsity_and_a_wrapping_w
     assert _engine_answers(shared_kv, processor, requests, 30, rows=4) == expected
 
 
-def test_the_model_generator_decodes_with_the_engine_and_counts_tokens(tiny: tuple[Any, Any]) -> None:
+def test_the_model_generator_decodes_with_the_engine_and_counts_tokens(
+    tiny: tuple[Any, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     model, processor = tiny
     requests = _requests(4)
     params = SamplingParams(max_new_tokens=12)
     eager = ModelGenerator(model=model, processor=processor, batch_size=2, decode="eager")(requests, params)
+    engines: list[decoding.RowEngine] = []
+    monkeypatch.setattr(decoding, "decode_all", _recording_engines(decoding.decode_all, engines))
     rows = ModelGenerator(model=model, processor=processor, batch_size=2, decode="graphs")
     assert rows(requests, params) == eager
-    assert rows.decode == "graphs" and rows.generate_calls == 1  # one engine call; rows sized by the engine
+    assert rows.decode == "graphs" and rows.generate_calls == 1  # one engine call for the four requests
+    assert [engine.rows for engine in engines] == [2]  # on a CPU, batch_size rows in flight, refilled as they end
+
+
+def _recording_engines(decode_all: Any, engines: list[Any]) -> Any:
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        return decode_all(*args, **kwargs, on_engine=engines.append)
+
+    return spy
+
+
+def test_auto_decodes_gemma_3n_with_the_engine_and_other_models_with_generate(tiny: tuple[Any, Any]) -> None:
+    import torch
+
+    from mathwizard.generation import resolve_decode
+
+    model, _ = tiny
+    assert resolve_decode("auto", "hf", model) == "graphs"
+    assert resolve_decode("auto", "hf", torch.nn.Linear(2, 2)) == "eager"  # the engine is gemma-3n's alone
+    assert resolve_decode("graphs", "hf", torch.nn.Linear(2, 2)) == "graphs"  # asked for: tried, then falls back
 
 
 def test_sampling_draws_from_the_same_distribution_as_transformers_warpers() -> None:

@@ -137,10 +137,10 @@ def test_to_pil_accepts_bytes_structs_and_images(tmp_path: Path) -> None:
         to_pil(3)
 
 
-def test_decode_mode_auto_is_eager_on_a_cpu_and_never_compiled_with_unsloth() -> None:
+def test_decode_mode_auto_is_the_row_engine_and_never_compiled_with_unsloth() -> None:
     from mathwizard.generation import resolve_decode
 
-    assert resolve_decode("auto", "hf") == resolve_decode("auto", "unsloth") == "eager"  # graphs on CUDA
+    assert resolve_decode("auto", "hf") == resolve_decode("auto", "unsloth") == "graphs"  # CUDA graphs on CUDA only
     assert resolve_decode("compiled", "hf") == "compiled"
     assert resolve_decode("graphs", "unsloth") == "graphs"
     assert resolve_decode("eager", "unsloth") == "eager"
